@@ -1,1 +1,66 @@
-// placeholder
+#include "comm/host_wait.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <thread>
+
+#include "check.hpp"
+#include "expertlink/options.hpp"
+
+namespace expertlink {
+
+RuntimeOptions::RuntimeOptions() : timeout_s(5.0) {
+  if (const char* env = std::getenv("EXPERTLINK_TIMEOUT_S")) {
+    char* end = nullptr;
+    double v = std::strtod(env, &end);
+    EL_CHECK(end != env && *end == '\0' && v > 0, "EXPERTLINK_TIMEOUT_S = '%s' is not a positive number of seconds",
+             env);
+    timeout_s = v;
+  }
+}
+
+const char* wait_site_name(WaitSite site) {
+  switch (site) {
+    case WaitSite::kNone: return "none";
+    case WaitSite::kBarrier: return "barrier";
+    case WaitSite::kSelfTest: return "self-test";
+  }
+  return "unknown site";
+}
+
+std::string describe(const WaitRecord& r) {
+  return detail::format("rank %d timed out after %.3f s in %s waiting for rank %d: counter %d expected >= %llu, saw %llu",
+                        r.rank, r.waited_ns * 1e-9, wait_site_name(static_cast<WaitSite>(r.site)), r.peer,
+                        r.counter, static_cast<unsigned long long>(r.expected),
+                        static_cast<unsigned long long>(r.seen));
+}
+
+void raise_if_recorded(const WaitRecord* record) {
+  std::atomic_thread_fence(std::memory_order_acquire);
+  if (reinterpret_cast<const volatile int32_t*>(&record->flag)[0] == 2) {
+    EL_FAIL(ErrorCode::kTimeout, "%s", describe(*record).c_str());
+  }
+}
+
+void wait_for_stream(cudaStream_t stream, double timeout_s, const WaitRecord* record, int rank) {
+  using Clock = std::chrono::steady_clock;
+  // The host allows more than the device's own timeout so that a device wait that runs out is reported
+  // with its record (whom it waited for) rather than as a bare host timeout.
+  const auto deadline = Clock::now() + std::chrono::duration<double>(1.5 * timeout_s + 0.5);
+  auto sleep = std::chrono::microseconds(5);
+  for (;;) {
+    cudaError_t st = cudaStreamQuery(stream);
+    if (st == cudaSuccess) break;
+    if (st != cudaErrorNotReady) EL_CUDA_CHECK(st);
+    if (Clock::now() > deadline) {
+      raise_if_recorded(record);
+      EL_FAIL(ErrorCode::kTimeout, "rank %d: stream work did not finish within %.3f s", rank, 1.5 * timeout_s + 0.5);
+    }
+    std::this_thread::sleep_for(sleep);
+    if (sleep < std::chrono::microseconds(1000)) sleep *= 2;
+  }
+  raise_if_recorded(record);
+}
+
+}  // namespace expertlink

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One round of work on the GPU machine: configure, build (all cores), run every GPU test, run the bench,
+# print a short summary last. Usage (from the repo root): scripts/gpu_check.sh [extra el_bench args]
+# Env: BUILD_DIR (default build-gpu), EL_COMMIT (recorded in the bench JSON), OUT (results are copied there).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
+BUILD_DIR=${BUILD_DIR:-build-gpu}
+LOG_DIR=${OUT:-$BUILD_DIR}
+mkdir -p "$LOG_DIR"
+summary=()
+note() { summary+=("$*"); }
+
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+nvidia-smi topo -m 2>/dev/null | head -5
+
+deps=()
+[ -d .deps/include ] && deps=(-DEXPERTLINK_DEPS_DIR="$PWD/.deps")
+gen=()
+command -v ninja >/dev/null && gen=(-G Ninja)
+if cmake -S . -B "$BUILD_DIR" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release "${deps[@]}" ${CMAKE_ARGS:-} >"$LOG_DIR/configure.log" 2>&1 &&
+   cmake --build "$BUILD_DIR" -j "$(nproc)" >"$LOG_DIR/build.log" 2>&1; then
+  note "build: ok ($(grep -m1 'ExpertLink: NCCL' "$LOG_DIR/configure.log" | sed 's/.*ExpertLink: //'))"
+else
+  tail -40 "$LOG_DIR/configure.log" "$LOG_DIR/build.log"
+  echo "SUMMARY: build FAILED"
+  exit 1
+fi
+
+(cd "$BUILD_DIR" && ctest -L gpu --output-on-failure --timeout 300 2>&1) | tee "$LOG_DIR/gpu_tests.log"
+note "gpu tests: $(grep -E 'tests passed|tests failed' "$LOG_DIR/gpu_tests.log" | tail -1)"
+grep -E '^\s*[0-9]+ - .*\((Failed|Timeout|Skipped|Not Run)\)' "$LOG_DIR/gpu_tests.log" | sed 's/^/  /' >"$LOG_DIR/bad.txt"
+while read -r line; do note "$line"; done <"$LOG_DIR/bad.txt"
+
+if [ -x "$BUILD_DIR/bench/el_bench" ]; then
+  mkdir -p bench/results
+  if "$BUILD_DIR/bench/el_bench" --out bench/results --commit "${EL_COMMIT:-unknown}" "$@" 2>&1 | tee "$LOG_DIR/bench.log"; then
+    note "bench: ok"
+  else
+    note "bench: FAILED (see bench.log)"
+  fi
+  [ -n "${OUT:-}" ] && cp bench/results/*.json bench/results/*.png "$OUT"/ 2>/dev/null
+else
+  note "bench: not built"
+fi
+
+echo
+echo "================ SUMMARY ================"
+printf '%s\n' "${summary[@]}"

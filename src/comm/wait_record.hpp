@@ -1,0 +1,36 @@
+// What a bounded wait that ran out leaves for the host. Shared by host and device code (no CUDA here).
+//
+// Protocol: the record lives in host-mapped pinned memory. The first device thread whose wait times out
+// claims it with atomicCAS(flag, 0, 1), fills the fields, then publishes with __threadfence_system() and
+// flag = 2. Other waiters poll `flag` and leave early once it is non-zero, so the whole kernel drains.
+// The host reads the record after the stream finishes (or its own deadline passes) and raises an
+// expertlink::Error(kTimeout) with describe()'s text. A set record marks the window as broken for good.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace expertlink {
+
+enum class WaitSite : int32_t {
+  kNone = 0,
+  kBarrier = 1,   // counter = the peer's barrier signal slot
+  kSelfTest = 2,  // test kernels
+};
+
+struct WaitRecord {
+  int32_t flag;      // 0 none, 1 being written, 2 complete
+  int32_t site;      // WaitSite
+  int32_t rank;      // the rank that waited
+  int32_t peer;      // the rank it waited for (-1: unknown / local)
+  int32_t counter;   // which counter/slot (site specific)
+  int32_t reserved;
+  uint64_t expected;  // waited until value >= expected
+  uint64_t seen;      // last value read
+  uint64_t waited_ns;
+};
+
+const char* wait_site_name(WaitSite site);
+std::string describe(const WaitRecord& record);
+
+}  // namespace expertlink

@@ -1,0 +1,47 @@
+// A small harness for multi-GPU tests (the GPU machine has no GoogleTest). Each case runs on N forked
+// processes, one per GPU (tools/multiproc); `el_gpu_tests <case>` is one CTest test, skipped (exit 77)
+// with a printed reason where fewer GPUs than the case needs are visible.
+#pragma once
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "multiproc.hpp"
+
+namespace expertlink::test {
+
+using multiproc::RankContext;
+
+struct GpuCase {
+  const char* name;
+  int min_ranks;
+  double timeout_s;  // for the whole case, all ranks
+  int (*body)(const RankContext&);
+};
+
+std::vector<GpuCase>& registry();
+
+struct Registrar {
+  Registrar(const char* name, int min_ranks, double timeout_s, int (*body)(const RankContext&)) {
+    registry().push_back({name, min_ranks, timeout_s, body});
+  }
+};
+
+}  // namespace expertlink::test
+
+#define GPU_CASE(name, min_ranks, timeout_s)                                                   \
+  static int name(const ::expertlink::test::RankContext& ctx);                                 \
+  static ::expertlink::test::Registrar registrar_##name(#name, min_ranks, timeout_s, name);    \
+  static int name(const ::expertlink::test::RankContext& ctx)
+
+// Fails the rank (return 1) with file:line, the condition and a formatted explanation.
+#define GPU_EXPECT(cond, ...)                                                                      \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      std::fprintf(stderr, "[rank %d] %s:%d: expected %s: ", ctx.rank, __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                                                           \
+      std::fprintf(stderr, "\n");                                                                  \
+      return 1;                                                                                    \
+    }                                                                                              \
+  } while (0)
