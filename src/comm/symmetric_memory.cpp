@@ -70,13 +70,15 @@ SymmetricMemory::SymmetricMemory(const Communicator& comm, size_t data_bytes, Ru
   peer_bases_host_.resize(num_ranks);
   EL_CUDA_CHECK(cudaMemcpy(peer_bases_host_.data(), peer_base_dev_, sizeof(char*) * num_ranks,
                            cudaMemcpyDeviceToHost));
-  if (peer_bases_host_[rank] != window_ptr_) {
-    EL_FAIL(ErrorCode::kInternal, "rank %d: NCCL maps this rank's window at %p but ncclMemAlloc returned %p",
-            rank, static_cast<void*>(peer_bases_host_[rank]), window_ptr_);
+  for (int p = 0; p < num_ranks; ++p) {
+    if (peer_bases_host_[p] == nullptr)
+      EL_FAIL(ErrorCode::kUnsupported, "rank %d: NCCL gave no load/store address for rank %d's window", rank, p);
   }
 
   view_.peer_base = peer_base_dev_;
-  view_.local_base = static_cast<char*>(window_ptr_);
+  // NCCL maps every rank's window, this rank's included, into one flat range (peer_base[r]); that
+  // mapping aliases the ncclMemAlloc pointer. All kernels use the flat-range addresses only.
+  view_.local_base = peer_bases_host_[rank];
   view_.barrier_epoch = epoch_dev_;
   view_.record = record_dev;
   view_.timeout_ns = static_cast<uint64_t>(options.timeout_s * 1e9);
