@@ -27,8 +27,11 @@ else
   exit 1
 fi
 
-(cd "$BUILD_DIR" && ctest -L gpu --output-on-failure --timeout 300 2>&1) | tee "$LOG_DIR/gpu_tests.log"
+(cd "$BUILD_DIR" && ctest -L gpu -V --timeout 300 2>&1) >"$LOG_DIR/gpu_tests.log"
+grep -E '^ *[0-9]+/[0-9]+ Test|FAIL|expected|error' "$LOG_DIR/gpu_tests.log" | grep -v '^[0-9]*: RUN' | head -60
 note "gpu tests: $(grep -E 'tests passed|tests failed' "$LOG_DIR/gpu_tests.log" | tail -1)"
+# Figures the tests print (detection times, barrier cost, ...), lines tagged "FIGURE".
+while read -r line; do note "  $line"; done < <(grep -o 'FIGURE.*' "$LOG_DIR/gpu_tests.log")
 grep -E '^\s*[0-9]+ - .*\((Failed|Timeout|Skipped|Not Run)\)' "$LOG_DIR/gpu_tests.log" | sed 's/^/  /' >"$LOG_DIR/bad.txt"
 while read -r line; do note "$line"; done <"$LOG_DIR/bad.txt"
 

@@ -100,7 +100,8 @@ int pattern_round(const RankContext& ctx, SymmetricMemory& mem, cudaStream_t str
 
 int run_pattern_rounds(const RankContext& ctx, const Communicator& comm, size_t bytes, int rounds) {
   SymmetricMemory mem(comm, bytes);
-  GPU_EXPECT(mem.peer_bases().size() == size_t(ctx.num_ranks), "peer table of %zu entries", mem.peer_bases().size());
+  GPU_EXPECT(mem.peer_bases().size() == size_t(comm.num_ranks()), "peer table of %zu entries for %d ranks",
+             mem.peer_bases().size(), comm.num_ranks());
   cudaStream_t stream;
   cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
   Mismatch* m_dev = nullptr;
@@ -160,7 +161,7 @@ GPU_CASE(transport_barrier_1000_rounds_and_graph_replay, 2, 120) {
   for (int i = 0; i < 100; ++i) cudaGraphLaunch(exec, stream);
   mem.synchronize(stream);
   double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / 1000;
-  if (ctx.rank == 0) std::printf("barrier in a graph: %.2f us per barrier (1 block)\n", us);
+  if (ctx.rank == 0) std::printf("FIGURE barrier: %.2f us per cross-rank barrier in a CUDA graph (1 block, %d ranks)\n", us, ctx.num_ranks);
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaStreamDestroy(stream);
@@ -195,7 +196,7 @@ GPU_CASE(transport_missing_rank_times_out_naming_it, 2, 60) {
     code = e.code();
   }
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("[rank %d] detected after %.3f s: %s\n", ctx.rank, s, message.c_str());
+  std::printf("FIGURE rank %d detected the silent rank after %.3f s (timeout 1 s): %s\n", ctx.rank, s, message.c_str());
   GPU_EXPECT(code == ErrorCode::kTimeout, "a timeout error, got '%s'", message.c_str());
   std::string who = "waiting for rank " + std::to_string(absent);
   GPU_EXPECT(message.find(who) != std::string::npos, "the message to name rank %d: '%s'", absent, message.c_str());
@@ -220,10 +221,10 @@ GPU_CASE(transport_p2p_disabled_fails_clearly_or_works, 2, 90) {
   try {
     Communicator comm(ctx.id, ctx.rank, ctx.num_ranks, ctx.device);
     int rc = run_pattern_rounds(ctx, comm, 8u << 20, 2);
-    if (rc == 0 && ctx.rank == 0) std::printf("symmetric memory works with NCCL_P2P_DISABLE=1\n");
+    if (rc == 0 && ctx.rank == 0) std::printf("FIGURE symmetric memory works with NCCL_P2P_DISABLE=1\n");
     return rc;
   } catch (const Error& e) {
-    std::printf("[rank %d] refused clearly: %s\n", ctx.rank, e.what());
+    std::printf("FIGURE with NCCL_P2P_DISABLE=1 rank %d refused clearly: %s\n", ctx.rank, e.what());
     GPU_EXPECT(e.code() == ErrorCode::kUnsupported || e.code() == ErrorCode::kNccl, "code %d", int(e.code()));
     return 0;
   }
