@@ -1,2 +1,4 @@
 #include <gtest/gtest.h>
-TEST(Workload, Placeholder) { SUCCEED(); }
+TEST(Workload, Placeholder) {
+  SUCCEED();
+}
