@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "expertlink/error.hpp"
@@ -23,8 +24,12 @@ template <typename T>
     return ::testing::AssertionFailure() << "size: expected " << expected.size() << ", got " << got.size();
   for (size_t i = 0; i < expected.size(); ++i) {
     if (expected[i] != got[i]) {
-      return ::testing::AssertionFailure() << "first mismatch at [" << i / cols << "][" << i % cols
-                                           << "]: expected " << +expected[i] << ", got " << +got[i];
+      auto failure = ::testing::AssertionFailure();
+      failure << "first mismatch at [" << i / cols << "][" << i % cols << "]: expected " << +expected[i]
+              << ", got " << +got[i];
+      if constexpr (std::is_same_v<T, uint16_t>)  // BF16 patterns: show the values too
+        failure << " (BF16 " << bf16_to_float(expected[i]) << " vs " << bf16_to_float(got[i]) << ")";
+      return failure;
     }
   }
   return ::testing::AssertionSuccess();
