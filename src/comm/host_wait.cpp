@@ -25,25 +25,38 @@ const char* wait_site_name(WaitSite site) {
     case WaitSite::kNone: return "none";
     case WaitSite::kBarrier: return "barrier";
     case WaitSite::kSelfTest: return "self-test";
+    case WaitSite::kHtNotify: return "HT notify (count exchange)";
+    case WaitSite::kHtDispatchReady: return "HT dispatch (receiver ready)";
+    case WaitSite::kHtDispatchChunk: return "HT dispatch (chunk arrival)";
+    case WaitSite::kHtCombineReady: return "HT combine (receiver ready)";
+    case WaitSite::kHtCombineChunk: return "HT combine (chunk arrival)";
+    case WaitSite::kMismatch: return "argument mismatch";
   }
   return "unknown site";
 }
 
 std::string describe(const WaitRecord& r) {
+  if (r.site == static_cast<int32_t>(WaitSite::kMismatch)) {
+    static const char* names[] = {"hidden", "topk", "num_experts"};
+    return detail::format("rank %d and rank %d called with different %s: %llu here, %llu there", r.rank, r.peer,
+                          names[r.counter < 3 ? r.counter : 0], static_cast<unsigned long long>(r.expected),
+                          static_cast<unsigned long long>(r.seen));
+  }
   return detail::format("rank %d timed out after %.3f s in %s waiting for rank %d: counter %d expected >= %llu, saw %llu",
                         r.rank, r.waited_ns * 1e-9, wait_site_name(static_cast<WaitSite>(r.site)), r.peer,
                         r.counter, static_cast<unsigned long long>(r.expected),
                         static_cast<unsigned long long>(r.seen));
 }
 
-void raise_if_recorded(const WaitRecord* record) {
+void raise_if_recorded(WaitRecord* record) {
   std::atomic_thread_fence(std::memory_order_acquire);
-  if (reinterpret_cast<const volatile int32_t*>(&record->flag)[0] == 2) {
-    EL_FAIL(ErrorCode::kTimeout, "%s", describe(*record).c_str());
-  }
+  if (reinterpret_cast<const volatile int32_t*>(&record->flag)[0] != 2) return;
+  const WaitRecord copy = *record;
+  // A wait that ran out or ranks that disagree leave the window in an unknown state: it stays broken.
+  EL_FAIL(copy.site >= 100 ? ErrorCode::kInvalidArgument : ErrorCode::kTimeout, "%s", describe(copy).c_str());
 }
 
-void wait_for_stream(cudaStream_t stream, double timeout_s, const WaitRecord* record, int rank) {
+void wait_for_stream(cudaStream_t stream, double timeout_s, WaitRecord* record, int rank) {
   using Clock = std::chrono::steady_clock;
   // The host allows more than the device's own timeout so that a device wait that runs out is reported
   // with its record (whom it waited for) rather than as a bare host timeout.

@@ -6,11 +6,12 @@
 
 namespace expertlink {
 
-// Throws Error(kTimeout) with the record's text when a device wait has recorded a timeout.
-void raise_if_recorded(const WaitRecord* record);
+// Throws when the device has left a record: kTimeout for a wait that ran out, kInvalidArgument for ranks
+// that called with different arguments. Either way the window stays broken (the record is never cleared).
+void raise_if_recorded(WaitRecord* record);
 
 // Waits for `stream` with a deadline of `timeout_s` (polling, never blocking forever). Raises the
 // device's wait record if one was written, else a host timeout naming `rank`.
-void wait_for_stream(cudaStream_t stream, double timeout_s, const WaitRecord* record, int rank);
+void wait_for_stream(cudaStream_t stream, double timeout_s, WaitRecord* record, int rank);
 
 }  // namespace expertlink

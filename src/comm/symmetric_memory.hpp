@@ -5,9 +5,8 @@
 // available) -> ncclMemAlloc (cuMem-backed) -> ncclCommWindowRegister(NCCL_WIN_COLL_SYMMETRIC) -> a
 // one-off kernel reads ncclGetLsaPointer(win, 0, peer) for every peer into `peer_base`.
 //
-// Window layout (every rank identical):
-//   [0, kControlBytes)          control: uint64 barrier_signal[kMaxRanks] (slot s written by rank s)
-//   [kControlBytes, bytes())    data region, handed to the dispatch/combine kernels
+// Window layout (every rank identical): [0, kControlBytes) control region (signals and small metadata,
+// see control_layout.hpp), [kControlBytes, window_bytes()) data region for the dispatch/combine kernels.
 #pragma once
 
 #include <cstddef>
@@ -18,15 +17,13 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
+#include "comm/control_layout.hpp"
 #include "comm/wait_record.hpp"
 #include "expertlink/communicator.hpp"
 #include "expertlink/options.hpp"
 
 namespace expertlink {
 
-inline constexpr int kMaxRanks = 64;
-inline constexpr size_t kControlBytes = 64 * 1024;
-inline constexpr size_t kWindowAlignment = 2 * 1024 * 1024;
 
 // What a kernel needs to reach the window: by value as a kernel argument.
 struct SymmetricView {

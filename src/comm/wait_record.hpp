@@ -16,6 +16,13 @@ enum class WaitSite : int32_t {
   kNone = 0,
   kBarrier = 1,   // counter = the peer's barrier signal slot
   kSelfTest = 2,  // test kernels
+  kHtNotify = 3,      // counter = the peer's notify slot (its meta record for this round)
+  kHtDispatchReady = 4,   // the peer has not started this dispatch round (its area may be in use)
+  kHtDispatchChunk = 5,   // counter = chunk index of the peer's rows
+  kHtCombineReady = 6,
+  kHtCombineChunk = 7,
+  // Not waits: errors found on the device, reported through the same record.
+  kMismatch = 101,    // counter = which argument (0 hidden, 1 topk, 2 num_experts); expected = ours, seen = peer's
 };
 
 struct WaitRecord {

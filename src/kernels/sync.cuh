@@ -47,7 +47,7 @@ __device__ __forceinline__ bool wait_aborted(const WaitContext& ctx) {
   return *reinterpret_cast<const volatile int32_t*>(&ctx.record->flag) != 0;
 }
 
-__device__ __noinline__ void record_timeout(const WaitContext& ctx, WaitSite site, int peer, int counter,
+static __device__ __noinline__ void record_timeout(const WaitContext& ctx, WaitSite site, int peer, int counter,
                                             uint64_t expected, uint64_t seen, uint64_t waited_ns) {
   if (atomicCAS(&ctx.record->flag, 0, 1) != 0) return;  // someone else reports
   WaitRecord* r = ctx.record;

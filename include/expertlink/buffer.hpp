@@ -1,0 +1,150 @@
+// The Buffer: one symmetric (NVLink-visible) window per rank, and the MoE dispatch/combine operations on
+// it. Lifecycle as CUB/CUTLASS: size_hint -> construct (collective) -> run calls, stream-ordered on the
+// caller's stream; nothing on the hot path allocates or synchronizes unless its name says so.
+//
+// High-throughput (HT) path, intranode:
+//   get_dispatch_layout   counts per rank / expert and is_token_in_rank from topk_idx
+//   ht_notify             exchanges counts and fills an HtHandle; Sizing::kExact waits for the counts on
+//                         the host (one sync) so outputs can be sized exactly; Sizing::kCapacity does not
+//                         sync: outputs hold `capacity` rows and overflow is reported, never dropped silently
+//   ht_dispatch           moves the rows (BF16, or FP8 + scales) along a handle; reuse an old handle to
+//                         dispatch again without notify (cached mode; also combine's backward)
+//   ht_combine            rows back to their sources, float32 sum per token (dispatch's backward)
+// Every rank must make the same sequence of calls (same kinds, same order); a rank that does not makes
+// the others fail with a timeout naming it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "expertlink/communicator.hpp"
+#include "expertlink/options.hpp"
+#include "expertlink/tensor.hpp"
+
+namespace expertlink {
+
+class SymmetricMemory;
+struct HtHandleState;
+
+// Limits of the HT path.
+inline constexpr int kHtMaxTopk = 32;
+inline constexpr int kHtMaxExperts = 1024;
+inline constexpr int kHtMaxRanks = 64;
+
+struct HtDispatchArgs {
+  TensorView x;             // BF16 [T, H], or FP8 e4m3 [T, H]; rows a multiple of 16 bytes, inner dim contiguous
+  TensorView x_scales;      // FP8 only: F32 [T, H/128] or I32 [T, ceil(H/512)] (packed UE8M0); any strides
+  TensorView topk_idx;      // I64 or I32 [T, K], -1 = none; optional in cached mode / with is_token_in_rank
+  TensorView topk_weights;  // F32 [T, K], optional (requires topk_idx)
+  TensorView is_token_in_rank;  // BOOL [T, R]: routing when topk_idx is not given (notify only)
+  int num_experts = 0;      // E, divisible by the ranks; required with topk_idx
+  int expert_alignment = 1;
+  int num_sms = 0;          // 0: the analytic default (Buffer::default_ht_sms)
+};
+
+struct HtDispatchOutputs {
+  TensorView recv_x;             // [capacity, H], dtype of x
+  TensorView recv_x_scales;      // FP8: dtype of x_scales [capacity, cols] (any strides)
+  TensorView recv_topk_idx;      // dtype of topk_idx [capacity, K], contiguous, optional
+  TensorView recv_topk_weights;  // F32 [capacity, K], contiguous, optional
+  TensorView num_recv_tokens_per_expert;  // I32 [E / R], optional (device copy of the counts)
+};
+
+struct HtCombineArgs {
+  TensorView x;             // BF16 [N_recv, H]: one expert-output row per received row
+  TensorView topk_weights;  // F32 [N_recv, K], optional: summed per token into combined_topk_weights
+  TensorView bias0, bias1;  // BF16 [T, H], optional
+  int num_sms = 0;
+};
+
+struct HtCombineOutputs {
+  TensorView combined_x;             // BF16 [T, H]
+  TensorView combined_topk_weights;  // F32 [T, K], contiguous, optional (needs args.topk_weights)
+};
+
+enum class Sizing { kExact, kCapacity };
+
+// Where the rows of one HT dispatch came from and went. Owns device memory (reused across notifies when
+// large enough); move-only. Valid for the Buffer that filled it.
+class HtHandle {
+ public:
+  HtHandle();
+  ~HtHandle();
+  HtHandle(HtHandle&&) noexcept;
+  HtHandle& operator=(HtHandle&&) noexcept;
+
+  bool valid() const;
+  int num_tokens() const;           // T of this rank
+  int64_t capacity() const;         // rows the outputs may hold
+  // Exact sizing: known on the host after ht_notify. Capacity sizing: read after the stream has passed
+  // the notify (e.g. after Buffer::synchronize); -1 before.
+  int64_t num_recv_tokens() const;
+  std::vector<int> num_recv_tokens_per_expert() const;
+  // Device arrays (I32): rank_prefix [R + 1], recv_src_token [capacity], send_pos [T, R].
+  const int32_t* rank_prefix() const;
+  const int32_t* recv_src_token() const;
+  const int32_t* send_pos() const;
+  // Raises kInvalidArgument if the rows that arrived exceeded the capacity (reads host-mapped memory:
+  // call after the stream has passed the dispatch).
+  void check_capacity() const;
+
+ private:
+  friend class Buffer;
+  std::unique_ptr<HtHandleState> state_;
+};
+
+class Buffer {
+ public:
+  // Collective over the communicator's ranks (same sizes everywhere). The window holds two disjoint
+  // regions: `ht_bytes` for the high-throughput path and `ll_bytes` for the low-latency path, so HT and
+  // LL calls may interleave freely.
+  Buffer(const Communicator& comm, size_t ht_bytes, size_t ll_bytes = 0, RuntimeOptions options = {});
+  ~Buffer();
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  // HT bytes a workload needs: up to `max_tokens_per_rank` tokens of `hidden` channels per rank, `topk`
+  // experts per token, BF16 or FP8 (the BF16 figure covers both).
+  static size_t ht_size_hint(int num_ranks, int64_t max_tokens_per_rank, int64_t hidden, int topk);
+
+  int rank() const;
+  int num_ranks() const;
+  size_t ht_bytes() const;
+  size_t ll_bytes() const;
+  size_t window_bytes() const;  // symmetric bytes this rank holds (both regions + control)
+  // SMs the HT kernels use when a call asks for 0: enough blocks for NVLink to be full (one SM writes
+  // ~46 GB/s to a peer; ~8 fill NV18) plus as many again for the local share and the copy-out.
+  int default_ht_sms() const;
+
+  void get_dispatch_layout(const TensorView& topk_idx, int num_experts, const TensorView& num_tokens_per_rank,
+                           const TensorView& num_tokens_per_expert, const TensorView& is_token_in_rank,
+                           cudaStream_t stream);
+  void ht_notify(const HtDispatchArgs& args, HtHandle& handle, Sizing sizing, int64_t capacity,
+                 cudaStream_t stream);
+  void ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtDispatchOutputs& out, cudaStream_t stream);
+  void ht_combine(const HtCombineArgs& args, const HtHandle& handle, const HtCombineOutputs& out,
+                  cudaStream_t stream);
+
+  // Bounded host wait on `stream`; raises a device-side failure (timeout naming the peer, ranks that
+  // disagreed) as an Error.
+  void synchronize(cudaStream_t stream);
+  // Stream-ordered barrier across all ranks.
+  void barrier(cudaStream_t stream);
+
+  // ---- low-latency (LL) path: declared in this section, implemented in src/ll/ ----
+
+  // Internal: the window and the offsets of the two regions within its data region, for tests.
+  SymmetricMemory& window();
+  size_t ll_offset() const;  // LL region = [ll_offset, ll_offset + ll_bytes) of the data region
+
+  struct State;
+
+ private:
+  std::unique_ptr<State> s_;
+};
+
+}  // namespace expertlink

@@ -1,0 +1,25 @@
+// Buffer's private state, shared by the HT (src/ht/) and LL (src/ll/) implementations.
+#pragma once
+
+#include <memory>
+
+#include "comm/symmetric_memory.hpp"
+#include "expertlink/buffer.hpp"
+#include "kernels/ht_kernels.hpp"
+#include "ll/ll_state.hpp"
+
+namespace expertlink {
+
+struct Buffer::State {
+  const Communicator& comm;
+  RuntimeOptions options;
+  size_t ht_bytes = 0, ll_bytes = 0;
+  std::unique_ptr<SymmetricMemory> window;
+  int device_sms = 0;
+  kernels::HtState ht{};  // device-local round counters of the HT kernels
+  LlState ll;
+
+  State(const Communicator& c, RuntimeOptions o) : comm(c), options(o) {}
+};
+
+}  // namespace expertlink

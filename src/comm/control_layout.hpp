@@ -1,0 +1,42 @@
+// The control region at the start of every rank's symmetric window. Each slot indexed by a rank is
+// written only by that rank (into the owner's window, over NVLink) and read only by the owner; values
+// are monotonically increasing round numbers, so nothing is ever reset.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace expertlink {
+
+inline constexpr int kMaxRanks = 64;
+inline constexpr int kMaxChunks = 256;       // token chunks per source rank in the HT protocol
+inline constexpr int kMaxExpertsTotal = 1024;
+inline constexpr size_t kWindowAlignment = 2u << 20;
+
+namespace control {
+// u64 [kMaxRanks]: barrier epoch of rank s (kernels/barrier.cuh).
+inline constexpr size_t kBarrier = 0;
+// u64 [kMaxRanks]: HT notify round of rank s; published after s wrote its meta record here.
+inline constexpr size_t kNotifyTag = 512;
+// u64 [kMaxRanks]: HT dispatch / combine round that rank s has started, i.e. the round for which s's
+// receiving area may be overwritten (its previous round finished, by stream order).
+inline constexpr size_t kDispatchReady = 1024;
+inline constexpr size_t kCombineReady = 1536;
+// u64 [kMaxRanks][kMaxChunks]: round in which rank s finished writing chunk c of rows here.
+inline constexpr size_t kDispatchChunk = 4096;
+inline constexpr size_t kCombineChunk = kDispatchChunk + 8ull * kMaxRanks * kMaxChunks;
+// i32 [2 parities][kMaxRanks][kMetaInts]: HT notify meta record of rank s for round r in parity r & 1.
+// A rank can be at most one notify round ahead of another (each round waits for everyone's record of
+// that round), so two parities never collide.
+inline constexpr size_t kMeta = 512u << 10;
+inline constexpr int kMetaHeader = 8;  // [0] T of s, [1] rows s sends here, [2] hidden, [3] topk, [4] E
+inline constexpr int kMetaInts = kMetaHeader + kMaxChunks + kMaxExpertsTotal;
+inline constexpr size_t kMetaBytes = 2ull * kMaxRanks * kMetaInts * 4;
+inline constexpr size_t kEnd = kMeta + kMetaBytes;
+}  // namespace control
+
+inline constexpr size_t kControlBytes = kWindowAlignment;
+static_assert(control::kCombineChunk + 8ull * kMaxRanks * kMaxChunks <= control::kMeta, "control overlap");
+static_assert(control::kEnd <= kControlBytes, "control region too small");
+
+}  // namespace expertlink

@@ -1,0 +1,149 @@
+// HT combine: expert outputs go back to their source ranks and are summed per token in float32, in
+// ascending rank order (the oracle's order). Protocol and buffer layout: ht_protocol.cuh.
+#include <cuda_bf16.h>
+
+#include "check.hpp"
+#include "kernels/ht_protocol.cuh"
+
+namespace expertlink::kernels {
+namespace {
+
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], int4 v) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __bfloat1622float2(h[i]);
+    acc[2 * i] += f.x;
+    acc[2 * i + 1] += f.y;
+  }
+}
+
+__device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
+  int4 out;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+  return out;
+}
+
+__global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombineParams p) {
+  __shared__ int abort_flag;
+  const SymmetricView& w = p.win;
+  const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk, H = p.hidden;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint64_t round = p.state.rounds[2] + 1;
+  const WaitContext ctx{w.record, w.timeout_ns, me};
+  const int64_t vecs = 2ll * H / 16;
+  const bool with_weights = p.topk_weights.data != nullptr;
+
+  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me)
+    st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kCombineReady, me), round);
+  if (threadIdx.x == 0) abort_flag = wait_aborted(ctx);
+  __syncthreads();
+  if (abort_flag) return;
+
+  // ---- send: the expert outputs of source s's chunk c go back into s's combine area ----
+  int item = 0;
+  for (int s = 0; s < R; ++s) {
+    if (s == me) continue;
+    const int n = ht_num_chunks(p.handle.src_tokens[s]);
+    const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
+    const int64_t row0 = p.handle.rank_prefix[s];
+    char* seg = area_segment(w.peer_base[s], p.area_offset, me, s, p.area_rows, p.record_bytes);
+    for (int c = 0; c < n; ++c, ++item) {
+      if (item % gridDim.x != blockIdx.x) continue;
+      const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
+      if (r0 < r1) {
+        if (threadIdx.x == 0)
+          abort_flag = !wait_geq(control_u64(w.local_base, control::kCombineReady, s), round, ctx,
+                                 WaitSite::kHtCombineReady, s, 0);
+        __syncthreads();
+        if (abort_flag) return;
+        for (int r = r0 + warp; r < r1; r += kHtWarps) {
+          const int64_t row = row0 + r;
+          const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(p.x.data) + row * p.x.row_stride * 2);
+          char* rec = seg + int64_t(r) * p.record_bytes;
+          int4* dst = reinterpret_cast<int4*>(rec);
+          int64_t v = lane;
+          for (; v + 96 < vecs; v += 128) {
+            int4 a = ld_nc_v4(src + v), b = ld_nc_v4(src + v + 32), c4 = ld_nc_v4(src + v + 64), d = ld_nc_v4(src + v + 96);
+            dst[v] = a, dst[v + 32] = b, dst[v + 64] = c4, dst[v + 96] = d;
+          }
+          for (; v < vecs; v += 32) dst[v] = ld_nc_v4(src + v);
+          if (with_weights && lane < K)
+            reinterpret_cast<float*>(rec + 2ll * H)[lane] =
+                static_cast<const float*>(p.topk_weights.data)[row * p.topk_weights.row_stride + lane * p.topk_weights.col_stride];
+        }
+      }
+      __threadfence_system();
+      __syncthreads();
+      if (threadIdx.x == 0)
+        st_release_sys(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
+    }
+  }
+
+  // ---- reduce: this rank's chunk c, once every rank has sent its rows of it ----
+  const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
+  const int64_t local_row0 = p.handle.rank_prefix[me];
+  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    if (threadIdx.x < R && threadIdx.x != me &&
+        !wait_geq(control_u64(w.local_base, control::kCombineChunk, threadIdx.x * kMaxChunks + c), round, ctx,
+                  WaitSite::kHtCombineChunk, threadIdx.x, c))
+      abort_flag = 1;
+    __syncthreads();
+    if (abort_flag) return;
+    const int t_end = min(T, (c + 1) * chunk_tokens);
+    for (int t = c * chunk_tokens + warp; t < t_end; t += kHtWarps) {
+      const int32_t* pos_row = p.handle.send_pos + int64_t(t) * R;
+      const int pos_lo = lane < R ? pos_row[lane] : -1, pos_hi = lane + 32 < R ? pos_row[lane + 32] : -1;
+      const uint64_t mask = static_cast<uint64_t>(__ballot_sync(~0u, pos_lo >= 0)) |
+                            (static_cast<uint64_t>(__ballot_sync(~0u, pos_hi >= 0)) << 32);
+      // Rows of token t, rank ascending: the local one in place, the others from the combine area.
+      auto row_of = [&](int d, int pos) -> const char* {
+        if (d == me) return static_cast<const char*>(p.x.data) + (local_row0 + pos) * p.x.row_stride * 2;
+        return area_segment(w.local_base, p.area_offset, d, me, p.area_rows, p.record_bytes) + int64_t(pos) * p.record_bytes;
+      };
+      char* out_row = static_cast<char*>(p.out) + int64_t(t) * p.out_row_stride * 2;
+      for (int64_t v = lane; v < vecs; v += 32) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (uint64_t m = mask; m != 0; m &= m - 1) {
+          const int d = __ffsll(m) - 1;
+          const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
+          const int4* src = reinterpret_cast<const int4*>(row_of(d, pos)) + v;
+          add_bf16x8(acc, d == me ? ld_nc_v4(src) : __ldcg(src));
+        }
+        if (p.bias0.data != nullptr)
+          add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias0.data) + t * p.bias0.row_stride * 2) + v));
+        if (p.bias1.data != nullptr)
+          add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias1.data) + t * p.bias1.row_stride * 2) + v));
+        reinterpret_cast<int4*>(out_row)[v] = to_bf16x8(acc);
+      }
+      if (p.out_topk_weights != nullptr) {  // requires topk_weights (checked on the host)
+        float sum = 0.f;
+        for (uint64_t m = mask; m != 0; m &= m - 1) {
+          const int d = __ffsll(m) - 1;
+          const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
+          if (lane < K) {
+            if (d == me)
+              sum += static_cast<const float*>(p.topk_weights.data)[(local_row0 + pos) * p.topk_weights.row_stride +
+                                                                    lane * p.topk_weights.col_stride];
+            else
+              sum += __ldcg(reinterpret_cast<const float*>(row_of(d, pos) + 2ll * H) + lane);
+          }
+        }
+        if (lane < K) p.out_topk_weights[int64_t(t) * K + lane] = sum;
+      }
+    }
+    __syncthreads();
+  }
+  finish_round(p.state, 2, round);
+}
+
+}  // namespace
+
+void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
+  ht_combine_kernel<<<num_sms, kHtThreads, 0, stream>>>(p);
+  EL_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace expertlink::kernels

@@ -1,0 +1,165 @@
+// HT dispatch: every token row is read once and written straight to each destination. Protocol and
+// buffer layout: ht_protocol.cuh.
+#include "check.hpp"
+#include "kernels/ht_protocol.cuh"
+
+namespace expertlink::kernels {
+namespace {
+
+// Row copy by one warp, 16-byte vectors, four loads in flight per lane. `Load` picks the load flavour:
+// non-coherent for inputs that do not change during the kernel, L2-only (.cg) for data a peer wrote.
+template <bool kInputRow>
+__device__ __forceinline__ void warp_copy_row(const int4* __restrict__ src, int4* __restrict__ dst, int64_t vecs,
+                                              int lane) {
+  int64_t v = lane;
+  for (; v + 96 < vecs; v += 128) {
+    int4 a, b, c, d;
+    if constexpr (kInputRow) {
+      a = ld_nc_v4(src + v), b = ld_nc_v4(src + v + 32), c = ld_nc_v4(src + v + 64), d = ld_nc_v4(src + v + 96);
+    } else {
+      a = __ldcg(src + v), b = __ldcg(src + v + 32), c = __ldcg(src + v + 64), d = __ldcg(src + v + 96);
+    }
+    dst[v] = a, dst[v + 32] = b, dst[v + 64] = c, dst[v + 96] = d;
+  }
+  for (; v < vecs; v += 32) dst[v] = kInputRow ? ld_nc_v4(src + v) : __ldcg(src + v);
+}
+
+__device__ __forceinline__ uint64_t warp_dest_mask(const int32_t* send_pos_row, int R, int lane, int& pos_lo,
+                                                   int& pos_hi) {
+  pos_lo = lane < R ? send_pos_row[lane] : -1;
+  pos_hi = lane + 32 < R ? send_pos_row[lane + 32] : -1;
+  return static_cast<uint64_t>(__ballot_sync(~0u, pos_lo >= 0)) |
+         (static_cast<uint64_t>(__ballot_sync(~0u, pos_hi >= 0)) << 32);
+}
+
+__global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchParams p) {
+  __shared__ int abort_flag;
+  const SymmetricView& w = p.win;
+  const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint64_t round = p.state.rounds[1] + 1;
+  const WaitContext ctx{w.record, w.timeout_ns, me};
+  const int experts_per_rank = p.num_experts > 0 ? p.num_experts / R : 1;
+  const int64_t vecs = p.row_bytes / 16, capacity = p.handle.capacity;
+
+  // Announce that this rank's receiving area is free for this round; then wait for every destination's.
+  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me)
+    st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kDispatchReady, me), round);
+  if (threadIdx.x == 0) abort_flag = wait_aborted(ctx);  // e.g. ranks disagreed in notify
+  __syncthreads();
+  if (abort_flag) return;
+  if (threadIdx.x < R && threadIdx.x != me && T > 0 &&
+      !wait_geq(control_u64(w.local_base, control::kDispatchReady, threadIdx.x), round, ctx,
+                WaitSite::kHtDispatchReady, threadIdx.x, 0))
+    abort_flag = 1;
+  __syncthreads();
+  if (abort_flag) return;
+
+  // ---- send: chunk c of this rank's tokens, each row to every destination ----
+  const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
+  const int64_t local_row0 = p.handle.rank_prefix[me];
+  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const int t_end = min(T, (c + 1) * chunk_tokens);
+    for (int t = c * chunk_tokens + warp; t < t_end; t += kHtWarps) {
+      int pos_lo, pos_hi;
+      uint64_t mask = warp_dest_mask(p.handle.send_pos + int64_t(t) * R, R, lane, pos_lo, pos_hi);
+      const char* x_row = static_cast<const char*>(p.x.data) + t * p.x.row_stride * (p.kind == RowKind::kBf16 ? 2 : 1);
+      while (mask != 0) {
+        const int d = __ffsll(mask) - 1;
+        mask &= mask - 1;
+        const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
+        if (d == me) {
+          const int64_t row = local_row0 + pos;
+          if (row >= capacity) continue;
+          char* dst = static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * (p.kind == RowKind::kBf16 ? 2 : 1);
+          warp_copy_row<true>(reinterpret_cast<const int4*>(x_row), reinterpret_cast<int4*>(dst), vecs, lane);
+          for (int g = lane; g < p.scale_cols; g += 32) {
+            const int32_t v = static_cast<const int32_t*>(p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
+            static_cast<int32_t*>(p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] = v;
+          }
+          if (lane < K && p.recv_topk_idx != nullptr) {
+            int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
+            bool here = e >= 0 && e / experts_per_rank == d;
+            store_index(p.recv_topk_idx, p.idx_type, row * K + lane, here ? e - int64_t(d) * experts_per_rank : -1);
+            if (p.recv_topk_weights != nullptr)
+              p.recv_topk_weights[row * K + lane] =
+                  here ? static_cast<const float*>(p.topk_weights.data)[t * p.topk_weights.row_stride + lane * p.topk_weights.col_stride] : 0.f;
+          }
+          if (lane == 0) p.handle.recv_src_token[row] = t;
+        } else {
+          char* rec = area_segment(w.peer_base[d], p.area_offset, me, d, p.area_rows, p.record_bytes) + pos * p.record_bytes;
+          warp_copy_row<true>(reinterpret_cast<const int4*>(x_row), reinterpret_cast<int4*>(rec), vecs, lane);
+          int32_t* tail = reinterpret_cast<int32_t*>(rec + p.row_bytes);
+          for (int g = lane; g < p.scale_cols; g += 32)
+            tail[g] = static_cast<const int32_t*>(p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
+          tail += p.scale_cols;
+          if (lane < K && p.topk_idx != nullptr) {
+            int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
+            bool there = e >= 0 && e / experts_per_rank == d;
+            tail[lane] = there ? static_cast<int32_t>(e - int64_t(d) * experts_per_rank) : -1;
+            reinterpret_cast<float*>(tail)[K + lane] =
+                there && p.topk_weights.data != nullptr
+                    ? static_cast<const float*>(p.topk_weights.data)[t * p.topk_weights.row_stride + lane * p.topk_weights.col_stride]
+                    : 0.f;
+          }
+          if (lane == 0) tail[2 * K] = t;
+        }
+      }
+    }
+    // Publish chunk c to every other rank (also when it sent them nothing).
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x < R && threadIdx.x != me)
+      st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kDispatchChunk, me * kMaxChunks + c), round);
+  }
+
+  // ---- receive: copy (source, chunk) blocks of rows out of the area as they are published ----
+  int item = 0;
+  for (int s = 0; s < R; ++s) {
+    if (s == me) continue;
+    const int n = ht_num_chunks(p.handle.src_tokens[s]);
+    const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
+    const int64_t row0 = p.handle.rank_prefix[s];
+    const char* seg = area_segment(w.local_base, p.area_offset, s, me, p.area_rows, p.record_bytes);
+    for (int c = 0; c < n; ++c, ++item) {
+      if (item % gridDim.x != blockIdx.x) continue;
+      const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
+      if (r0 == r1) continue;
+      if (threadIdx.x == 0)
+        abort_flag = !wait_geq(control_u64(w.local_base, control::kDispatchChunk, s * kMaxChunks + c), round, ctx,
+                               WaitSite::kHtDispatchChunk, s, c);
+      __syncthreads();
+      if (abort_flag) return;
+      for (int r = r0 + warp; r < r1; r += kHtWarps) {
+        const int64_t row = row0 + r;
+        if (row >= capacity) continue;
+        const char* rec = seg + int64_t(r) * p.record_bytes;
+        char* dst = static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * (p.kind == RowKind::kBf16 ? 2 : 1);
+        warp_copy_row<false>(reinterpret_cast<const int4*>(rec), reinterpret_cast<int4*>(dst), vecs, lane);
+        const int32_t* tail = reinterpret_cast<const int32_t*>(rec + p.row_bytes);
+        for (int g = lane; g < p.scale_cols; g += 32)
+          static_cast<int32_t*>(p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] = __ldcg(tail + g);
+        tail += p.scale_cols;
+        if (lane < K && p.recv_topk_idx != nullptr) {
+          store_index(p.recv_topk_idx, p.idx_type, row * K + lane, __ldcg(tail + lane));
+          if (p.recv_topk_weights != nullptr)
+            p.recv_topk_weights[row * K + lane] = __ldcg(reinterpret_cast<const float*>(tail) + K + lane);
+        }
+        if (lane == 0) p.handle.recv_src_token[row] = __ldcg(tail + 2 * K);
+      }
+    }
+  }
+  if (blockIdx.x == 0 && p.recv_expert_count != nullptr)
+    for (int j = threadIdx.x; j < experts_per_rank && p.num_experts > 0; j += blockDim.x)
+      p.recv_expert_count[j] = p.handle.expert_count[j];
+  finish_round(p.state, 1, round);
+}
+
+}  // namespace
+
+void launch_ht_dispatch(const HtDispatchParams& p, int num_sms, cudaStream_t stream) {
+  ht_dispatch_kernel<<<num_sms, kHtThreads, 0, stream>>>(p);
+  EL_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace expertlink::kernels

@@ -1,0 +1,212 @@
+// HT layout (DeepEP's get_dispatch_layout) and notify (count exchange). Protocol: ht_protocol.cuh.
+#include <cub/block/block_scan.cuh>
+
+#include "check.hpp"
+#include "kernels/ht_protocol.cuh"
+
+namespace expertlink::kernels {
+namespace {
+
+// Bit d set when token t has an expert on rank d. Ranks <= 64.
+__device__ __forceinline__ uint64_t dest_mask(const void* idx, IdxType type, int64_t rs, int64_t cs, int t,
+                                              int topk, int experts_per_rank) {
+  uint64_t mask = 0;
+  for (int k = 0; k < topk; ++k) {
+    int64_t e = load_index(idx, type, t * rs + k * cs);
+    if (e >= 0 && e < int64_t(experts_per_rank) * 64) mask |= 1ull << (e / experts_per_rank);
+  }
+  return mask;
+}
+
+__device__ __forceinline__ bool first_occurrence(const void* idx, IdxType type, int64_t rs, int64_t cs, int t,
+                                                 int k, int64_t e) {
+  for (int j = 0; j < k; ++j)
+    if (load_index(idx, type, t * rs + j * cs) == e) return false;
+  return true;
+}
+
+__global__ void ht_layout_kernel(const void* idx, IdxType type, int64_t rs, int64_t cs, int num_tokens, int topk,
+                                 int num_experts, int num_ranks, int32_t* tokens_per_rank,
+                                 int32_t* tokens_per_expert, uint8_t* is_token_in_rank) {
+  const int experts_per_rank = num_experts / num_ranks;
+  for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < num_tokens; t += gridDim.x * blockDim.x) {
+    uint64_t mask = dest_mask(idx, type, rs, cs, t, topk, experts_per_rank);
+    for (int d = 0; d < num_ranks; ++d) {  // ids >= num_experts set bits >= num_ranks: ignored
+      bool in = (mask >> d) & 1;
+      if (is_token_in_rank != nullptr) is_token_in_rank[int64_t(t) * num_ranks + d] = in;
+      if (in) atomicAdd(&tokens_per_rank[d], 1);
+    }
+    for (int k = 0; k < topk; ++k) {
+      int64_t e = load_index(idx, type, t * rs + k * cs);
+      if (e >= 0 && e < num_experts && first_occurrence(idx, type, rs, cs, t, k, e)) atomicAdd(&tokens_per_expert[e], 1);
+    }
+  }
+}
+
+constexpr int kNotifyThreads = 1024;
+
+__global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyParams p) {
+  using BlockScan = cub::BlockScan<int, kNotifyThreads>;
+  __shared__ typename BlockScan::TempStorage scan_storage;
+  __shared__ int expert_count[kMaxExpertsTotal];
+  __shared__ int chunk_count[kMaxChunks];
+  __shared__ int failed;
+
+  const SymmetricView& w = p.win;
+  const int me = w.rank, R = w.num_ranks, T = p.num_tokens, tid = threadIdx.x;
+  const uint64_t round = p.state.rounds[0] + 1;
+  const bool by_topk = p.topk_idx != nullptr;
+  const int experts_per_rank = by_topk ? p.num_experts / R : 1;
+  const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
+  const int per_thread = (T + kNotifyThreads - 1) / kNotifyThreads;
+  const int t_begin = min(T, tid * per_thread), t_end = min(T, t_begin + per_thread);
+
+  auto goes_to = [&](int t, int d) -> bool {
+    if (!by_topk) return p.is_token_in_rank[t * p.in_rank_row_stride + d] != 0;
+    for (int k = 0; k < p.topk; ++k) {
+      int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
+      if (e >= 0 && e < p.num_experts && e / experts_per_rank == d) return true;
+    }
+    return false;
+  };
+
+  if (tid == 0) {
+    failed = 0;
+    p.handle.host_counts[kHostBadExpert] = 0;
+  }
+  for (int e = tid; e < kMaxExpertsTotal; e += kNotifyThreads) expert_count[e] = 0;
+  __syncthreads();
+  // Bad expert ids are reported on the handle (the host raises them naming token, slot and value) and
+  // treated as -1, so that every rank still runs the whole protocol.
+  if (by_topk) {
+    for (int t = t_begin; t < t_end; ++t)
+      for (int k = 0; k < p.topk; ++k) {
+        int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
+        if (e < -1 || e >= p.num_experts) {
+          if (atomicCAS(&p.handle.host_counts[kHostBadExpert], 0, 1) == 0) {
+            p.handle.host_counts[3] = t;
+            p.handle.host_counts[4] = k;
+            p.handle.host_counts[5] = static_cast<int32_t>(e);
+          }
+        }
+      }
+  }
+  if (by_topk) {
+    for (int t = t_begin; t < t_end; ++t)
+      for (int k = 0; k < p.topk; ++k) {
+        int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
+        if (e >= 0 && e < p.num_experts &&
+            first_occurrence(p.topk_idx, p.idx_type, p.idx_row_stride, p.idx_col_stride, t, k, e))
+          atomicAdd(&expert_count[e], 1);
+      }
+  }
+
+  // Per destination: positions in token order, per-chunk counts, then the meta record into d's window.
+  for (int d = 0; d < R; ++d) {
+    for (int c = tid; c < kMaxChunks; c += kNotifyThreads) chunk_count[c] = 0;
+    int mine = 0;
+    for (int t = t_begin; t < t_end; ++t) mine += goes_to(t, d);
+    int offset = 0, total = 0;
+    BlockScan(scan_storage).ExclusiveSum(mine, offset, total);
+    __syncthreads();
+    for (int t = t_begin; t < t_end; ++t) {
+      bool in = goes_to(t, d);
+      p.handle.send_pos[int64_t(t) * R + d] = in ? offset : -1;
+      if (in) {
+        ++offset;
+        atomicAdd(&chunk_count[t / chunk_tokens], 1);
+      }
+    }
+    __syncthreads();
+    int32_t* meta = meta_record(w.peer_base[d], round, me);
+    if (tid == 0) {
+      meta[0] = T;
+      meta[1] = total;
+      meta[2] = p.hidden;
+      meta[3] = p.topk;
+      meta[4] = by_topk ? p.num_experts : 0;
+    }
+    for (int c = tid; c < num_chunks; c += kNotifyThreads) meta[control::kMetaHeader + c] = chunk_count[c];
+    if (by_topk)
+      for (int j = tid; j < experts_per_rank; j += kNotifyThreads)
+        meta[control::kMetaHeader + kMaxChunks + j] = expert_count[d * experts_per_rank + j];
+    __syncthreads();
+  }
+
+  // Publish: every thread's meta writes, then one release store per destination.
+  __threadfence_system();
+  __syncthreads();
+  if (tid < R) st_release_sys(control_u64(w.peer_base[tid], control::kNotifyTag, me), round);
+
+  const WaitContext ctx{w.record, w.timeout_ns, me};
+  if (tid < R && !wait_geq(control_u64(w.local_base, control::kNotifyTag, tid), round, ctx, WaitSite::kHtNotify,
+                           tid, tid))
+    failed = 1;
+  __syncthreads();
+  if (failed) return;
+
+  // Every source's record has arrived: derive the receiving layout.
+  if (tid < R) {
+    const int32_t* meta = meta_record(w.local_base, round, tid);
+    const int src_T = meta[0];
+    p.handle.src_tokens[tid] = src_T;
+    int32_t* prefix = p.handle.chunk_prefix + tid * (kMaxChunks + 1);
+    int acc = 0, n = ht_num_chunks(src_T);
+    for (int c = 0; c < n; ++c) {
+      prefix[c] = acc;
+      acc += meta[control::kMetaHeader + c];
+    }
+    prefix[n] = acc;
+    const int64_t ours[3] = {p.hidden, p.topk, by_topk ? p.num_experts : 0};
+    for (int a = 0; a < 3; ++a)
+      if (meta[2 + a] != ours[a]) record_timeout(ctx, WaitSite::kMismatch, tid, a, ours[a], meta[2 + a], 0);
+  }
+  if (tid == 0) {
+    int acc = 0;
+    for (int s = 0; s < R; ++s) {
+      p.handle.rank_prefix[s] = acc;
+      acc += meta_record(w.local_base, round, s)[1];
+    }
+    p.handle.rank_prefix[R] = acc;
+    p.handle.host_counts[kHostTotal] = acc;
+    // Over capacity is not a protocol failure (every rank still runs the whole protocol, rows past the
+    // capacity are not written): it is flagged on the handle, and the host raises it.
+    p.handle.host_counts[kHostOverCapacity] = acc > p.handle.capacity ? 1 : 0;
+  }
+  if (by_topk) {
+    for (int j = tid; j < experts_per_rank; j += kNotifyThreads) {
+      int sum = 0;
+      for (int s = 0; s < R; ++s) sum += meta_record(w.local_base, round, s)[control::kMetaHeader + kMaxChunks + j];
+      sum = (sum + p.expert_alignment - 1) / p.expert_alignment * p.expert_alignment;
+      p.handle.expert_count[j] = sum;
+      p.handle.host_counts[kHostHeader + j] = sum;
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence_system();
+    p.state.rounds[0] = round;
+  }
+}
+
+}  // namespace
+
+void launch_ht_layout(const void* topk_idx, IdxType idx_type, int64_t idx_row_stride, int64_t idx_col_stride,
+                      int num_tokens, int topk, int num_experts, int num_ranks, int32_t* tokens_per_rank,
+                      int32_t* tokens_per_expert, uint8_t* is_token_in_rank, cudaStream_t stream) {
+  EL_CUDA_CHECK(cudaMemsetAsync(tokens_per_rank, 0, sizeof(int32_t) * num_ranks, stream));
+  EL_CUDA_CHECK(cudaMemsetAsync(tokens_per_expert, 0, sizeof(int32_t) * num_experts, stream));
+  if (num_tokens == 0) return;
+  int blocks = (num_tokens + 255) / 256;
+  ht_layout_kernel<<<blocks, 256, 0, stream>>>(topk_idx, idx_type, idx_row_stride, idx_col_stride, num_tokens, topk,
+                                              num_experts, num_ranks, tokens_per_rank, tokens_per_expert,
+                                              is_token_in_rank);
+  EL_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_ht_notify(const HtNotifyParams& p, cudaStream_t stream) {
+  ht_notify_kernel<<<1, kNotifyThreads, 0, stream>>>(p);
+  EL_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace expertlink::kernels

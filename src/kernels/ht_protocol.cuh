@@ -1,0 +1,90 @@
+// The high-throughput (HT) intranode protocol: buffer layout and the helpers its kernels share.
+//
+// Notify (one block): each rank scans its routing, finds for every token the position among the rows it
+// sends to each rank d (send_pos, in token order), writes a meta record into d's window (its T, the rows
+// it sends d, per token-chunk counts, per local-expert counts) and publishes it with a release store of
+// the notify round. It then waits (bounded) for every rank's record and derives where each source's rows
+// land (rank_prefix, chunk_prefix) and the per-expert counts.
+//
+// Dispatch (S blocks): a rank's tokens are cut into chunks (ht_chunk_tokens(T)). A block owning chunk c
+// reads each token row once and writes it straight into every destination: into its own recv_x at its
+// final row when the destination is itself, else into the destination's receiving area (one segment per
+// source rank, rows at send_pos). When the chunk is written, it publishes round r in the destination's
+// kDispatchChunk[src][c] slot (fence, block barrier, release store). The destination's blocks wait for
+// each (source, chunk) slot and copy those rows out to recv_x at rank_prefix[src] + position. Before a
+// sender writes into rank d's area it waits for d's kDispatchReady >= r: d has started round r, so its
+// round r - 1 copy-out is over.
+//
+// Combine (S blocks) reverses it: the rank holding expert outputs writes the rows of source s, chunk c
+// into s's combine area (same positions) and publishes kCombineChunk[me][c]; rank s sums, for each of its
+// tokens, the rows from every rank in ascending rank order (its own rows read in place) in float32.
+//
+// Receiving area of rank d, per call (all ranks derive the same numbers from the same arguments):
+//   data region = [dispatch area | combine area], halves; each area holds R - 1 segments (one per other
+//   source rank, s's index = s < d ? s : s - 1) of area_rows records of record_bytes.
+//   dispatch record: [row data][scales][topk ids: K x i32, remapped to d's local experts][weights K x f32]
+//                    [source token: i32], padded to 16 bytes
+//   combine record:  [BF16 row][weights K x f32], padded to 16 bytes
+#pragma once
+
+#include <cstdint>
+
+#include "comm/control_layout.hpp"
+#include "kernels/ht_kernels.hpp"
+#include "kernels/sync.cuh"
+
+namespace expertlink::kernels {
+
+inline constexpr int kHtThreads = 512;
+inline constexpr int kHtWarps = kHtThreads / 32;
+
+__device__ __forceinline__ uint64_t* control_u64(char* window, size_t offset, int index) {
+  return reinterpret_cast<uint64_t*>(window + offset) + index;
+}
+
+__device__ __forceinline__ int32_t* meta_record(char* window, uint64_t round, int src) {
+  return reinterpret_cast<int32_t*>(window + control::kMeta) +
+         (static_cast<int64_t>(round & 1) * kMaxRanks + src) * control::kMetaInts;
+}
+
+// Segment of source `src` in rank `dst`'s area (window base `window` of dst).
+__device__ __forceinline__ char* area_segment(char* window, int64_t area_offset, int src, int dst,
+                                              int64_t area_rows, int64_t record_bytes) {
+  int slot = src < dst ? src : src - 1;
+  return window + kControlBytes + area_offset + slot * area_rows * record_bytes;
+}
+
+__device__ __forceinline__ int64_t load_index(const void* p, IdxType type, int64_t offset) {
+  return type == IdxType::kI64 ? static_cast<const int64_t*>(p)[offset] : static_cast<const int32_t*>(p)[offset];
+}
+
+__device__ __forceinline__ void store_index(void* p, IdxType type, int64_t offset, int64_t v) {
+  if (type == IdxType::kI64)
+    static_cast<int64_t*>(p)[offset] = v;
+  else
+    static_cast<int32_t*>(p)[offset] = static_cast<int32_t>(v);
+}
+
+__device__ __forceinline__ int4 ld_nc_v4(const int4* p) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// The last block of a kernel to finish advances the rank's round counter `which` (the next kernel on
+// the stream reads it at entry; all blocks of this one read it before any could finish).
+__device__ __forceinline__ void finish_round(const HtState& st, int which, uint64_t round) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&st.done_blocks[which], 1u) == gridDim.x - 1) {
+      st.rounds[which] = round;
+      st.done_blocks[which] = 0;
+      __threadfence();
+    }
+  }
+}
+
+}  // namespace expertlink::kernels
