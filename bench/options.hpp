@@ -1,0 +1,44 @@
+// el_bench's command line (CLI11). Parsing is CUDA-free and tested on CI.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "workloads.hpp"
+
+namespace expertlink::bench {
+
+struct Options {
+  int gpus = 0;  // 0: every visible GPU
+  int iters = 50;
+  int warmup = 10;
+  uint64_t seed = 0;
+  bool seed_given = false;  // else a fresh seed is drawn and printed
+  std::string routing = "both";
+  std::vector<std::string> workloads;  // empty: all
+  std::vector<std::string> libraries;  // empty: all
+  std::string out;
+  std::string commit;
+  bool sweep = false;
+  bool quick = false;
+  bool plot = true;
+  double timeout_s = 600.0;
+
+  // Derived from the above by parse_options.
+  std::vector<Op> ops;
+  std::vector<workload::Routing> routings;
+  bool recorded() const { return iters >= 50 && !quick; }  // WORKLOADS.md: figures are medians of >= 50
+};
+
+inline constexpr const char* kDefaultOutDir = EL_BENCH_DEFAULT_OUT;
+inline constexpr const char* kPlotScript = EL_BENCH_PLOT_SCRIPT;
+
+// Fills `options` from argv. Returns -1 to go on, or the exit code to leave with (0 after --help; the
+// parse error has been printed otherwise). `commit_env` is EL_COMMIT's value (nullptr: unset).
+int parse_options(int argc, const char* const* argv, const char* commit_env, Options& options);
+
+// Tokens per rank to run for `family`: the nominal shape, or the sweep.
+std::vector<int64_t> token_list(const Options& options, Family family);
+
+}  // namespace expertlink::bench

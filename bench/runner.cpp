@@ -1,0 +1,131 @@
+#include "runner.hpp"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "check.hpp"
+#include "expertlink/communicator.hpp"
+#include "nccl_baseline.hpp"
+#include "timing.hpp"
+#include "verify.hpp"
+
+namespace expertlink::bench {
+namespace {
+
+constexpr double kWaitTimeoutS = 120.0;  // any one host wait; the whole run is bounded by run_ranks
+
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { EL_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(s); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+};
+
+// Times and checks one workload of one implementation; returns its record (meaningful on rank 0).
+Record measure(Impl& impl, Op op, const CaseData& data, Timer& timer, cudaStream_t stream,
+               std::optional<double> peer_gbps, long long& failures) {
+  const Inputs& in = data.inputs();
+  ExpertOutputs outputs = impl.prepare(op, stream);
+  if (op_has_combine(op)) fill_expert_outputs(outputs, data, stream);
+  wait_stream(stream, kWaitTimeoutS, "the preparation");
+
+  Timed t = timer.time([&] { impl.run(op, stream); });
+
+  // The last timed run's output is what gets checked.
+  std::vector<std::string> problems;
+  if (op_has_dispatch(op)) {
+    CheckResult c = check_dispatch(op, impl.dispatch_view(op), data, stream, kWaitTimeoutS);
+    if (!c.ok)
+      problems.push_back("dispatch: " + std::to_string(c.mismatches) + " mismatches; first: " + c.first);
+  }
+  if (op_has_combine(op)) {
+    CheckResult c = check_combine(op, impl.combine_output(op), data, stream, kWaitTimeoutS);
+    if (!c.ok)
+      problems.push_back("combine: " + std::to_string(c.mismatches) + " mismatches; first: " + c.first);
+  }
+  for (const std::string& p : problems)
+    std::fprintf(stderr, "[rank %d] CHECK FAILED %s %s %s routing, %lld tokens: %s\n", in.rank,
+                 impl.name().c_str(), op_name(op), routing_label(data.routing()),
+                 static_cast<long long>(in.tokens), p.c_str());
+  const long long bad = timer.allreduce_sum(problems.empty() ? 0 : 1);
+  failures += bad;
+
+  const OpBytes ob = op_bytes(op, data.traffic(), in.hidden);
+  Record r;
+  r.workload = op_name(op);
+  r.library = impl.name();
+  r.routing = routing_label(data.routing());
+  r.tokens = in.tokens;
+  r.us = t.us;
+  r.gbps = gbps(ob.bytes, t.us);
+  r.floor_us = floor_us(ob.remote_bytes, peer_gbps);
+  r.sms = impl.sms(op);
+  r.buffer_bytes = impl.buffer_bytes(op);
+  r.bytes = ob.bytes;
+  r.remote_bytes = ob.remote_bytes;
+  r.rank_us = t.rank_us;
+  r.verified = bad == 0;
+  return r;
+}
+
+}  // namespace
+
+std::vector<std::unique_ptr<Impl>> make_impls(const std::vector<std::string>& names, double wait_timeout_s) {
+  std::vector<std::unique_ptr<Impl>> impls;
+  auto wanted = [&](const char* n) {
+    return names.empty() || std::find(names.begin(), names.end(), n) != names.end();
+  };
+  if (wanted("nccl")) impls.push_back(std::make_unique<NcclBaseline>(wait_timeout_s));
+  return impls;
+}
+
+RankOutput run_rank(const Options& options, std::optional<double> peer_gbps,
+                    const multiproc::RankContext& ctx) {
+  Communicator comm(ctx.id, ctx.rank, ctx.num_ranks, ctx.device);
+  RankOutput out;
+  cudaDeviceProp prop{};
+  EL_CUDA_CHECK(cudaGetDeviceProperties(&prop, ctx.device));
+  out.card = prop.name;
+  out.sm_count = prop.multiProcessorCount;
+  EL_NCCL_CHECK(ncclGetVersion(&out.nccl_version));
+
+  Stream stream;
+  Timer timer(comm.nccl(), stream.s, options.warmup, options.iters, kWaitTimeoutS);
+  std::vector<std::unique_ptr<Impl>> impls = make_impls(options.libraries, kWaitTimeoutS);
+  const bool lead = ctx.rank == 0;
+  if (lead) {
+    std::printf("\n%s\n", table_header().c_str());
+    std::fflush(stdout);
+  }
+
+  for (Family family : {Family::kHt, Family::kLl}) {
+    std::vector<Op> ops;
+    for (Op op : options.ops)
+      if (op_family(op) == family) ops.push_back(op);
+    if (ops.empty()) continue;
+    for (int64_t tokens : token_list(options, family)) {
+      for (workload::Routing routing : options.routings) {
+        CaseData data(family, tokens, routing, options.seed, ctx.rank, ctx.num_ranks, comm.nccl(), stream.s,
+                      kWaitTimeoutS);
+        for (auto& impl : impls) {
+          impl->setup(data, comm.nccl(), stream.s);
+          for (Op op : ops) {
+            if (!impl->supports(op)) continue;
+            Record r = measure(*impl, op, data, timer, stream.s, peer_gbps, out.failures);
+            if (lead) {
+              out.records.push_back(r);
+              std::printf("%s\n", format_row(out.records, r).c_str());
+              std::fflush(stdout);
+            }
+          }
+          impl->teardown();
+        }
+      }
+    }
+  }
+  wait_stream(stream.s, kWaitTimeoutS, "the last operations");
+  return out;
+}
+
+}  // namespace expertlink::bench
