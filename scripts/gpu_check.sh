@@ -22,7 +22,7 @@ if cmake -S . -B "$BUILD_DIR" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release "${deps[@]}
    cmake --build "$BUILD_DIR" -j "$(nproc)" >"$LOG_DIR/build.log" 2>&1; then
   note "build: ok ($(grep -m1 'ExpertLink: NCCL' "$LOG_DIR/configure.log" | sed 's/.*ExpertLink: //'))"
 else
-  tail -40 "$LOG_DIR/configure.log" "$LOG_DIR/build.log"
+  tail -n 40 "$LOG_DIR/configure.log" "$LOG_DIR/build.log"
   echo "SUMMARY: build FAILED"
   exit 1
 fi
