@@ -322,7 +322,9 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
   EL_CHECK(args.x.dtype == DType::kBF16, "combine x must be bf16, got %s", dtype_name(args.x.dtype));
   EL_CHECK(args.x.rows_are_dense_16b(), "x rows must be contiguous, 16-byte aligned, a multiple of 16 bytes: %s",
            args.x.describe().c_str());
-  EL_CHECK(args.x.shape[0] >= rows, "x has %lld rows but %lld were dispatched", static_cast<long long>(args.x.shape[0]),
+  // Exact sizing: the received rows; capacity sizing: the capacity (the count is on the device only).
+  EL_CHECK(args.x.shape[0] >= rows, "x has %lld rows but the handle's %s is %lld",
+           static_cast<long long>(args.x.shape[0]), h.exact ? "received row count" : "capacity",
            static_cast<long long>(rows));
   const int64_t H = args.x.shape[1];
   check_weights(args.topk_weights, args.x.shape[0], h.topk, "topk_weights");

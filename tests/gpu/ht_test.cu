@@ -219,13 +219,17 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   std::vector<ref::HtHandle> handles;
   for (auto& w : want) handles.push_back(w.handle);
   auto want_comb = ref::ht_combine(handles, cins, H);
-  DeviceArray<uint16_t> y(cins[me].x), b0(all[me].bias0), b1(all[me].bias1);
+  // In capacity sizing the expert outputs have the capacity's rows (only the first N are read).
+  DeviceArray<uint16_t> y(size_t(rows) * H), b0(all[me].bias0), b1(all[me].bias1);
+  y.poison();
+  y.upload(cins[me].x);
   DeviceArray<uint16_t> comb(size_t(T) * H);
   DeviceArray<float> comb_w(size_t(T) * K);
   comb.poison(), comb_w.poison();
   HtCombineArgs ca;
-  ca.x = TensorView(y.get(), DType::kBF16, {N, H});
-  ca.topk_weights = TensorView(rw.get(), DType::kF32, {N, K});
+  const int64_t y_rows = c.sizing == Sizing::kExact ? N : rows;
+  ca.x = TensorView(y.get(), DType::kBF16, {y_rows, H});
+  ca.topk_weights = TensorView(rw.get(), DType::kF32, {y_rows, K});
   if (c.with_bias) {
     ca.bias0 = TensorView(b0.get(), DType::kBF16, {T, H});
     ca.bias1 = TensorView(b1.get(), DType::kBF16, {T, H});
@@ -269,6 +273,7 @@ int run_cases(const RankContext& ctx, std::initializer_list<HtCase> cases, int r
     for (const auto& c : cases) {
       rc = run_round(ctx, c, buffer, handle, seed + 1000 * r + 77 * (&c - cases.begin()), stream, r == 0);
       if (rc) break;
+      if (ctx.rank == 0 && r == 0) std::printf("ok: %s\n", c.name);
     }
   cudaStreamDestroy(stream);
   return rc;
