@@ -8,7 +8,7 @@ namespace expertlink::bench {
 
 CaseData::CaseData(Family family, int64_t tokens, workload::Routing routing, uint64_t seed, int rank,
                    int num_ranks, ncclComm_t comm, cudaStream_t stream, double wait_timeout_s)
-    : routing_(routing) {
+    : routing_(routing), seed_(seed) {
   const workload::Shape shape = family_shape(family, tokens);
   EL_CHECK(num_ranks >= 1 && num_ranks <= 32, "num_ranks = %d: the bench handles 1 to 32 ranks", num_ranks);
   EL_CHECK(shape.num_experts % num_ranks == 0,

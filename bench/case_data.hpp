@@ -39,6 +39,7 @@ class CaseData {
   const Inputs& inputs() const { return inputs_; }
   Family family() const { return inputs_.family; }
   workload::Routing routing() const { return routing_; }
+  uint64_t seed() const { return seed_; }  // of the generators: any rank's weights can be made again
   const Routings& routings() const { return routings_; }
   const Traffic& traffic() const { return traffic_; }
   const std::vector<uint16_t>& x_host() const { return x_host_; }  // this rank's x
@@ -52,6 +53,7 @@ class CaseData {
  private:
   Inputs inputs_{};
   workload::Routing routing_;
+  uint64_t seed_;
   Routings routings_;
   Traffic traffic_;
   std::vector<uint16_t> x_host_;

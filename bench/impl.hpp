@@ -1,7 +1,7 @@
 // An implementation of the workloads: the NCCL baseline (nccl_baseline.hpp) is the first; ExpertLink's
-// own kernels plug in as another. The harness (runner.cpp) calls, per case:
-//   setup(data) -> for each op: prepare(op) [untimed] -> run(op) [timed, many times] -> views [checked]
-//   -> teardown().
+// own kernels plug in as another (expertlink_impl.hpp). The harness (runner.cpp) calls, per case:
+//   setup(data) -> for each op, for each of its variants: select(op, variant) -> prepare(op) [untimed]
+//   -> run(op) [timed, many times] -> views and check_own(op) [checked] -> teardown().
 #pragma once
 
 #include <cstdint>
@@ -41,6 +41,13 @@ struct ExpertOutputs {
   std::vector<RowId> ids;
 };
 
+// One configuration of an op measured as its own record (another SM count, another sizing mode). The
+// record's workload is op_name(op) + suffix; sms() and buffer_bytes() are read after select().
+struct Variant {
+  int id = 0;          // the implementation's own index
+  std::string suffix;  // appended to the workload name, e.g. "_exact"; "" for the op as WORKLOADS.md names it
+};
+
 class Impl {
  public:
   virtual ~Impl() = default;
@@ -51,6 +58,10 @@ class Impl {
 
   // Untimed: allocate what the case needs (collective).
   virtual void setup(const CaseData& data, ncclComm_t comm, cudaStream_t stream) = 0;
+  // The configurations of `op` to measure, one record each (default: one). The same on every rank.
+  virtual std::vector<Variant> variants(Op) const { return {Variant{}}; }
+  // Untimed, before prepare(op): the configuration that prepare, run and sms use until the next select.
+  virtual void select(Op, const Variant&) {}
   // Untimed, before timing `op` (collective): what a user does once, e.g. a dispatch that a combine needs.
   // For an op with a combine, returns the rows it will send back.
   virtual ExpertOutputs prepare(Op op, cudaStream_t stream) = 0;
@@ -60,6 +71,9 @@ class Impl {
   // output (op_has_combine).
   virtual DispatchView dispatch_view(Op op) = 0;
   virtual const uint16_t* combine_output(Op op) = 0;
+  // After the harness's checks of run(op): checks of the implementation's own outputs (its routing
+  // metadata, flags, weights); the first problem found, or "" when none.
+  virtual std::string check_own(Op) { return {}; }
   virtual void teardown() = 0;
 };
 

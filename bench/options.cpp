@@ -1,5 +1,7 @@
 #include "options.hpp"
 
+#include <algorithm>
+
 #include <CLI/CLI.hpp>
 
 namespace expertlink::bench {
@@ -27,9 +29,15 @@ int parse_options(int argc, const char* const* argv, const char* commit_env, Opt
                  "subset, comma separated: " + CLI::detail::join(workload_choices))
       ->delimiter(',')
       ->check(CLI::IsMember(workload_choices));
-  app.add_option("--libraries", o.libraries, "subset of the implementations, comma separated: nccl")
+  app.add_option("--libraries", o.libraries,
+                 "subset of the implementations, comma separated: nccl (the baseline), expertlink")
       ->delimiter(',')
-      ->check(CLI::IsMember({"nccl"}));
+      ->check(CLI::IsMember({"nccl", "expertlink"}));
+  app.add_option("--sms", o.sms,
+                 "SM counts of ExpertLink's kernels (num_sms), comma separated; one record each")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
   o.out = kDefaultOutDir;
   app.add_option("--out", o.out, "folder for the JSON and the plot")->capture_default_str();
   o.commit = commit_env != nullptr && *commit_env != '\0' ? commit_env : "unknown";
@@ -54,6 +62,11 @@ int parse_options(int argc, const char* const* argv, const char* commit_env, Opt
     if (app.count("--warmup") == 0) o.warmup = 2;
     if (app.count("--routing") == 0) o.routing = "uniform";
   }
+
+  std::vector<int> sms;  // without repeats, in the order given
+  for (int v : o.sms)
+    if (std::find(sms.begin(), sms.end(), v) == sms.end()) sms.push_back(v);
+  o.sms = sms;
 
   o.ops.clear();
   for (Op op : kAllOps) {

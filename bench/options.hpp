@@ -18,6 +18,7 @@ struct Options {
   std::string routing = "both";
   std::vector<std::string> workloads;  // empty: all
   std::vector<std::string> libraries;  // empty: all
+  std::vector<int> sms = {24, 8};      // SM counts of ExpertLink's kernels, one record each
   std::string out;
   std::string commit;
   bool sweep = false;

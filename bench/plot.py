@@ -2,8 +2,9 @@
 """Plots an el_bench results JSON (shared/WORKLOADS.md) into a PNG next to it.
 
 With a token sweep (el_bench --sweep: records at several token counts) it draws HT bandwidth (GB/s) vs
-tokens per rank and LL latency (us) vs tokens per rank, one line per workload, library and routing, with
-the floor as a dashed line where known. Otherwise it draws bars of each figure's time with its floor.
+tokens per rank and LL latency (us) vs tokens per rank, one line per workload, library (and SM count) and
+routing, with the floor as a dashed line where known. Otherwise it draws bars of each figure's time with
+its floor.
 
 Usage: python3 bench/plot.py RESULTS.json [--out PNG]
 """
@@ -32,12 +33,17 @@ def title_of(data):
             f"commit {data.get('commit', '?')}{peer_s}")
 
 
+def impl_label(r):
+    """The library, with its SM count where it states one (one line or bar per SM count)."""
+    return r["library"] + (f" {r['sms']} SMs" if r.get("sms") else "")
+
+
 def series(records, family):
-    """{(workload, library, routing): [(tokens, record), ...]} for one family ("ht" / "ll")."""
+    """{(workload, library [SMs], routing): [(tokens, record), ...]} for one family ("ht" / "ll")."""
     out = defaultdict(list)
     for r in records:
         if r["workload"].startswith(family + "_"):
-            out[(r["workload"], r["library"], r["routing"])].append((r["tokens"], r))
+            out[(r["workload"], impl_label(r), r["routing"])].append((r["tokens"], r))
     for v in out.values():
         v.sort(key=lambda p: p[0])
     return out
@@ -78,11 +84,11 @@ def plot_sweep(data, records, png):
 
 def plot_bars(data, records, png):
     keys = sorted({(r["workload"], r["routing"], r["tokens"]) for r in records})
-    libraries = sorted({r["library"] for r in records}, key=lambda l: (l != "nccl", l))
+    libraries = sorted({impl_label(r) for r in records}, key=lambda l: (l != "nccl", l))
     width = 0.8 / max(1, len(libraries))
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(keys)), 6))
     for i, lib in enumerate(libraries):
-        by_key = {(r["workload"], r["routing"], r["tokens"]): r for r in records if r["library"] == lib}
+        by_key = {(r["workload"], r["routing"], r["tokens"]): r for r in records if impl_label(r) == lib}
         xs = [k + i * width for k in range(len(keys))]
         ys = [by_key[k]["us"] if k in by_key else 0 for k in keys]
         bars = ax.bar(xs, ys, width, label=lib)

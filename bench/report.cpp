@@ -95,10 +95,19 @@ std::string result_filename(const RunInfo& info) {
 }
 
 std::optional<double> baseline_us(const std::vector<Record>& records, const Record& r) {
-  for (const Record& b : records)
-    if (b.library == "nccl" && b.workload == r.workload && b.routing == r.routing && b.tokens == r.tokens)
-      return b.us;
-  return std::nullopt;
+  // A variant's workload ("ht_dispatch_fp8_exact") is compared with its op's baseline ("ht_dispatch_fp8").
+  auto same_op = [&](const std::string& base) {
+    return r.workload == base ||
+           (r.workload.size() > base.size() + 1 && r.workload.compare(0, base.size(), base) == 0 &&
+            r.workload[base.size()] == '_');
+  };
+  std::optional<double> variant;
+  for (const Record& b : records) {
+    if (b.library != "nccl" || b.routing != r.routing || b.tokens != r.tokens) continue;
+    if (b.workload == r.workload) return b.us;
+    if (same_op(b.workload)) variant = b.us;
+  }
+  return variant;
 }
 
 namespace {

@@ -56,7 +56,8 @@ std::string sanitize_card(const std::string& card);
 // "<date>_<card>x<gpus>.json"
 std::string result_filename(const RunInfo& info);
 
-// NCCL's time for the same workload, routing and tokens; nullopt if it was not run.
+// NCCL's time for the same workload, routing and tokens (for a variant "<workload>_<suffix>", the
+// workload's); nullopt if it was not run.
 std::optional<double> baseline_us(const std::vector<Record>& records, const Record& r);
 
 // One line per record: workload, library, routing, tokens, us, GB/s, floor us, us/floor, SMs, buffer MB,

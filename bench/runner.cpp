@@ -5,6 +5,7 @@
 
 #include "check.hpp"
 #include "expertlink/communicator.hpp"
+#include "expertlink_impl.hpp"
 #include "nccl_baseline.hpp"
 #include "timing.hpp"
 #include "verify.hpp"
@@ -23,8 +24,10 @@ struct Stream {
 };
 
 // Times and checks one workload of one implementation; returns its record (meaningful on rank 0).
-Record measure(Impl& impl, Op op, const CaseData& data, Timer& timer, cudaStream_t stream,
-               std::optional<double> peer_gbps, long long& failures) {
+Record measure(Impl& impl, Op op, const Variant& variant, const CaseData& data, Timer& timer,
+               cudaStream_t stream, std::optional<double> peer_gbps, long long& failures) {
+  const std::string workload = op_name(op) + variant.suffix;
+  impl.select(op, variant);
   const Inputs& in = data.inputs();
   ExpertOutputs outputs = impl.prepare(op, stream);
   if (op_has_combine(op)) fill_expert_outputs(outputs, data, stream);
@@ -43,24 +46,32 @@ Record measure(Impl& impl, Op op, const CaseData& data, Timer& timer, cudaStream
     CheckResult c = check_combine(op, impl.combine_output(op), data, stream, kWaitTimeoutS);
     if (!c.ok)
       problems.push_back("combine: " + std::to_string(c.mismatches) + " mismatches; first: " + c.first);
+    else if (c.inexact > 0 && in.rank == 0)
+      std::fprintf(stderr,
+                   "note: %s %s: %lld combined values of rank 0 are within tolerance but not bitwise equal "
+                   "to the host's float32 sum in the oracle's order\n",
+                   impl.name().c_str(), workload.c_str(), c.inexact);
   }
+  if (std::string own = impl.check_own(op); !own.empty()) problems.push_back(own);
+  const std::optional<int> sms = impl.sms(op);
+  const std::string sms_text = sms ? ", " + std::to_string(*sms) + " SMs" : "";
   for (const std::string& p : problems)
-    std::fprintf(stderr, "[rank %d] CHECK FAILED %s %s %s routing, %lld tokens: %s\n", in.rank,
-                 impl.name().c_str(), op_name(op), routing_label(data.routing()),
-                 static_cast<long long>(in.tokens), p.c_str());
+    std::fprintf(stderr, "[rank %d] CHECK FAILED %s %s %s routing, %lld tokens%s: %s\n", in.rank,
+                 impl.name().c_str(), workload.c_str(), routing_label(data.routing()),
+                 static_cast<long long>(in.tokens), sms_text.c_str(), p.c_str());
   const long long bad = timer.allreduce_sum(problems.empty() ? 0 : 1);
   failures += bad;
 
   const OpBytes ob = op_bytes(op, data.traffic(), in.hidden);
   Record r;
-  r.workload = op_name(op);
+  r.workload = workload;
   r.library = impl.name();
   r.routing = routing_label(data.routing());
   r.tokens = in.tokens;
   r.us = t.us;
   r.gbps = gbps(ob.bytes, t.us);
   r.floor_us = floor_us(ob.remote_bytes, peer_gbps);
-  r.sms = impl.sms(op);
+  r.sms = sms;
   r.buffer_bytes = impl.buffer_bytes(op);
   r.bytes = ob.bytes;
   r.remote_bytes = ob.remote_bytes;
@@ -71,12 +82,14 @@ Record measure(Impl& impl, Op op, const CaseData& data, Timer& timer, cudaStream
 
 }  // namespace
 
-std::vector<std::unique_ptr<Impl>> make_impls(const std::vector<std::string>& names, double wait_timeout_s) {
+std::vector<std::unique_ptr<Impl>> make_impls(const std::vector<std::string>& names, double wait_timeout_s,
+                                              const std::vector<int>& sms) {
   std::vector<std::unique_ptr<Impl>> impls;
   auto wanted = [&](const char* n) {
     return names.empty() || std::find(names.begin(), names.end(), n) != names.end();
   };
   if (wanted("nccl")) impls.push_back(std::make_unique<NcclBaseline>(wait_timeout_s));
+  if (wanted("expertlink")) impls.push_back(std::make_unique<ExpertLinkImpl>(sms));
   return impls;
 }
 
@@ -92,7 +105,7 @@ RankOutput run_rank(const Options& options, std::optional<double> peer_gbps,
 
   Stream stream;
   Timer timer(comm.nccl(), stream.s, options.warmup, options.iters, kWaitTimeoutS);
-  std::vector<std::unique_ptr<Impl>> impls = make_impls(options.libraries, kWaitTimeoutS);
+  std::vector<std::unique_ptr<Impl>> impls = make_impls(options.libraries, kWaitTimeoutS, options.sms);
   const bool lead = ctx.rank == 0;
   if (lead) {
     std::printf("\n%s\n", table_header().c_str());
@@ -109,14 +122,17 @@ RankOutput run_rank(const Options& options, std::optional<double> peer_gbps,
         CaseData data(family, tokens, routing, options.seed, ctx.rank, ctx.num_ranks, comm.nccl(), stream.s,
                       kWaitTimeoutS);
         for (auto& impl : impls) {
+          if (std::none_of(ops.begin(), ops.end(), [&](Op op) { return impl->supports(op); })) continue;
           impl->setup(data, comm.nccl(), stream.s);
           for (Op op : ops) {
             if (!impl->supports(op)) continue;
-            Record r = measure(*impl, op, data, timer, stream.s, peer_gbps, out.failures);
-            if (lead) {
-              out.records.push_back(r);
-              std::printf("%s\n", format_row(out.records, r).c_str());
-              std::fflush(stdout);
+            for (const Variant& v : impl->variants(op)) {
+              Record r = measure(*impl, op, v, data, timer, stream.s, peer_gbps, out.failures);
+              if (lead) {
+                out.records.push_back(r);
+                std::printf("%s\n", format_row(out.records, r).c_str());
+                std::fflush(stdout);
+              }
             }
           }
           impl->teardown();

@@ -1,5 +1,6 @@
 // One rank's part of el_bench: for each family, token count and routing, make the case's inputs, then
-// for each implementation and workload: prepare, time, check, and (rank 0) turn the result into a Record.
+// for each implementation, workload and variant: prepare, time, check, and (rank 0) turn the result into a
+// Record.
 #pragma once
 
 #include <memory>
@@ -22,8 +23,10 @@ struct RankOutput {
   int nccl_version = 0;
 };
 
-// The implementations named (empty: all), the NCCL baseline first.
-std::vector<std::unique_ptr<Impl>> make_impls(const std::vector<std::string>& names, double wait_timeout_s);
+// The implementations named (empty: all), the NCCL baseline first; `sms`: the SM counts ExpertLink is
+// measured at (--sms).
+std::vector<std::unique_ptr<Impl>> make_impls(const std::vector<std::string>& names, double wait_timeout_s,
+                                              const std::vector<int>& sms);
 
 // Collective over every rank of the launch. Rank 0 prints each record as it is measured.
 RankOutput run_rank(const Options& options, std::optional<double> peer_gbps,

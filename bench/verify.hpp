@@ -16,6 +16,9 @@ struct CheckResult {
   bool ok = true;
   long long mismatches = 0;
   std::string first;  // the first mismatch: row, column, expected, got
+  // Combine: values within the tolerance that still differ bitwise from the host's float32 sum (HT:
+  // ascending destination rank, the oracle's order; LL: top-k slot order). Informational.
+  long long inexact = 0;
 };
 
 // Writes the expert outputs of out.ids into out.rows (device) on `stream`.

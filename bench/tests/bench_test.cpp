@@ -205,6 +205,26 @@ TEST(BenchOptions, QuickIsNotRecordedAndFewIterationsAreNot) {
   EXPECT_EQ(few.commit, "zz");
 }
 
+TEST(BenchOptions, SmCountsAndLibraries) {
+  eb::Options d;
+  ASSERT_EQ(parse({}, d), -1);
+  EXPECT_EQ(d.sms, (std::vector<int>{24, 8}));
+  eb::Options o;
+  ASSERT_EQ(parse({"--sms", "16,4,16", "--libraries", "nccl,expertlink"}, o), -1);
+  EXPECT_EQ(o.sms, (std::vector<int>{16, 4}));  // repeats dropped, order kept
+  EXPECT_EQ(o.libraries, (std::vector<std::string>{"nccl", "expertlink"}));
+  eb::Options one;
+  ASSERT_EQ(parse({"--sms", "32"}, one), -1);
+  EXPECT_EQ(one.sms, (std::vector<int>{32}));
+  eb::Options bad;
+  testing::internal::CaptureStderr();
+  testing::internal::CaptureStdout();
+  EXPECT_GT(parse({"--sms", "0"}, bad), 0);
+  EXPECT_GT(parse({"--libraries", "deepep"}, bad), 0);
+  testing::internal::GetCapturedStdout();
+  testing::internal::GetCapturedStderr();
+}
+
 TEST(BenchOptions, RejectsUnknownWorkloadAndRouting) {
   eb::Options o;
   testing::internal::CaptureStderr();
@@ -290,6 +310,21 @@ TEST(BenchReport, TableShowsBaselineAndSpeedup) {
   EXPECT_NE(row.find(" 24 "), std::string::npos) << row;  // SMs
   std::string nccl_row = eb::format_row(recs, recs[0]);
   EXPECT_NE(nccl_row.find(" - "), std::string::npos) << nccl_row;  // no SMs for NCCL
+}
+
+TEST(BenchReport, VariantsCompareWithTheirWorkloadsBaseline) {
+  std::vector<eb::Record> recs = {sample_record("nccl", 260.0), sample_record("expertlink", 130.0),
+                                  sample_record("expertlink", 104.0)};
+  recs[2].workload = "ht_dispatch_fp8_exact";
+  EXPECT_EQ(eb::baseline_us(recs, recs[1]), 260.0);
+  EXPECT_EQ(eb::baseline_us(recs, recs[2]), 260.0);
+  std::string row = eb::format_row(recs, recs[2]);
+  EXPECT_NE(row.find("2.50"), std::string::npos) << row;  // 260 / 104
+  eb::Record other = recs[1];
+  other.workload = "ht_dispatch_fp8x";  // not a variant of ht_dispatch_fp8
+  EXPECT_FALSE(eb::baseline_us(recs, other).has_value());
+  other.workload = "ht_dispatch_bf16_exact";
+  EXPECT_FALSE(eb::baseline_us(recs, other).has_value());
 }
 
 // The bench's own layout agrees with the oracle's (expertlink/reference.hpp) on generated routings.
