@@ -104,14 +104,19 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
         return area_segment(w.local_base, p.area_offset, d, me, p.area_rows, p.record_bytes) + int64_t(pos) * p.record_bytes;
       };
       char* out_row = static_cast<char*>(p.out) + int64_t(t) * p.out_row_stride * 2;
-      for (int64_t v = lane; v < vecs; v += 32) {
+      // Uniform trip count for the whole warp: the shuffles below need every lane.
+      for (int64_t v0 = 0; v0 < vecs; v0 += 32) {
+        const int64_t v = v0 + lane;
+        const bool active = v < vecs;
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         for (uint64_t m = mask; m != 0; m &= m - 1) {
           const int d = __ffsll(m) - 1;
           const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
+          if (!active) continue;
           const int4* src = reinterpret_cast<const int4*>(row_of(d, pos)) + v;
           add_bf16x8(acc, d == me ? ld_nc_v4(src) : __ldcg(src));
         }
+        if (!active) continue;
         if (p.bias0.data != nullptr)
           add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias0.data) + t * p.bias0.row_stride * 2) + v));
         if (p.bias1.data != nullptr)
