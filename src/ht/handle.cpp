@@ -10,6 +10,7 @@ namespace expertlink {
 
 HtHandleState::~HtHandleState() {
   cudaFree(send_pos);
+  cudaFree(token_mask);
   cudaFree(rank_prefix);
   cudaFree(chunk_prefix);
   cudaFree(src_tokens);
@@ -23,6 +24,11 @@ void HtHandleState::reserve(int tokens, int ranks, int local_experts) {
     cudaFree(send_pos);
     alloc_send = std::max<int64_t>(1, int64_t(tokens) * ranks);
     EL_CUDA_CHECK(cudaMalloc(&send_pos, sizeof(int32_t) * alloc_send));
+  }
+  if (token_mask == nullptr || tokens > alloc_mask) {
+    cudaFree(token_mask);
+    alloc_mask = std::max(1, tokens);
+    EL_CUDA_CHECK(cudaMalloc(&token_mask, sizeof(uint64_t) * alloc_mask));
   }
   if (ranks > alloc_ranks) {
     cudaFree(rank_prefix);
@@ -55,6 +61,7 @@ void HtHandleState::reserve_recv(int64_t rows) {
 kernels::HtHandleView HtHandleState::view() const {
   kernels::HtHandleView v{};
   v.send_pos = send_pos;
+  v.token_mask = token_mask;
   v.rank_prefix = rank_prefix;
   v.chunk_prefix = chunk_prefix;
   v.src_tokens = src_tokens;

@@ -18,8 +18,9 @@ struct HtHandleState {
 
   // Allocated sizes.
   int alloc_ranks = 0, alloc_experts = 0;
-  int64_t alloc_send = 0, alloc_recv = 0;
+  int64_t alloc_send = 0, alloc_recv = 0, alloc_mask = 0;
   int32_t* send_pos = nullptr;
+  uint64_t* token_mask = nullptr;
   int32_t* rank_prefix = nullptr;
   int32_t* chunk_prefix = nullptr;
   int32_t* src_tokens = nullptr;

@@ -104,24 +104,36 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
         return area_segment(w.local_base, p.area_offset, d, me, p.area_rows, p.record_bytes) + int64_t(pos) * p.record_bytes;
       };
       char* out_row = static_cast<char*>(p.out) + int64_t(t) * p.out_row_stride * 2;
-      // Uniform trip count for the whole warp: the shuffles below need every lane.
-      for (int64_t v0 = 0; v0 < vecs; v0 += 32) {
-        const int64_t v = v0 + lane;
-        const bool active = v < vecs;
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      // kUnroll vectors per lane in flight from every source row before any is summed; the trip count
+      // is uniform over the warp (the shuffles need every lane).
+      constexpr int kUnroll = 4;
+      for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kUnroll) {
+        float acc[kUnroll][8] = {};
+        auto accumulate = [&](const int4* base, bool local) {
+          int4 val[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int64_t v = v0 + u * 32 + lane;
+            if (v < vecs) val[u] = local ? ld_nc_v4(base + v) : __ldcg(base + v);
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u)
+            if (v0 + u * 32 + lane < vecs) add_bf16x8(acc[u], val[u]);
+        };
         for (uint64_t m = mask; m != 0; m &= m - 1) {
           const int d = __ffsll(m) - 1;
           const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
-          if (!active) continue;
-          const int4* src = reinterpret_cast<const int4*>(row_of(d, pos)) + v;
-          add_bf16x8(acc, d == me ? ld_nc_v4(src) : __ldcg(src));
+          accumulate(reinterpret_cast<const int4*>(row_of(d, pos)), d == me);
         }
-        if (!active) continue;
         if (p.bias0.data != nullptr)
-          add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias0.data) + t * p.bias0.row_stride * 2) + v));
+          accumulate(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias0.data) + t * p.bias0.row_stride * 2), true);
         if (p.bias1.data != nullptr)
-          add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias1.data) + t * p.bias1.row_stride * 2) + v));
-        reinterpret_cast<int4*>(out_row)[v] = to_bf16x8(acc);
+          accumulate(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias1.data) + t * p.bias1.row_stride * 2), true);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t v = v0 + u * 32 + lane;
+          if (v < vecs) reinterpret_cast<int4*>(out_row)[v] = to_bf16x8(acc[u]);
+        }
       }
       if (p.out_topk_weights != nullptr) {  // requires topk_weights (checked on the host)
         float sum = 0.f;

@@ -6,22 +6,29 @@
 namespace expertlink::kernels {
 namespace {
 
-// Row copy by one warp, 16-byte vectors, four loads in flight per lane. `Load` picks the load flavour:
-// non-coherent for inputs that do not change during the kernel, L2-only (.cg) for data a peer wrote.
+// Row copy by one warp, 16-byte vectors, kCopyUnroll loads in flight per lane before the stores.
+// kInputRow: the non-coherent path for inputs that do not change during the kernel; otherwise L2-only
+// (.cg) loads, for rows a peer wrote into this rank's window.
+constexpr int kCopyUnroll = 8;
+
+template <bool kInputRow>
+__device__ __forceinline__ int4 load_vec(const int4* p) {
+  if constexpr (kInputRow) return ld_nc_v4(p);
+  else return __ldcg(p);
+}
+
 template <bool kInputRow>
 __device__ __forceinline__ void warp_copy_row(const int4* __restrict__ src, int4* __restrict__ dst, int64_t vecs,
                                               int lane) {
-  int64_t v = lane;
-  for (; v + 96 < vecs; v += 128) {
-    int4 a, b, c, d;
-    if constexpr (kInputRow) {
-      a = ld_nc_v4(src + v), b = ld_nc_v4(src + v + 32), c = ld_nc_v4(src + v + 64), d = ld_nc_v4(src + v + 96);
-    } else {
-      a = __ldcg(src + v), b = __ldcg(src + v + 32), c = __ldcg(src + v + 64), d = __ldcg(src + v + 96);
-    }
-    dst[v] = a, dst[v + 32] = b, dst[v + 64] = c, dst[v + 96] = d;
+  for (int64_t v0 = lane; v0 < vecs; v0 += 32 * kCopyUnroll) {
+    int4 val[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u)
+      if (v0 + u * 32 < vecs) val[u] = load_vec<kInputRow>(src + v0 + u * 32);
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u)
+      if (v0 + u * 32 < vecs) dst[v0 + u * 32] = val[u];
   }
-  for (; v < vecs; v += 32) dst[v] = kInputRow ? ld_nc_v4(src + v) : __ldcg(src + v);
 }
 
 __device__ __forceinline__ uint64_t warp_dest_mask(const int32_t* send_pos_row, int R, int lane, int& pos_lo,
@@ -41,6 +48,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   const WaitContext ctx{w.record, w.timeout_ns, me};
   const int experts_per_rank = p.num_experts > 0 ? p.num_experts / R : 1;
   const int64_t vecs = p.row_bytes / 16, capacity = p.handle.capacity;
+  const int elem_bytes = p.kind == RowKind::kBf16 ? 2 : 1;
 
   // Announce that this rank's receiving area is free for this round; then wait for every destination's.
   if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me)
@@ -63,7 +71,35 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
     for (int t = c * chunk_tokens + warp; t < t_end; t += kHtWarps) {
       int pos_lo, pos_hi;
       uint64_t mask = warp_dest_mask(p.handle.send_pos + int64_t(t) * R, R, lane, pos_lo, pos_hi);
-      const char* x_row = static_cast<const char*>(p.x.data) + t * p.x.row_stride * (p.kind == RowKind::kBf16 ? 2 : 1);
+      const char* x_row = static_cast<const char*>(p.x.data) + t * p.x.row_stride * elem_bytes;
+      // Row data first: each 16-byte vector of x is loaded once and stored to every destination. Lane
+      // d (and d + 32) holds destination d's row address; null for a local row past the capacity.
+      auto row_address = [&](int d, int pos) -> char* {
+        if (d >= R || pos < 0) return nullptr;
+        if (d == me) {
+          const int64_t row = local_row0 + pos;
+          return row < capacity ? static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * elem_bytes : nullptr;
+        }
+        return area_segment(w.peer_base[d], p.area_offset, me, d, p.area_rows, p.record_bytes) + pos * p.record_bytes;
+      };
+      char* const dst_lo = row_address(lane, pos_lo);
+      char* const dst_hi = row_address(lane + 32, pos_hi);
+      const int4* src = reinterpret_cast<const int4*>(x_row);
+      for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kCopyUnroll) {
+        int4 val[kCopyUnroll];
+#pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u)
+          if (v0 + u * 32 + lane < vecs) val[u] = ld_nc_v4(src + v0 + u * 32 + lane);
+        for (uint64_t m = mask; m != 0; m &= m - 1) {
+          const int d = __ffsll(m) - 1;
+          int4* dst = reinterpret_cast<int4*>(__shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? dst_lo : dst_hi), d & 31));
+          if (dst == nullptr) continue;
+#pragma unroll
+          for (int u = 0; u < kCopyUnroll; ++u)
+            if (v0 + u * 32 + lane < vecs) dst[v0 + u * 32 + lane] = val[u];
+        }
+      }
+      // Then the small per-row data: scales, remapped top-k, weights, source token.
       while (mask != 0) {
         const int d = __ffsll(mask) - 1;
         mask &= mask - 1;
@@ -71,8 +107,6 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
         if (d == me) {
           const int64_t row = local_row0 + pos;
           if (row >= capacity) continue;
-          char* dst = static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * (p.kind == RowKind::kBf16 ? 2 : 1);
-          warp_copy_row<true>(reinterpret_cast<const int4*>(x_row), reinterpret_cast<int4*>(dst), vecs, lane);
           for (int g = lane; g < p.scale_cols; g += 32) {
             const int32_t v = static_cast<const int32_t*>(p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
             static_cast<int32_t*>(p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] = v;
@@ -88,7 +122,6 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
           if (lane == 0) p.handle.recv_src_token[row] = t;
         } else {
           char* rec = area_segment(w.peer_base[d], p.area_offset, me, d, p.area_rows, p.record_bytes) + pos * p.record_bytes;
-          warp_copy_row<true>(reinterpret_cast<const int4*>(x_row), reinterpret_cast<int4*>(rec), vecs, lane);
           int32_t* tail = reinterpret_cast<int32_t*>(rec + p.row_bytes);
           for (int g = lane; g < p.scale_cols; g += 32)
             tail[g] = static_cast<const int32_t*>(p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];

@@ -26,6 +26,7 @@ struct HtState {
 // Device arrays of an HT handle (src/ht/handle.hpp owns them).
 struct HtHandleView {
   int32_t* send_pos;      // [T, R]: position of token t among the rows this rank sends to d, -1 if none
+  uint64_t* token_mask;   // [T]: bit d set when token t goes to rank d (notify's scratch)
   int32_t* rank_prefix;   // [R + 1]: first received row of each source rank; [R] = total
   int32_t* chunk_prefix;  // [R, kMaxChunks + 1]: first row of each source chunk within its source segment
   int32_t* src_tokens;    // [R]: T of each source rank
@@ -105,6 +106,8 @@ void launch_ht_layout(const void* topk_idx, IdxType idx_type, int64_t idx_row_st
 void launch_ht_notify(const HtNotifyParams& p, cudaStream_t stream);
 void launch_ht_dispatch(const HtDispatchParams& p, int num_sms, cudaStream_t stream);
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream);
+
+inline constexpr int kMaxTopkDevice = 32;
 
 __host__ __device__ inline int64_t align16(int64_t x) { return (x + 15) & ~int64_t(15); }
 

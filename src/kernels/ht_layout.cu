@@ -61,56 +61,61 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   const int per_thread = (T + kNotifyThreads - 1) / kNotifyThreads;
   const int t_begin = min(T, tid * per_thread), t_end = min(T, t_begin + per_thread);
 
-  auto goes_to = [&](int t, int d) -> bool {
-    if (!by_topk) return p.is_token_in_rank[t * p.in_rank_row_stride + d] != 0;
-    for (int k = 0; k < p.topk; ++k) {
-      int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
-      if (e >= 0 && e < p.num_experts && e / experts_per_rank == d) return true;
-    }
-    return false;
-  };
-
   if (tid == 0) {
     failed = 0;
     p.handle.host_counts[kHostBadExpert] = 0;
   }
   for (int e = tid; e < kMaxExpertsTotal; e += kNotifyThreads) expert_count[e] = 0;
   __syncthreads();
-  // Bad expert ids are reported on the handle (the host raises them naming token, slot and value) and
-  // treated as -1, so that every rank still runs the whole protocol.
-  if (by_topk) {
-    for (int t = t_begin; t < t_end; ++t)
-      for (int k = 0; k < p.topk; ++k) {
-        int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
+
+  // Pass 1, tokens interleaved over threads: each token's top-k ids are loaded once (all loads issued
+  // before any is used) and folded into its destination mask and the per-expert counts. Bad ids are
+  // reported on the handle (the host raises them naming token, slot and value) and treated as -1, so
+  // that every rank still runs the whole protocol.
+  for (int t = tid; t < T; t += kNotifyThreads) {
+    uint64_t mask = 0;
+    if (by_topk) {
+      int64_t ids[kMaxTopkDevice];
+#pragma unroll
+      for (int k = 0; k < kMaxTopkDevice; ++k)
+        ids[k] = k < p.topk ? load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride) : -1;
+#pragma unroll
+      for (int k = 0; k < kMaxTopkDevice; ++k) {
+        const int64_t e = ids[k];
+        if (k >= p.topk || e == -1) continue;
         if (e < -1 || e >= p.num_experts) {
           if (atomicCAS(&p.handle.host_counts[kHostBadExpert], 0, 1) == 0) {
             p.handle.host_counts[3] = t;
             p.handle.host_counts[4] = k;
             p.handle.host_counts[5] = static_cast<int32_t>(e);
           }
+          continue;
         }
+        mask |= 1ull << (e / experts_per_rank);
+        bool first = true;
+#pragma unroll
+        for (int j = 0; j < k; ++j) first = first && ids[j] != e;
+        if (first) atomicAdd(&expert_count[e], 1);
       }
+    } else {
+      for (int d = 0; d < R; ++d)
+        if (p.is_token_in_rank[t * p.in_rank_row_stride + d] != 0) mask |= 1ull << d;
+    }
+    p.handle.token_mask[t] = mask;
   }
-  if (by_topk) {
-    for (int t = t_begin; t < t_end; ++t)
-      for (int k = 0; k < p.topk; ++k) {
-        int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
-        if (e >= 0 && e < p.num_experts &&
-            first_occurrence(p.topk_idx, p.idx_type, p.idx_row_stride, p.idx_col_stride, t, k, e))
-          atomicAdd(&expert_count[e], 1);
-      }
-  }
+  __syncthreads();
 
   // Per destination: positions in token order, per-chunk counts, then the meta record into d's window.
   for (int d = 0; d < R; ++d) {
     for (int c = tid; c < kMaxChunks; c += kNotifyThreads) chunk_count[c] = 0;
+    // Pass 2, a contiguous token range per thread (positions are in token order).
     int mine = 0;
-    for (int t = t_begin; t < t_end; ++t) mine += goes_to(t, d);
+    for (int t = t_begin; t < t_end; ++t) mine += (p.handle.token_mask[t] >> d) & 1;
     int offset = 0, total = 0;
     BlockScan(scan_storage).ExclusiveSum(mine, offset, total);
     __syncthreads();
     for (int t = t_begin; t < t_end; ++t) {
-      bool in = goes_to(t, d);
+      const bool in = (p.handle.token_mask[t] >> d) & 1;
       p.handle.send_pos[int64_t(t) * R + d] = in ? offset : -1;
       if (in) {
         ++offset;

@@ -1,0 +1,138 @@
+// Host-visible parameter blocks, the buffer geometry and the launchers of the low-latency (LL) kernels.
+// The protocol and the buffer layout are described in ll_protocol.cuh.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "comm/symmetric_memory.hpp"
+#include "expertlink/low_latency.hpp"  // limits
+#include "kernels/ht_kernels.hpp"      // IdxType
+
+namespace expertlink::kernels {
+
+inline constexpr int kLlThreads = 512;
+inline constexpr int kLlMetaHeader = 8;  // ints before the per-expert counts of a dispatch meta record
+
+// Device-local (not symmetric) state of the LL protocol, owned by LlState.
+struct LlDeviceState {
+  uint64_t* seq;        // [8]: use counts per (counter, parity), see LlSeq
+  uint32_t* done;       // [10]: blocks of the running phase that have finished, see LlDone
+  int32_t* host_flags;  // host-mapped [4]: first invalid expert id seen: flag, token, slot, value
+};
+enum LlSeq : int { kLlSeqDispatchSend = 0, kLlSeqDispatchRecv = 2, kLlSeqCombineSend = 4, kLlSeqCombineRecv = 6 };
+enum LlDone : int {
+  kLlDoneDispatchSend = 0,
+  kLlDoneDispatchRecv = 2,
+  kLlDoneCombineWeights = 4,
+  kLlDoneCombineSend = 6,
+  kLlDoneCombineRecv = 8,
+  kLlDoneCount = 10,
+};
+enum LlPhase : int { kLlSend = 1, kLlRecv = 2 };
+
+// One call's layout of the LL region; every rank derives the same from the same arguments.
+struct LlGeometry {
+  int num_ranks, capacity, hidden, topk, num_experts, local_experts;
+  int64_t region_offset;  // of the LL region within the window's data region
+  int64_t area_bytes;     // each of the four areas (dispatch 0/1, combine 0/1)
+  // Dispatch area: R meta records, then R * N messages [data][scales][header].
+  int64_t meta_stride;  // bytes per source's meta record
+  int64_t msg_offset;   // of the first message
+  int64_t msg_bytes;
+  int64_t row_bytes;     // data bytes per message: H (FP8) or 2H (BF16)
+  int scale_cols;        // FP8: H/128 floats or ceil(H/512) packed words; BF16: 0
+  int64_t header_offset;  // within a message: K int32 words
+  // Combine area: R * N partial rows of 2H bytes, then R * N * K (weight, expert) pairs.
+  int64_t partial_bytes;
+  int64_t weights_offset;
+
+  int64_t dispatch_bytes() const { return msg_offset + int64_t(num_ranks) * capacity * msg_bytes; }
+  int64_t combine_bytes() const { return weights_offset + int64_t(num_ranks) * capacity * topk * 8; }
+};
+
+inline int64_t ll_align16(int64_t x) { return (x + 15) & ~int64_t(15); }
+
+// Geometry for a call; area_bytes from the buffer's LL bytes (a quarter each, 16-byte aligned).
+inline LlGeometry ll_geometry(int num_ranks, int capacity, int hidden, int topk, int num_experts, bool fp8,
+                              bool ue8m0, int64_t region_offset, int64_t ll_bytes) {
+  LlGeometry g{};
+  g.num_ranks = num_ranks;
+  g.capacity = capacity;
+  g.hidden = hidden;
+  g.topk = topk;
+  g.num_experts = num_experts;
+  g.local_experts = num_experts / num_ranks;
+  g.region_offset = region_offset;
+  g.area_bytes = ll_bytes / 4 / 16 * 16;
+  g.meta_stride = ll_align16(4ll * (kLlMetaHeader + g.local_experts));
+  g.msg_offset = num_ranks * g.meta_stride;
+  g.row_bytes = fp8 ? hidden : 2ll * hidden;
+  g.scale_cols = fp8 ? (ue8m0 ? (hidden + 511) / 512 : hidden / 128) : 0;
+  g.header_offset = g.row_bytes + 4ll * g.scale_cols;
+  g.msg_bytes = ll_align16(g.header_offset + 4ll * topk);
+  g.partial_bytes = 2ll * hidden;
+  g.weights_offset = int64_t(num_ranks) * capacity * g.partial_bytes;
+  return g;
+}
+
+// Device arrays of an LL handle (src/ll/ll_handle.hpp owns them).
+struct LlHandleView {
+  int32_t* tok_slots;   // [R, N, K]: receiver side, slot (j * R*N + row) of source (s, t)'s pick k, or -1
+  int32_t* src_tokens;  // [R]: T of each source rank
+  uint64_t* dst_mask;   // [N]: sender side, ranks holding at least one expert of token t
+};
+
+struct LlDispatchParams {
+  SymmetricView win;
+  LlDeviceState st;
+  LlGeometry g;
+  LlHandleView handle;
+  int parity, phases;  // LlPhase bits
+  int num_tokens;
+  bool fp8, round_scale, ue8m0;
+  const void* x;  // BF16 [T, H]
+  int64_t x_row_stride;  // elements
+  const void* topk_idx;
+  IdxType idx_type;
+  int64_t idx_row_stride, idx_col_stride;
+  // Outputs.
+  void* recv_x;
+  int64_t recv_x_stride0, recv_x_stride1;  // bytes
+  void* recv_scales;                       // 4-byte elements
+  int64_t scales_stride0, scales_stride1, scales_stride2;
+  int32_t* recv_count;
+  int32_t* src_info;  // optional
+  int64_t src_info_stride0, src_info_stride1;
+  void* layout_range;  // optional
+  bool range_packed;   // I64 DeepEP packing, else I32 (begin, count)
+  int64_t range_stride0, range_stride1, range_stride2;
+};
+
+struct LlCombineParams {
+  SymmetricView win;
+  LlDeviceState st;
+  LlGeometry g;
+  LlHandleView handle;
+  int parity, phases;
+  int num_tokens;
+  const void* x;  // BF16 [E_local, R*N, H]
+  int64_t x_stride0, x_stride1;  // bytes
+  const void* topk_idx;
+  IdxType idx_type;
+  int64_t idx_row_stride, idx_col_stride;
+  const float* topk_weights;
+  int64_t w_row_stride, w_col_stride;
+  void* out;  // BF16 [T, H]
+  int64_t out_row_stride;  // elements
+};
+
+// Occupancy of the kernels (blocks of kLlThreads per SM); the launches are cooperative with one block
+// per SM, so every block is resident at once.
+int ll_dispatch_blocks_per_sm();
+int ll_combine_blocks_per_sm();
+void launch_ll_dispatch(const LlDispatchParams& p, int grid, cudaStream_t stream);
+void launch_ll_combine(const LlCombineParams& p, int grid, cudaStream_t stream);
+
+}  // namespace expertlink::kernels
