@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include "expertlink/communicator.hpp"
+#include "expertlink/low_latency.hpp"
 #include "expertlink/options.hpp"
 #include "expertlink/tensor.hpp"
 
@@ -136,6 +137,29 @@ class Buffer {
   void barrier(cudaStream_t stream);
 
   // ---- low-latency (LL) path: declared in this section, implemented in src/ll/ ----
+  // Arguments, outputs, handle and hook: low_latency.hpp. One kernel per call (or per half in split
+  // mode) on all SMs; no host synchronisation, no allocation (except get_next_ll_combine_buffer's first
+  // use); CUDA-graph capturable once the handle has been used. The LL region needs no cleaning: its
+  // signals are monotonically increasing use counts.
+
+  // LL bytes (the `ll_bytes` of the constructor) for up to N tokens per rank of `hidden` channels, any
+  // top-k <= 16, BF16 or FP8. Two dispatch and two combine areas of R * N rows each.
+  static size_t ll_size_hint(int num_ranks, int64_t num_max_dispatch_tokens_per_rank, int64_t hidden,
+                             int num_experts);
+  // Dispatch. Fills `handle` (for the combine) and the outputs; with options.return_recv_hook returns
+  // the hook that launches the receive half (outputs and handle are written by it), else an empty hook.
+  LlRecvHook ll_dispatch(const LlDispatchArgs& args, LlHandle& handle, const LlDispatchOutputs& out,
+                         cudaStream_t stream);
+  // Combine along a dispatch's handle (its receive half must have been launched).
+  LlRecvHook ll_combine(const LlCombineArgs& args, const LlHandle& handle, const LlCombineOutputs& out,
+                        cudaStream_t stream);
+  // BF16 [E_local, R*N, H] device buffer (not symmetric; allocated on first use per parity) that the
+  // next ll_combine reads when called with zero_copy: expert outputs written here need no staging.
+  TensorView get_next_ll_combine_buffer(const LlHandle& handle);
+  // Nothing to clean (signals only grow); checks that no split call is waiting for its hook.
+  void ll_clean(cudaStream_t stream);
+  // SMs (blocks) every LL kernel holds.
+  int ll_sms() const;
 
   // Internal: the window and the offsets of the two regions within its data region, for tests.
   SymmetricMemory& window();

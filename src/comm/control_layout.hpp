@@ -35,8 +35,28 @@ inline constexpr size_t kMetaBytes = 2ull * kMaxRanks * kMetaInts * 4;
 inline constexpr size_t kEnd = kMeta + kMetaBytes;
 }  // namespace control
 
+// Low-latency (LL) path, [1280 KiB, 2 MiB) of the control region (protocol: kernels/ll_protocol.cuh).
+// Every array is u64 [2 buffer parities][kMaxRanks]; slot [p][r] of a window is written only by rank r
+// and holds the use count n (1, 2, ...) of parity p that r's signal refers to.
+namespace control::ll {
+inline constexpr size_t kBase = 1280u << 10;
+inline constexpr size_t kArrayBytes = 2ull * kMaxRanks * 8;
+// In receiver d's window, [p][s]: s has written its dispatch messages (and meta record) of use n into d.
+inline constexpr size_t kDispatchData = kBase;
+// In sender s's window, [p][d]: d has finished reading its dispatch area p of use n (s may write n + 1).
+inline constexpr size_t kDispatchFree = kDispatchData + kArrayBytes;
+// In expert holder d's window, [p][s]: s has pushed its combine weights of use n into d.
+inline constexpr size_t kCombineWeights = kDispatchFree + kArrayBytes;
+// In source s's window, [p][d]: d has written its partial sums of use n into s.
+inline constexpr size_t kCombineData = kCombineWeights + kArrayBytes;
+// In every rank r's window, [p][d]: d has finished reading its combine area p of use n.
+inline constexpr size_t kCombineFree = kCombineData + kArrayBytes;
+inline constexpr size_t kEnd = kCombineFree + kArrayBytes;
+}  // namespace control::ll
+
 inline constexpr size_t kControlBytes = kWindowAlignment;
 static_assert(control::kCombineChunk + 8ull * kMaxRanks * kMaxChunks <= control::kMeta, "control overlap");
 static_assert(control::kEnd <= kControlBytes, "control region too small");
+static_assert(control::kEnd <= control::ll::kBase && control::ll::kEnd <= kControlBytes, "LL control slots overlap");
 
 }  // namespace expertlink

@@ -30,6 +30,11 @@ const char* wait_site_name(WaitSite site) {
     case WaitSite::kHtDispatchChunk: return "HT dispatch (chunk arrival)";
     case WaitSite::kHtCombineReady: return "HT combine (receiver ready)";
     case WaitSite::kHtCombineChunk: return "HT combine (chunk arrival)";
+    case WaitSite::kLlDispatchFree: return "LL dispatch (receiver's buffer free)";
+    case WaitSite::kLlDispatchData: return "LL dispatch (data arrival)";
+    case WaitSite::kLlCombineFree: return "LL combine (receiver's buffer free)";
+    case WaitSite::kLlCombineWeights: return "LL combine (weights arrival)";
+    case WaitSite::kLlCombineData: return "LL combine (data arrival)";
     case WaitSite::kMismatch: return "argument mismatch";
   }
   return "unknown site";

@@ -21,6 +21,12 @@ enum class WaitSite : int32_t {
   kHtDispatchChunk = 5,   // counter = chunk index of the peer's rows
   kHtCombineReady = 6,
   kHtCombineChunk = 7,
+  // Low-latency path: counter = buffer parity (0 or 1).
+  kLlDispatchFree = 20,    // the peer has not finished reading its dispatch area of the previous use
+  kLlDispatchData = 21,    // the peer's dispatch messages of this use have not arrived
+  kLlCombineFree = 22,     // the peer has not finished reading its combine area of the previous use
+  kLlCombineWeights = 23,  // the peer's combine weights of this use have not arrived
+  kLlCombineData = 24,     // the peer's combine partial sums of this use have not arrived
   // Not waits: errors found on the device, reported through the same record.
   kMismatch = 101,    // counter = which argument (0 hidden, 1 topk, 2 num_experts); expected = ours, seen = peer's
 };

@@ -40,7 +40,8 @@ __device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
 
 // (weight, expert id) of source s, token t, pick k in the combine area `area`.
 __device__ __forceinline__ uint64_t* weight_slot(char* area, const LlGeometry& g, int s, int t, int k) {
-  return reinterpret_cast<uint64_t*>(area + g.weights_offset) + (static_cast<int64_t>(s) * g.capacity + t) * g.topk + k;
+  return reinterpret_cast<uint64_t*>(area + g.weights_offset) +
+         (static_cast<int64_t>(s) * g.capacity + t) * g.topk + k;
 }
 
 // Send half. Returns false when a wait failed (the block has left the protocol).
@@ -74,7 +75,8 @@ __device__ bool combine_send(const LlCombineParams& p) {
   if (ll_last_block(&p.st.done[kLlDoneCombineWeights + p.parity]) && threadIdx.x < R)
     st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kCombineWeights, p.parity, me), n);
 
-  if (!ll_wait_all(w, control::ll::kCombineWeights, p.parity, n, WaitSite::kLlCombineWeights, R)) return false;
+  if (!ll_wait_all(w, control::ll::kCombineWeights, p.parity, n, WaitSite::kLlCombineWeights, R))
+    return false;
   if (threadIdx.x == 0) {
     tokens[0] = 0;
     for (int s = 0; s < R; ++s) tokens[s + 1] = tokens[s] + p.handle.src_tokens[s];
@@ -143,7 +145,8 @@ __device__ bool combine_send(const LlCombineParams& p) {
       if (first + 32 * i < vecs) dst[first + 32 * i] = to_bf16x8(acc[i]);
   }
   if (ll_last_block(&p.st.done[kLlDoneCombineSend + p.parity])) {
-    if (threadIdx.x < R) st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kCombineData, p.parity, me), n);
+    if (threadIdx.x < R)
+      st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kCombineData, p.parity, me), n);
     if (threadIdx.x == 0) p.st.seq[kLlSeqCombineSend + p.parity] = n;
   }
   return true;
@@ -174,7 +177,8 @@ __device__ void combine_recv(const LlCombineParams& p) {
       for (int c = 0; c < 8; ++c) acc[i][c] = 0.f;
     for (uint64_t mm = mask; mm != 0; mm &= mm - 1) {
       const int d = __ffsll(static_cast<long long>(mm)) - 1;
-      const int4* src = reinterpret_cast<const int4*>(area + (static_cast<int64_t>(d) * N + t) * g.partial_bytes);
+      const int4* src =
+          reinterpret_cast<const int4*>(area + (static_cast<int64_t>(d) * N + t) * g.partial_bytes);
       int4 v[kLlUnroll];
 #pragma unroll
       for (int i = 0; i < kLlUnroll; ++i)
@@ -183,18 +187,21 @@ __device__ void combine_recv(const LlCombineParams& p) {
       for (int i = 0; i < kLlUnroll; ++i)
         if (first + 32 * i < vecs) add_bf16(acc[i], v[i]);
     }
-    int4* out = reinterpret_cast<int4*>(static_cast<char*>(p.out) + static_cast<int64_t>(t) * p.out_row_stride * 2);
+    int4* out =
+        reinterpret_cast<int4*>(static_cast<char*>(p.out) + static_cast<int64_t>(t) * p.out_row_stride * 2);
 #pragma unroll
     for (int i = 0; i < kLlUnroll; ++i)
       if (first + 32 * i < vecs) out[first + 32 * i] = to_bf16x8(acc[i]);
   }
   if (ll_last_block(&p.st.done[kLlDoneCombineRecv + p.parity])) {
-    if (threadIdx.x < R) st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kCombineFree, p.parity, me), n);
+    if (threadIdx.x < R)
+      st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kCombineFree, p.parity, me), n);
     if (threadIdx.x == 0) p.st.seq[kLlSeqCombineRecv + p.parity] = n;
   }
 }
 
-__global__ void __launch_bounds__(kLlThreads, 1) ll_combine_kernel(const __grid_constant__ LlCombineParams p) {
+__global__ void __launch_bounds__(kLlThreads, 1)
+    ll_combine_kernel(const __grid_constant__ LlCombineParams p) {
   if ((p.phases & kLlSend) != 0 && !combine_send(p)) return;
   if ((p.phases & kLlRecv) != 0) combine_recv(p);
 }

@@ -120,7 +120,8 @@ __device__ void send_row_fp8(const LlDispatchParams& p, int t, uint64_t mask) {
       q[i] = 0;
 #pragma unroll
       for (int b = 0; b < 4; ++b)
-        q[i] |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(__fdiv_rn(f[4 * i + b], sf), __NV_SATFINITE, __NV_E4M3))
+        q[i] |= static_cast<uint32_t>(
+                    __nv_cvt_float_to_fp8(__fdiv_rn(f[4 * i + b], sf), __NV_SATFINITE, __NV_E4M3))
                 << (8 * b);
     }
     const int4 out = make_int4(static_cast<int>(q[0]), static_cast<int>(q[1]), static_cast<int>(q[2]),
@@ -132,8 +133,8 @@ __device__ void send_row_fp8(const LlDispatchParams& p, int t, uint64_t mask) {
     bool write_scale = valid && (lane & 7) == 0;
     if (p.ue8m0) {
       const uint32_t byte = valid ? (__float_as_uint(sf) >> 23) & 0xFFu : 0u;
-      scale = __shfl_sync(~0u, byte, 0) | (__shfl_sync(~0u, byte, 8) << 8) | (__shfl_sync(~0u, byte, 16) << 16) |
-              (__shfl_sync(~0u, byte, 24) << 24);
+      scale = __shfl_sync(~0u, byte, 0) | (__shfl_sync(~0u, byte, 8) << 8) |
+              (__shfl_sync(~0u, byte, 16) << 16) | (__shfl_sync(~0u, byte, 24) << 24);
       scale_index = c >> 5;
       write_scale = valid && lane == 0;
     }
@@ -162,7 +163,8 @@ __device__ bool dispatch_send(const LlDispatchParams& p) {
   __shared__ int failed;
   const SymmetricView& w = p.win;
   const LlGeometry& g = p.g;
-  const int me = w.rank, R = g.num_ranks, T = p.num_tokens, K = g.topk, E = g.num_experts, EL = g.local_experts;
+  const int me = w.rank, R = g.num_ranks, T = p.num_tokens, K = g.topk, E = g.num_experts,
+            EL = g.local_experts;
   const uint64_t n = p.st.seq[kLlSeqDispatchSend + p.parity] + 1;
   const int t0 = static_cast<int>(static_cast<int64_t>(blockIdx.x) * T / gridDim.x);
   const int t1 = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * T / gridDim.x);
@@ -195,7 +197,8 @@ __device__ bool dispatch_send(const LlDispatchParams& p) {
         send_row_bf16(p, t, mask);
       for (int i = threadIdx.x; i < R * K; i += blockDim.x) {  // every rank gets the header
         const int d = i / K, k = i - d * K, e = ts.expert[k];
-        reinterpret_cast<int32_t*>(message(p, d, t) + g.header_offset)[k] = e >= 0 && e / EL == d ? ts.word[k] : -1;
+        reinterpret_cast<int32_t*>(message(p, d, t) + g.header_offset)[k] =
+            e >= 0 && e / EL == d ? ts.word[k] : -1;
       }
       if (threadIdx.x == 0) p.handle.dst_mask[t] = mask;
       __syncthreads();
@@ -208,13 +211,14 @@ __device__ bool dispatch_send(const LlDispatchParams& p) {
       }
       for (int i = threadIdx.x; i < E; i += blockDim.x) {
         const int d = i / EL;
-        reinterpret_cast<int32_t*>(ll_area(w.peer_base[d], g, p.parity) + me * g.meta_stride)[kLlMetaHeader + i - d * EL] =
-            hist[i];
+        reinterpret_cast<int32_t*>(ll_area(w.peer_base[d], g, p.parity) +
+                                   me * g.meta_stride)[kLlMetaHeader + i - d * EL] = hist[i];
       }
     }
   }
   if (ll_last_block(&p.st.done[kLlDoneDispatchSend + p.parity])) {
-    if (threadIdx.x < R) st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kDispatchData, p.parity, me), n);
+    if (threadIdx.x < R)
+      st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kDispatchData, p.parity, me), n);
     if (threadIdx.x == 0) p.st.seq[kLlSeqDispatchSend + p.parity] = n;
   }
   return true;
@@ -222,8 +226,8 @@ __device__ bool dispatch_send(const LlDispatchParams& p) {
 
 // Receive half: expand every arrived message into the rows of the local experts it picked.
 __device__ void dispatch_recv(const LlDispatchParams& p) {
-  __shared__ int begin[kLlMaxExperts];     // [j * R + s]: first row of source s in expert j
-  __shared__ int tokens[kMaxRanks + 1];    // prefix over sources of T_s
+  __shared__ int begin[kLlMaxExperts];   // [j * R + s]: first row of source s in expert j
+  __shared__ int tokens[kMaxRanks + 1];  // prefix over sources of T_s
   __shared__ int src_tokens[kMaxRanks];
   __shared__ int failed;
   const SymmetricView& w = p.win;
@@ -237,8 +241,8 @@ __device__ void dispatch_recv(const LlDispatchParams& p) {
   __syncthreads();
   if (threadIdx.x < R) {
     const int s = threadIdx.x;
-    if (!wait_geq(ll_signal(w.local_base, control::ll::kDispatchData, p.parity, s), n, ctx, WaitSite::kLlDispatchData,
-                  s, p.parity)) {
+    if (!wait_geq(ll_signal(w.local_base, control::ll::kDispatchData, p.parity, s), n, ctx,
+                  WaitSite::kLlDispatchData, s, p.parity)) {
       failed = 1;
     } else {
       const int32_t* meta = reinterpret_cast<const int32_t*>(area + s * g.meta_stride);
@@ -303,17 +307,20 @@ __device__ void dispatch_recv(const LlDispatchParams& p) {
     const bool copy = valid && ((h >> 30) & 1) == 0;
     const uint32_t cmask = __ballot_sync(~0u, copy);
     if (q == 0) {
-      if (lane < K) p.handle.tok_slots[(static_cast<int64_t>(s) * N + t) * K + lane] = valid ? j * RN + row : -1;
+      if (lane < K)
+        p.handle.tok_slots[(static_cast<int64_t>(s) * N + t) * K + lane] = valid ? j * RN + row : -1;
       if (copy && p.src_info != nullptr) p.src_info[j * p.src_info_stride0 + row * p.src_info_stride1] = t;
       if (g.scale_cols > 0 && cmask != 0) {
         const uint32_t* scales = reinterpret_cast<const uint32_t*>(msg + g.row_bytes);
         uint32_t sc[4];  // scale_cols <= 128
 #pragma unroll
-        for (int i = 0; i < 4; ++i) sc[i] = lane + 32 * i < g.scale_cols ? __ldcg(scales + lane + 32 * i) : 0u;
+        for (int i = 0; i < 4; ++i)
+          sc[i] = lane + 32 * i < g.scale_cols ? __ldcg(scales + lane + 32 * i) : 0u;
         for (uint32_t mm = cmask; mm != 0; mm &= mm - 1) {
           const int k = __ffs(mm) - 1;
           const int jj = __shfl_sync(~0u, j, k), rr = __shfl_sync(~0u, row, k);
-          uint32_t* dst = static_cast<uint32_t*>(p.recv_scales) + jj * p.scales_stride0 + rr * p.scales_stride1;
+          uint32_t* dst =
+              static_cast<uint32_t*>(p.recv_scales) + jj * p.scales_stride0 + rr * p.scales_stride1;
 #pragma unroll
           for (int i = 0; i < 4; ++i)
             if (lane + 32 * i < g.scale_cols) dst[(lane + 32 * i) * p.scales_stride2] = sc[i];
@@ -329,7 +336,8 @@ __device__ void dispatch_recv(const LlDispatchParams& p) {
       for (uint32_t mm = cmask; mm != 0; mm &= mm - 1) {
         const int k = __ffs(mm) - 1;
         const int jj = __shfl_sync(~0u, j, k), rr = __shfl_sync(~0u, row, k);
-        int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + jj * p.recv_x_stride0 + rr * p.recv_x_stride1);
+        int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + jj * p.recv_x_stride0 +
+                                            rr * p.recv_x_stride1);
 #pragma unroll
         for (int i = 0; i < kLlUnroll; ++i)
           if (first + 32 * i < vecs) dst[first + 32 * i] = v[i];
@@ -337,12 +345,14 @@ __device__ void dispatch_recv(const LlDispatchParams& p) {
     }
   }
   if (ll_last_block(&p.st.done[kLlDoneDispatchRecv + p.parity])) {
-    if (threadIdx.x < R) st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kDispatchFree, p.parity, me), n);
+    if (threadIdx.x < R)
+      st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kDispatchFree, p.parity, me), n);
     if (threadIdx.x == 0) p.st.seq[kLlSeqDispatchRecv + p.parity] = n;
   }
 }
 
-__global__ void __launch_bounds__(kLlThreads, 1) ll_dispatch_kernel(const __grid_constant__ LlDispatchParams p) {
+__global__ void __launch_bounds__(kLlThreads, 1)
+    ll_dispatch_kernel(const __grid_constant__ LlDispatchParams p) {
   if ((p.phases & kLlSend) != 0 && !dispatch_send(p)) return;
   if ((p.phases & kLlRecv) != 0) dispatch_recv(p);
 }

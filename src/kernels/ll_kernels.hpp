@@ -21,7 +21,12 @@ struct LlDeviceState {
   uint32_t* done;       // [10]: blocks of the running phase that have finished, see LlDone
   int32_t* host_flags;  // host-mapped [4]: first invalid expert id seen: flag, token, slot, value
 };
-enum LlSeq : int { kLlSeqDispatchSend = 0, kLlSeqDispatchRecv = 2, kLlSeqCombineSend = 4, kLlSeqCombineRecv = 6 };
+enum LlSeq : int {
+  kLlSeqDispatchSend = 0,
+  kLlSeqDispatchRecv = 2,
+  kLlSeqCombineSend = 4,
+  kLlSeqCombineRecv = 6
+};
 enum LlDone : int {
   kLlDoneDispatchSend = 0,
   kLlDoneDispatchRecv = 2,
@@ -41,8 +46,8 @@ struct LlGeometry {
   int64_t meta_stride;  // bytes per source's meta record
   int64_t msg_offset;   // of the first message
   int64_t msg_bytes;
-  int64_t row_bytes;     // data bytes per message: H (FP8) or 2H (BF16)
-  int scale_cols;        // FP8: H/128 floats or ceil(H/512) packed words; BF16: 0
+  int64_t row_bytes;      // data bytes per message: H (FP8) or 2H (BF16)
+  int scale_cols;         // FP8: H/128 floats or ceil(H/512) packed words; BF16: 0
   int64_t header_offset;  // within a message: K int32 words
   // Combine area: R * N partial rows of 2H bytes, then R * N * K (weight, expert) pairs.
   int64_t partial_bytes;
@@ -52,7 +57,9 @@ struct LlGeometry {
   int64_t combine_bytes() const { return weights_offset + int64_t(num_ranks) * capacity * topk * 8; }
 };
 
-inline int64_t ll_align16(int64_t x) { return (x + 15) & ~int64_t(15); }
+inline int64_t ll_align16(int64_t x) {
+  return (x + 15) & ~int64_t(15);
+}
 
 // Geometry for a call; area_bytes from the buffer's LL bytes (a quarter each, 16-byte aligned).
 inline LlGeometry ll_geometry(int num_ranks, int capacity, int hidden, int topk, int num_experts, bool fp8,
@@ -92,7 +99,7 @@ struct LlDispatchParams {
   int parity, phases;  // LlPhase bits
   int num_tokens;
   bool fp8, round_scale, ue8m0;
-  const void* x;  // BF16 [T, H]
+  const void* x;         // BF16 [T, H]
   int64_t x_row_stride;  // elements
   const void* topk_idx;
   IdxType idx_type;
@@ -117,14 +124,14 @@ struct LlCombineParams {
   LlHandleView handle;
   int parity, phases;
   int num_tokens;
-  const void* x;  // BF16 [E_local, R*N, H]
+  const void* x;                 // BF16 [E_local, R*N, H]
   int64_t x_stride0, x_stride1;  // bytes
   const void* topk_idx;
   IdxType idx_type;
   int64_t idx_row_stride, idx_col_stride;
   const float* topk_weights;
   int64_t w_row_stride, w_col_stride;
-  void* out;  // BF16 [T, H]
+  void* out;               // BF16 [T, H]
   int64_t out_row_stride;  // elements
 };
 

@@ -49,7 +49,7 @@
 namespace expertlink::kernels {
 
 inline constexpr int kLlWarps = kLlThreads / 32;
-inline constexpr int kLlUnroll = 4;                   // 16-byte vectors per lane per work unit
+inline constexpr int kLlUnroll = 4;                    // 16-byte vectors per lane per work unit
 inline constexpr int kLlSegmentVecs = 32 * kLlUnroll;  // vectors of a row per warp work unit
 
 __device__ __forceinline__ uint64_t* ll_signal(char* window, size_t array, int parity, int rank) {
@@ -62,7 +62,8 @@ __device__ __forceinline__ char* ll_area(char* window, const LlGeometry& g, int 
 }
 
 __device__ __forceinline__ int64_t ll_load_index(const void* p, IdxType type, int64_t offset) {
-  return type == IdxType::kI64 ? static_cast<const int64_t*>(p)[offset] : static_cast<const int32_t*>(p)[offset];
+  return type == IdxType::kI64 ? static_cast<const int64_t*>(p)[offset]
+                               : static_cast<const int32_t*>(p)[offset];
 }
 
 __device__ __forceinline__ int4 ll_ld_nc(const void* p) {
@@ -81,7 +82,8 @@ __device__ __forceinline__ uint64_t ll_warp_or(uint64_t v) {
 
 // Records the first invalid expert id seen (token, slot, value) for the host; the pick is ignored.
 // Protocol: claim with CAS 0 -> 1, fill, fence, publish 2; the host reads the fields once it sees 2.
-__device__ __forceinline__ void ll_flag_bad_expert(const LlDeviceState& st, int token, int slot, int64_t value) {
+__device__ __forceinline__ void ll_flag_bad_expert(const LlDeviceState& st, int token, int slot,
+                                                   int64_t value) {
   volatile int32_t* f = st.host_flags;
   if (atomicCAS(st.host_flags, 0, 1) == 0) {
     f[1] = token;
@@ -112,14 +114,14 @@ __device__ __forceinline__ bool ll_last_block(uint32_t* counter) {
 
 // Bounded waits of threads [0, R) of a block for signal slots `array`[parity][r] >= expected in the
 // local window; returns false in every thread of the block if any timed out (or the window is broken).
-__device__ __forceinline__ bool ll_wait_all(const SymmetricView& w, size_t array, int parity, uint64_t expected,
-                                            WaitSite site, int num_ranks) {
+__device__ __forceinline__ bool ll_wait_all(const SymmetricView& w, size_t array, int parity,
+                                            uint64_t expected, WaitSite site, int num_ranks) {
   __shared__ int failed;
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();
   const WaitContext ctx{w.record, w.timeout_ns, w.rank};
-  if (threadIdx.x < num_ranks &&
-      !wait_geq(ll_signal(w.local_base, array, parity, threadIdx.x), expected, ctx, site, threadIdx.x, parity))
+  if (threadIdx.x < num_ranks && !wait_geq(ll_signal(w.local_base, array, parity, threadIdx.x), expected, ctx,
+                                           site, threadIdx.x, parity))
     failed = 1;
   __syncthreads();
   return failed == 0;
