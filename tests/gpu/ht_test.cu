@@ -329,3 +329,82 @@ GPU_CASE(ht_200_rounds_one_buffer_mixed, 2, 400) {
 
 }  // namespace
 }  // namespace expertlink::test
+
+namespace expertlink::test {
+namespace {
+
+// Kernel-level timing of the HT phases on the bench shape (FIGURE lines): where the time goes.
+GPU_CASE(ht_timing_breakdown, 2, 300) {
+  const int R = ctx.num_ranks, T = 4096, H = 7168, K = 8, E = 256;
+  Communicator comm(ctx.id, ctx.rank, R, ctx.device);
+  Buffer buffer(comm, Buffer::ht_size_hint(R, T, H, K), 0);
+  cudaStream_t stream;
+  cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  const uint64_t seed = run_seed(ctx.id);
+  auto idx = workload::make_topk_idx(T, K, E, R, Routing::kUniform, seed, ctx.rank);
+  auto wts = workload::make_topk_weights(idx, K, seed, ctx.rank);
+  DeviceArray<int64_t> idx_dev(idx);
+  DeviceArray<float> w_dev(wts);
+  DeviceArray<uint16_t> x(workload::make_bf16(size_t(T) * H, seed, ctx.rank));
+  const int64_t cap = int64_t(R) * T;
+  DeviceArray<uint16_t> rx(cap * H), y(cap * H), out(size_t(T) * H);
+  DeviceArray<int64_t> ridx(cap * K);
+  DeviceArray<float> rw(cap * K);
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  HtHandle handle;
+  for (int sms : {24, 8}) {
+    HtDispatchArgs a;
+    a.x = TensorView(x.get(), DType::kBF16, {T, H});
+    a.topk_idx = TensorView(idx_dev.get(), DType::kI64, {T, K});
+    a.topk_weights = TensorView(w_dev.get(), DType::kF32, {T, K});
+    a.num_experts = E;
+    a.num_sms = sms;
+    HtDispatchOutputs o;
+    o.recv_x = TensorView(rx.get(), DType::kBF16, {cap, H});
+    o.recv_topk_idx = TensorView(ridx.get(), DType::kI64, {cap, K});
+    o.recv_topk_weights = TensorView(rw.get(), DType::kF32, {cap, K});
+    HtCombineArgs ca;
+    ca.x = TensorView(y.get(), DType::kBF16, {cap, H});
+    ca.num_sms = sms;
+    HtCombineOutputs co;
+    co.combined_x = TensorView(out.get(), DType::kBF16, {T, H});
+    std::vector<float> t_notify, t_dispatch, t_combine;
+    for (int it = 0; it < 25; ++it) {
+      float ms = 0;
+      buffer.barrier(stream);
+      cudaEventRecord(e0, stream);
+      buffer.ht_notify(a, handle, Sizing::kCapacity, cap, stream);
+      cudaEventRecord(e1, stream);
+      buffer.synchronize(stream);
+      cudaEventElapsedTime(&ms, e0, e1);
+      t_notify.push_back(ms * 1000);
+      buffer.barrier(stream);
+      cudaEventRecord(e0, stream);
+      buffer.ht_dispatch(a, handle, o, stream);
+      cudaEventRecord(e1, stream);
+      buffer.synchronize(stream);
+      cudaEventElapsedTime(&ms, e0, e1);
+      t_dispatch.push_back(ms * 1000);
+      buffer.barrier(stream);
+      cudaEventRecord(e0, stream);
+      buffer.ht_combine(ca, handle, co, stream);
+      cudaEventRecord(e1, stream);
+      buffer.synchronize(stream);
+      cudaEventElapsedTime(&ms, e0, e1);
+      t_combine.push_back(ms * 1000);
+    }
+    auto med = [](std::vector<float> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    std::printf("FIGURE ht breakdown rank %d, %d SMs, BF16 T=4096 H=7168: notify %.1f us, dispatch %.1f us, combine %.1f us\n",
+                ctx.rank, sms, med(t_notify), med(t_dispatch), med(t_combine));
+  }
+  cudaStreamDestroy(stream);
+  return 0;
+}
+
+}  // namespace
+}  // namespace expertlink::test
