@@ -75,10 +75,11 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
                 static_cast<const float*>(p.topk_weights.data)[row * p.topk_weights.row_stride + lane * p.topk_weights.col_stride];
         }
       }
-      __threadfence_system();
-      __syncthreads();
-      if (threadIdx.x == 0)
+      __syncthreads();  // the chunk's rows from every warp, then one fenced release store
+      if (threadIdx.x == 0) {
+        __threadfence_system();
         st_release_sys(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
+      }
     }
   }
 

@@ -140,10 +140,12 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       }
     }
     // Publish chunk c to every other rank (also when it sent them nothing).
-    __threadfence_system();
+    // Every thread's rows, then (bar.sync, one system fence) the release stores of the chunk's round.
     __syncthreads();
-    if (threadIdx.x < R && threadIdx.x != me)
+    if (threadIdx.x < R && threadIdx.x != me) {
+      __threadfence_system();
       st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kDispatchChunk, me * kMaxChunks + c), round);
+    }
   }
 
   // ---- receive: copy (source, chunk) blocks of rows out of the area as they are published ----

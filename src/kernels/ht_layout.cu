@@ -75,14 +75,13 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   for (int t = tid; t < T; t += kNotifyThreads) {
     uint64_t mask = 0;
     if (by_topk) {
+      // Runtime-indexed (local memory, L1-resident): unrolling to the maximum top-k cost more than the loads.
       int64_t ids[kMaxTopkDevice];
-#pragma unroll
-      for (int k = 0; k < kMaxTopkDevice; ++k)
-        ids[k] = k < p.topk ? load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride) : -1;
-#pragma unroll
-      for (int k = 0; k < kMaxTopkDevice; ++k) {
+      for (int k = 0; k < p.topk; ++k)
+        ids[k] = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
+      for (int k = 0; k < p.topk; ++k) {
         const int64_t e = ids[k];
-        if (k >= p.topk || e == -1) continue;
+        if (e == -1) continue;
         if (e < -1 || e >= p.num_experts) {
           if (atomicCAS(&p.handle.host_counts[kHostBadExpert], 0, 1) == 0) {
             p.handle.host_counts[3] = t;
@@ -93,8 +92,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
         }
         mask |= 1ull << (e / experts_per_rank);
         bool first = true;
-#pragma unroll
-        for (int j = 0; j < k; ++j) first = first && ids[j] != e;
+        for (int j = 0; j < k && first; ++j) first = ids[j] != e;
         if (first) atomicAdd(&expert_count[e], 1);
       }
     } else {

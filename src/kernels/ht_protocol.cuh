@@ -35,7 +35,8 @@
 
 namespace expertlink::kernels {
 
-inline constexpr int kHtThreads = 512;
+// 32 warps: bytes in flight per SM (warps x lanes x unrolled 16-byte loads) set the copy rate.
+inline constexpr int kHtThreads = 1024;
 inline constexpr int kHtWarps = kHtThreads / 32;
 
 __device__ __forceinline__ uint64_t* control_u64(char* window, size_t offset, int index) {
