@@ -1,0 +1,586 @@
+// LL dispatch/combine on all local GPUs, checked against the CPU oracle (machinery: ll_check.hpp):
+// shapes and formats, T from 0 to N, masked and repeated picks, split calls (two in flight, a third
+// refused), zero-copy combine, CUDA-graph replays, 1000 rounds on one buffer interleaved with HT calls,
+// argument errors, a missing rank, and the LL-shape timings (lines "FIGURE ...").
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ll_check.hpp"
+
+namespace expertlink::test {
+namespace {
+
+using llt::LlCase;
+using llt::LlIo;
+using llt::LlRound;
+
+struct Env {
+  Communicator comm;
+  Buffer buffer;
+  cudaStream_t stream = nullptr;
+  uint64_t seed;
+  Env(const RankContext& ctx, size_t ht_bytes, size_t ll_bytes, RuntimeOptions options = {})
+      : comm(ctx.id, ctx.rank, ctx.num_ranks, ctx.device),
+        buffer(comm, ht_bytes, ll_bytes, options),
+        seed(run_seed(ctx.id)) {
+    cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    if (ctx.rank == 0) std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+  }
+  ~Env() { cudaStreamDestroy(stream); }
+};
+
+// Fused dispatch, check, fused combine, check.
+int run_fused(const RankContext& ctx, Env& env, LlIo& io, const LlRound& r, uint64_t y_seed) {
+  io.load(r, env.stream);
+  env.buffer.ll_dispatch(io.dispatch_args(false), io.handle, io.dispatch_outputs(), env.stream);
+  env.buffer.synchronize(env.stream);
+  if (llt::check_dispatch(ctx, io, r) != 0) return 1;
+  io.fill_expert_outputs(y_seed, env.stream);
+  env.buffer.ll_combine(io.combine_args(false), io.handle, io.combine_outputs(), env.stream);
+  env.buffer.synchronize(env.stream);
+  return llt::check_combine(ctx, io, r, y_seed);
+}
+
+int run_cases(const RankContext& ctx, std::initializer_list<LlCase> cases, int rounds = 1) {
+  Env env(ctx, 0, llt::ll_bytes_for(cases, ctx.num_ranks));
+  for (const LlCase& c : cases) {
+    LlIo io(c, ctx.num_ranks, ctx.rank);
+    for (int i = 0; i < rounds; ++i) {
+      const uint64_t seed = env.seed + 1000 * i + 17 * (&c - cases.begin());
+      if (run_fused(ctx, env, io, llt::make_round(c, ctx.num_ranks, seed, llt::full_tokens(c, ctx.num_ranks)),
+                    seed + 5) != 0)
+        return 1;
+    }
+    if (ctx.rank == 0) std::printf("ok: %s\n", c.name);
+  }
+  return 0;
+}
+
+template <typename F>
+int expect_invalid(const RankContext& ctx, F&& call, const char* needle, const char* what) {
+  std::string msg = "no error";
+  bool right_code = false;
+  try {
+    call();
+  } catch (const Error& e) {
+    right_code = e.code() == ErrorCode::kInvalidArgument;
+    msg = e.what();
+  }
+  GPU_EXPECT(right_code && msg.find(needle) != std::string::npos,
+             "%s: expected an invalid-argument error containing '%s', got '%s'", what, needle, msg.c_str());
+  if (ctx.rank == 0) std::printf("ok: %s -> %s\n", what, msg.c_str());
+  return 0;
+}
+
+GPU_CASE(ll_fp8_ll_shape_matches_oracle, 2, 300) {
+  return run_cases(ctx, {{"fp8 N=T=128 H=7168 top-8/288, 10 masked", 128, 7168, 8, 288}}, 2);
+}
+
+GPU_CASE(ll_fp8_scale_formats_and_hidden_sizes, 2, 300) {
+  LlCase a{"fp8 round_scale H=7168 i32 ids, row-major scales, i32 ranges",
+           64,
+           7168,
+           8,
+           288,
+           true,
+           true,
+           false,
+           true};
+  a.range_i32 = true;
+  a.row_major_scales = true;
+  LlCase b{"fp8 ue8m0 H=7168 top-8/288", 128, 7168, 8, 288, true, true, true};
+  LlCase c{"fp8 ue8m0 H=2176 (partial scale word) top-6/64", 48, 2176, 6, 64, true, true, true};
+  LlCase d{"fp8 H=16384 top-16/64", 32, 16384, 16, 64};
+  LlCase e{"fp8 H=128 top-1/2, skewed", 16, 128, 1, 2};
+  e.routing = workload::Routing::kSkewed;
+  e.masked_slots = 3;
+  return run_cases(ctx, {a, b, c, d, e});
+}
+
+GPU_CASE(ll_bf16_hidden_2880_and_7168, 2, 300) {
+  return run_cases(ctx, {{"bf16 H=2880 top-4/64", 64, 2880, 4, 64, false},
+                         {"bf16 N=T=128 H=7168 top-8/288", 128, 7168, 8, 288, false}});
+}
+
+GPU_CASE(ll_tokens_0_to_n_masked_and_duplicates, 2, 240) {
+  LlCase c{"fp8 N=64 H=1024 top-8/32, repeated experts, 100 masked", 64, 1024, 8, 32};
+  c.duplicates = true;
+  c.masked_slots = 100;
+  LlCase all_masked{"bf16 N=16 H=512 top-4/16, every slot -1", 16, 512, 4, 16, false};
+  all_masked.masked_slots = 16 * 4;
+  Env env(ctx, 0, llt::ll_bytes_for({c, all_masked}, ctx.num_ranks));
+  LlIo io(c, ctx.num_ranks, ctx.rank);
+  const int patterns[][2] = {{0, 64}, {64, 0}, {1, 17}, {64, 64}, {33, 1}, {0, 0}, {63, 2}};
+  int i = 0;
+  for (const auto& pat : patterns) {
+    std::vector<int> tokens(ctx.num_ranks);
+    for (int s = 0; s < ctx.num_ranks; ++s) tokens[s] = pat[s % 2];
+    const uint64_t seed = env.seed + 31 * ++i;
+    if (run_fused(ctx, env, io, llt::make_round(c, ctx.num_ranks, seed, tokens), seed + 5) != 0) return 1;
+    if (ctx.rank == 0) std::printf("ok: %s, T = (%d, %d)\n", c.name, pat[0], pat[1]);
+  }
+  LlIo io2(all_masked, ctx.num_ranks, ctx.rank);
+  if (run_fused(ctx, env, io2,
+                llt::make_round(all_masked, ctx.num_ranks, env.seed + 7,
+                                llt::full_tokens(all_masked, ctx.num_ranks)),
+                env.seed + 8) != 0)
+    return 1;
+  if (ctx.rank == 0) std::printf("ok: %s\n", all_masked.name);
+  return 0;
+}
+
+GPU_CASE(ll_hook_two_in_flight_third_rejected, 2, 240) {
+  const int R = ctx.num_ranks;
+  LlCase c{"fp8 N=32 H=2048 top-8/64", 32, 2048, 8, 64};
+  Env env(ctx, 0, llt::ll_bytes_for({c}, R));
+  Buffer& buf = env.buffer;
+  cudaStream_t st = env.stream;
+  LlIo a(c, R, ctx.rank), b(c, R, ctx.rank), third(c, R, ctx.rank);
+  for (int round = 0; round < 3; ++round) {
+    const uint64_t seed = env.seed + 100 * round;
+    LlRound ra = llt::make_round(c, R, seed, llt::full_tokens(c, R));
+    LlRound rb = llt::make_round(c, R, seed + 50, std::vector<int>(R, 7 + round));
+    a.load(ra, st);
+    b.load(rb, st);
+    third.load(ra, st);
+    LlRecvHook ha = buf.ll_dispatch(a.dispatch_args(true), a.handle, a.dispatch_outputs(), st);
+    LlRecvHook hb = buf.ll_dispatch(b.dispatch_args(true), b.handle, b.dispatch_outputs(), st);
+    GPU_EXPECT(ha.valid() && hb.valid(), "split dispatches return hooks");
+    if (expect_invalid(
+            ctx,
+            [&] { buf.ll_dispatch(third.dispatch_args(false), third.handle, third.dispatch_outputs(), st); },
+            "third call in flight", "a third dispatch while two wait for their hooks") != 0)
+      return 1;
+    if (expect_invalid(
+            ctx, [&] { buf.ll_combine(a.combine_args(false), a.handle, a.combine_outputs(), st); },
+            "receive hook has not been called",
+            "a combine along a handle whose dispatch hook is pending") != 0)
+      return 1;
+    ha(st);
+    hb.receive(st);
+    if (expect_invalid(
+            ctx, [&] { hb(st); }, "holds no receive half", "a hook called twice") != 0)
+      return 1;
+    buf.synchronize(st);
+    if (llt::check_dispatch(ctx, a, ra) != 0 || llt::check_dispatch(ctx, b, rb) != 0) return 1;
+    a.fill_expert_outputs(seed + 1, st);
+    b.fill_expert_outputs(seed + 2, st);
+    LlRecvHook ca = buf.ll_combine(a.combine_args(true), a.handle, a.combine_outputs(), st);
+    LlRecvHook cb = buf.ll_combine(b.combine_args(true), b.handle, b.combine_outputs(), st);
+    if (expect_invalid(
+            ctx, [&] { buf.ll_combine(a.combine_args(false), a.handle, a.combine_outputs(), st); },
+            "third call in flight", "a third combine while two wait for their hooks") != 0)
+      return 1;
+    cb(st);  // hooks in the other order
+    ca(st);
+    buf.synchronize(st);
+    if (llt::check_combine(ctx, a, ra, seed + 1) != 0 || llt::check_combine(ctx, b, rb, seed + 2) != 0)
+      return 1;
+    // A split dispatch beside a fused one, then the fused combine of the split one.
+    LlRecvHook h2 = buf.ll_dispatch(a.dispatch_args(true), a.handle, a.dispatch_outputs(), st);
+    buf.ll_dispatch(b.dispatch_args(false), b.handle, b.dispatch_outputs(), st);
+    h2(st);
+    buf.ll_combine(a.combine_args(false), a.handle, a.combine_outputs(), st);
+    buf.synchronize(st);
+    if (llt::check_dispatch(ctx, a, ra) != 0 || llt::check_dispatch(ctx, b, rb) != 0 ||
+        llt::check_combine(ctx, a, ra, seed + 1) != 0)
+      return 1;
+    buf.ll_clean(st);
+    if (ctx.rank == 0) std::printf("ok: round %d\n", round);
+  }
+  return 0;
+}
+
+GPU_CASE(ll_zero_copy_combine_buffer, 2, 120) {
+  const int R = ctx.num_ranks;
+  LlCase c{"bf16 N=32 H=4096 top-8/64", 32, 4096, 8, 64, false};
+  Env env(ctx, 0, llt::ll_bytes_for({c}, R));
+  LlIo io(c, R, ctx.rank);
+  for (int round = 0; round < 4; ++round) {  // both parities, fused and split
+    const bool hook = round >= 2;
+    const uint64_t seed = env.seed + 10 * round;
+    LlRound r = llt::make_round(c, R, seed, llt::full_tokens(c, R));
+    io.load(r, env.stream);
+    env.buffer.ll_dispatch(io.dispatch_args(false), io.handle, io.dispatch_outputs(), env.stream);
+    TensorView zc = env.buffer.get_next_ll_combine_buffer(io.handle);
+    GPU_EXPECT(
+        zc.ndim == 3 && zc.shape[0] == io.local_experts && zc.shape[1] == io.slots && zc.shape[2] == c.hidden,
+        "combine buffer shape %s", zc.describe().c_str());
+    io.fill_expert_outputs(seed + 1, env.stream, zc.ptr<uint16_t>());
+    LlRecvHook h =
+        env.buffer.ll_combine(io.combine_args(hook, true), io.handle, io.combine_outputs(), env.stream);
+    if (hook) h(env.stream);
+    env.buffer.synchronize(env.stream);
+    if (llt::check_dispatch(ctx, io, r) != 0 || llt::check_combine(ctx, io, r, seed + 1) != 0) return 1;
+  }
+  if (ctx.rank == 0) std::printf("ok: %s, zero-copy, fused and split\n", c.name);
+  return 0;
+}
+
+GPU_CASE(ll_cuda_graph_capture_replays, 2, 300) {
+  const int R = ctx.num_ranks;
+  LlCase c{"fp8 N=64 H=7168 top-8/288", 64, 7168, 8, 288};
+  Env env(ctx, 0, llt::ll_bytes_for({c}, R));
+  Buffer& buf = env.buffer;
+  cudaStream_t st = env.stream;
+  LlIo io(c, R, ctx.rank);
+  const uint64_t y_seed = env.seed + 99;
+  // First use outside capture: initialises the LL state and sizes the handle.
+  if (run_fused(ctx, env, io, llt::make_round(c, R, env.seed, llt::full_tokens(c, R)), y_seed) != 0) return 1;
+  for (int split = 0; split < 2; ++split) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    GPU_EXPECT(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal) == cudaSuccess, "begin capture");
+    LlRecvHook hd = buf.ll_dispatch(io.dispatch_args(split), io.handle, io.dispatch_outputs(), st);
+    if (split) hd(st);
+    io.fill_expert_outputs(y_seed, st);
+    LlRecvHook hc = buf.ll_combine(io.combine_args(split), io.handle, io.combine_outputs(), st);
+    if (split) hc(st);
+    cudaError_t err = cudaStreamEndCapture(st, &graph);
+    GPU_EXPECT(err == cudaSuccess, "end capture: %s", cudaGetErrorString(err));
+    err = cudaGraphInstantiate(&exec, graph, 0);
+    GPU_EXPECT(err == cudaSuccess, "instantiate: %s", cudaGetErrorString(err));
+    for (int rep = 0; rep < 5; ++rep) {
+      LlRound r = llt::make_round(c, R, env.seed + 1000 * split + 7 * rep + 1, llt::full_tokens(c, R));
+      io.load(r, st);  // new inputs in the captured tensors, outputs poisoned
+      err = cudaGraphLaunch(exec, st);
+      GPU_EXPECT(err == cudaSuccess, "graph launch: %s", cudaGetErrorString(err));
+      buf.synchronize(st);
+      if (llt::check_dispatch(ctx, io, r) != 0 || llt::check_combine(ctx, io, r, y_seed) != 0) return 1;
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    if (ctx.rank == 0)
+      std::printf("ok: %s graph, 5 replays with fresh inputs\n", split ? "split (hooks)" : "fused");
+  }
+  // Plain calls still agree with the replays' use counts.
+  return run_fused(ctx, env, io, llt::make_round(c, R, env.seed + 5, llt::full_tokens(c, R)), y_seed + 1);
+}
+
+// HT notify + dispatch + combine of x with no weights: every token comes back as x times the number of
+// ranks it went to (sums of equal BF16 values are exact in float).
+int ht_round(const RankContext& ctx, Env& env, uint64_t seed) {
+  const int R = ctx.num_ranks, T = 40, H = 512, K = 4, E = 16;
+  auto x = workload::make_bf16(size_t(T) * H, seed, ctx.rank);
+  auto idx = workload::make_topk_idx(T, K, E, R, workload::Routing::kUniform, seed + 1, ctx.rank, 5);
+  DeviceArray<uint16_t> xd(x), recv(size_t(T) * R * H), comb(size_t(T) * H);
+  DeviceArray<int64_t> idxd(idx);
+  HtDispatchArgs a;
+  a.x = TensorView(xd.get(), DType::kBF16, {T, H});
+  a.topk_idx = TensorView(idxd.get(), DType::kI64, {T, K});
+  a.num_experts = E;
+  HtHandle h;
+  env.buffer.ht_notify(a, h, Sizing::kExact, 0, env.stream);
+  const int64_t n = h.num_recv_tokens();
+  HtDispatchOutputs o;
+  o.recv_x = TensorView(recv.get(), DType::kBF16, {std::max<int64_t>(n, 1), H});
+  env.buffer.ht_dispatch(a, h, o, env.stream);
+  HtCombineArgs ca;
+  ca.x = TensorView(recv.get(), DType::kBF16, {n, H});
+  HtCombineOutputs co;
+  co.combined_x = TensorView(comb.get(), DType::kBF16, {T, H});
+  env.buffer.ht_combine(ca, h, co, env.stream);
+  env.buffer.synchronize(env.stream);
+  auto got = comb.download();
+  for (int t = 0; t < T; ++t) {
+    uint64_t ranks = 0;
+    for (int k = 0; k < K; ++k)
+      if (idx[t * K + k] >= 0) ranks |= 1ull << (idx[t * K + k] / (E / R));
+    const float m = static_cast<float>(__builtin_popcountll(ranks));
+    for (int c = 0; c < H; ++c) {
+      const uint16_t want = reference::float_to_bf16(m * reference::bf16_to_float(x[t * H + c]));
+      GPU_EXPECT(got[t * H + c] == want,
+                 "HT round between LL calls: combined[%d][%d] = 0x%04x, expected 0x%04x", t, c,
+                 got[t * H + c], want);
+    }
+  }
+  return 0;
+}
+
+GPU_CASE(ll_1000_rounds_one_buffer_mixed_with_ht, 2, 600) {
+  const int R = ctx.num_ranks;
+  LlCase a{"fp8 round_scale N=16 H=512 top-4/16", 16, 512, 4, 16, true, true};
+  a.masked_slots = 6;
+  LlCase b{"bf16 N=8 H=256 top-3/8 i32 ids", 8, 256, 3, 8, false};
+  b.idx_i32 = true;
+  b.masked_slots = 2;
+  Env env(ctx, Buffer::ht_size_hint(R, 40, 512, 4), llt::ll_bytes_for({a, b}, R));
+  Buffer& buf = env.buffer;
+  cudaStream_t st = env.stream;
+  LlIo a1(a, R, ctx.rank), a2(a, R, ctx.rank), b1(b, R, ctx.rank);
+  auto tokens = [&](const LlCase& c, uint64_t s) {
+    std::vector<int> t(R);
+    for (int i = 0; i < R; ++i)
+      t[i] = static_cast<int>(((s >> 7) * 2654435761ull + 97ull * i) % (c.capacity + 1));
+    return t;
+  };
+  int calls = 0;
+  for (int round = 0; calls < 1000; ++round) {
+    const uint64_t seed = env.seed + 7919ull * round;
+    if (round % 25 == 24 && ht_round(ctx, env, seed) != 0) return 1;
+    switch (round % 3) {
+      case 0: {  // fused
+        if (run_fused(ctx, env, a1, llt::make_round(a, R, seed, tokens(a, seed)), seed + 3) != 0) return 1;
+        calls += 1;
+        break;
+      }
+      case 1: {  // split, one in flight
+        LlRound r = llt::make_round(b, R, seed, tokens(b, seed));
+        b1.load(r, st);
+        LlRecvHook h = buf.ll_dispatch(b1.dispatch_args(true), b1.handle, b1.dispatch_outputs(), st);
+        h(st);
+        b1.fill_expert_outputs(seed + 3, st);
+        LlRecvHook hc = buf.ll_combine(b1.combine_args(true), b1.handle, b1.combine_outputs(), st);
+        hc(st);
+        buf.synchronize(st);
+        if (llt::check_dispatch(ctx, b1, r) != 0 || llt::check_combine(ctx, b1, r, seed + 3) != 0) return 1;
+        calls += 1;
+        break;
+      }
+      default: {  // split, two in flight
+        LlRound r1 = llt::make_round(a, R, seed, tokens(a, seed));
+        LlRound r2 = llt::make_round(a, R, seed + 1, tokens(a, seed + 977));
+        a1.load(r1, st);
+        a2.load(r2, st);
+        LlRecvHook h1 = buf.ll_dispatch(a1.dispatch_args(true), a1.handle, a1.dispatch_outputs(), st);
+        LlRecvHook h2 = buf.ll_dispatch(a2.dispatch_args(true), a2.handle, a2.dispatch_outputs(), st);
+        h1(st);
+        h2(st);
+        a1.fill_expert_outputs(seed + 3, st);
+        a2.fill_expert_outputs(seed + 4, st);
+        LlRecvHook c1 = buf.ll_combine(a1.combine_args(true), a1.handle, a1.combine_outputs(), st);
+        LlRecvHook c2 = buf.ll_combine(a2.combine_args(true), a2.handle, a2.combine_outputs(), st);
+        c2(st);
+        c1(st);
+        buf.synchronize(st);
+        if (llt::check_dispatch(ctx, a1, r1) != 0 || llt::check_dispatch(ctx, a2, r2) != 0 ||
+            llt::check_combine(ctx, a1, r1, seed + 3) != 0 || llt::check_combine(ctx, a2, r2, seed + 4) != 0)
+          return 1;
+        calls += 2;
+        break;
+      }
+    }
+  }
+  if (ctx.rank == 0)
+    std::printf("ok: %d LL dispatch+combine pairs (fused, split, two in flight) and HT rounds\n", calls);
+  return 0;
+}
+
+GPU_CASE(ll_rejects_bad_arguments_naming_them, 2, 120) {
+  const int R = ctx.num_ranks;
+  LlCase c{"fp8 N=8 H=256 top-2/8", 8, 256, 2, 8};
+  Env env(ctx, 0, llt::ll_bytes_for({c}, R));
+  Buffer& buf = env.buffer;
+  cudaStream_t st = env.stream;
+  LlIo io(c, R, ctx.rank);
+  LlRound r = llt::make_round(c, R, env.seed, llt::full_tokens(c, R));
+  io.load(r, st);
+  auto dispatch = [&](LlDispatchArgs a, LlDispatchOutputs o) { buf.ll_dispatch(a, io.handle, o, st); };
+  LlDispatchArgs a = io.dispatch_args(false);
+  LlDispatchOutputs o = io.dispatch_outputs();
+  int rc = 0;
+  {
+    LlDispatchArgs bad = a;
+    bad.x = TensorView(io.x.get(), DType::kBF16, {9, 256});
+    bad.topk_idx = TensorView(io.idx64.get(), DType::kI64, {9, 2});
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(bad, o); }, "num_max_dispatch_tokens_per_rank = 8", "T > N");
+  }
+  {
+    LlDispatchArgs bad = a;
+    bad.options.use_ue8m0 = true;
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(bad, o); }, "round_scale", "ue8m0 without round_scale");
+  }
+  {
+    LlDispatchArgs bad = a;
+    bad.num_experts = 7;
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(bad, o); }, "num_experts = 7", "experts not divisible by ranks");
+  }
+  {
+    LlDispatchArgs bad = a;
+    bad.num_max_dispatch_tokens_per_rank = 2000;
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(bad, o); }, "num_max_dispatch_tokens_per_rank = 2000", "N too large");
+  }
+  {
+    LlDispatchArgs bad = a;
+    bad.x = TensorView(io.x.get(), DType::kBF16, {8, 200});
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(bad, o); }, "x rows", "hidden 200: rows not 16-byte multiples");
+  }
+  {
+    LlDispatchOutputs bad = o;
+    bad.recv_x.shape[1] -= 1;
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(a, bad); }, "recv_x must be", "recv_x too small");
+  }
+  {
+    LlDispatchOutputs bad = o;
+    bad.recv_scales = TensorView();
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(a, bad); }, "recv_scales must be", "fp8 without recv_scales");
+  }
+  {
+    LlDispatchOutputs bad = o;
+    bad.layout_range = TensorView(io.range32.get(), DType::kI32, {c.experts / R, R});
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(a, bad); }, "layout_range", "layout_range of the wrong shape");
+  }
+  {
+    LlHandle fresh;
+    rc |= expect_invalid(
+        ctx, [&] { buf.ll_combine(io.combine_args(false), fresh, io.combine_outputs(), st); },
+        "handle was not filled", "combine with an empty handle");
+  }
+  if (rc != 0) return 1;
+  // A buffer too small for the shape (collective construction, then a refused call on every rank).
+  {
+    Buffer small(env.comm, 0, 4096);
+    rc |= expect_invalid(
+        ctx, [&] { small.ll_dispatch(a, io.handle, o, st); }, "ll_size_hint", "ll_bytes too small");
+  }
+  // An expert id out of range: ignored by the kernel, reported by the next call on every rank.
+  {
+    std::vector<int64_t> ids = r.in[ctx.rank].topk_idx;
+    ids[3] = 999;
+    io.idx64.upload(ids);
+    dispatch(a, o);
+    buf.synchronize(st);
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(a, o); }, "= 999", "an expert id out of range");
+    io.idx64.upload(r.in[ctx.rank].topk_idx);
+  }
+  if (rc != 0) return 1;
+  // The buffer still works.
+  return run_fused(ctx, env, io, r, env.seed + 1);
+}
+
+// The last rank never calls: every other rank must fail with a timeout naming it and the LL wait.
+GPU_CASE(ll_missing_rank_times_out_naming_it, 2, 60) {
+  const int R = ctx.num_ranks;
+  LlCase c{"bf16 N=8 H=256 top-2/8", 8, 256, 2, 8, false};
+  RuntimeOptions options;
+  options.timeout_s = 1.0;
+  Env env(ctx, 0, llt::ll_bytes_for({c}, R), options);
+  LlIo io(c, R, ctx.rank);
+  if (run_fused(ctx, env, io, llt::make_round(c, R, env.seed, llt::full_tokens(c, R)), env.seed + 1) != 0)
+    return 1;
+  const int absent = R - 1;
+  if (ctx.rank == absent) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(3000));
+    return 0;
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  std::string message;
+  ErrorCode code = ErrorCode::kInternal;
+  try {
+    env.buffer.ll_dispatch(io.dispatch_args(false), io.handle, io.dispatch_outputs(), env.stream);
+    env.buffer.synchronize(env.stream);
+  } catch (const Error& e) {
+    message = e.what();
+    code = e.code();
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("FIGURE ll: rank %d detected the silent rank after %.3f s (timeout 1 s): %s\n", ctx.rank, s,
+              message.c_str());
+  GPU_EXPECT(code == ErrorCode::kTimeout, "a timeout error, got '%s'", message.c_str());
+  GPU_EXPECT(message.find("waiting for rank " + std::to_string(absent)) != std::string::npos,
+             "the message to name rank %d: '%s'", absent, message.c_str());
+  GPU_EXPECT(message.find("LL dispatch") != std::string::npos, "the message to name the LL dispatch: '%s'",
+             message.c_str());
+  GPU_EXPECT(s >= 0.9 && s < 2.5, "detection within the 1 s timeout (+ slack), took %.3f s", s);
+  return 0;
+}
+
+// LL-shape latencies, CUDA events around each call, L2 flushed (256 MB write) and ranks aligned (window
+// barrier) before each timed run; median of 50 after 10 warm-ups, printed by every rank.
+GPU_CASE(ll_timing_ll_shape, 2, 300) {
+  const int R = ctx.num_ranks;
+  LlCase fp8{"fp8", 128, 7168, 8, 288};
+  LlCase bf16{"bf16", 128, 7168, 8, 288, false};
+  Env env(ctx, 0, llt::ll_bytes_for({fp8}, R));
+  Buffer& buf = env.buffer;
+  cudaStream_t st = env.stream;
+  LlIo io(fp8, R, ctx.rank), iob(bf16, R, ctx.rank);
+  LlRound r = llt::make_round(fp8, R, env.seed, llt::full_tokens(fp8, R));
+  LlRound rb = llt::make_round(bf16, R, env.seed, llt::full_tokens(bf16, R));
+  if (run_fused(ctx, env, io, r, env.seed + 1) != 0 || run_fused(ctx, env, iob, rb, env.seed + 1) != 0)
+    return 1;
+  DeviceArray<uint8_t> flush(256u << 20);
+  cudaDeviceProp prop;
+  cudaGetDeviceProperties(&prop, ctx.device);
+  constexpr int kWarm = 10, kRuns = 50;
+  std::vector<cudaEvent_t> ev(4 * (kWarm + kRuns));
+  for (auto& e : ev) cudaEventCreate(&e);
+  // `first` and `second` are the timed parts; `between` runs untimed between them (ranks re-aligned).
+  auto time = [&](const char* name, const std::function<void()>& first, const std::function<void()>& between,
+                  const std::function<void()>& second) {
+    for (int i = 0; i < kWarm + kRuns; ++i) {
+      cudaMemsetAsync(flush.get(), i, flush.size(), st);
+      buf.barrier(st);
+      cudaEventRecord(ev[4 * i], st);
+      first();
+      cudaEventRecord(ev[4 * i + 1], st);
+      if (second) {
+        between();
+        cudaEventRecord(ev[4 * i + 2], st);
+        second();
+        cudaEventRecord(ev[4 * i + 3], st);
+      }
+    }
+    buf.synchronize(st);
+    for (int part = 0; part < (second ? 2 : 1); ++part) {
+      std::vector<float> us;
+      for (int i = kWarm; i < kWarm + kRuns; ++i) {
+        float ms = 0;
+        cudaEventElapsedTime(&ms, ev[4 * i + 2 * part], ev[4 * i + 2 * part + 1]);
+        us.push_back(ms * 1000);
+      }
+      std::sort(us.begin(), us.end());
+      std::printf(
+          "FIGURE %s%s rank %d: %.1f us median of %d [min %.1f, max %.1f] (T=128 H=7168 top-8/288, %d ranks, "
+          "%s, "
+          "%d SMs, LL buffer %.1f MB)\n",
+          name, second ? (part == 0 ? " send half" : " receive half") : "", ctx.rank, us[kRuns / 2], kRuns,
+          us[0], us[kRuns - 1], R, prop.name, buf.ll_sms(), buf.ll_bytes() / 1e6);
+    }
+  };
+  auto dispatch = [&](LlIo& x, bool hook) {
+    return buf.ll_dispatch(x.dispatch_args(hook), x.handle, x.dispatch_outputs(), st);
+  };
+  auto combine = [&](LlIo& x, bool hook) {
+    return buf.ll_combine(x.combine_args(hook), x.handle, x.combine_outputs(), st);
+  };
+  LlRecvHook pending;
+  time("ll_dispatch_fp8", [&] { dispatch(io, false); }, {}, {});
+  time("ll_dispatch_bf16", [&] { dispatch(iob, false); }, {}, {});
+  time("ll_combine_bf16", [&] { combine(io, false); }, {}, {});
+  time("ll_roundtrip",
+       [&] {
+         dispatch(io, false);
+         combine(io, false);
+       },
+       {}, {});
+  time(
+      "ll_dispatch_fp8 hook", [&] { pending = dispatch(io, true); }, [&] { buf.barrier(st); },
+      [&] { pending(st); });
+  time(
+      "ll_combine_bf16 hook", [&] { pending = combine(io, true); }, [&] { buf.barrier(st); },
+      [&] { pending(st); });
+  for (auto& e : ev) cudaEventDestroy(e);
+  if (ctx.rank == 0)
+    std::printf("FIGURE ll_size_hint (R=%d, N=128, H=7168, E=288): %.1f MB symmetric per GPU\n", R,
+                Buffer::ll_size_hint(R, 128, 7168, 288) / 1e6);
+  // The timed calls produced correct results.
+  return run_fused(ctx, env, io, r, env.seed + 1);
+}
+
+}  // namespace
+}  // namespace expertlink::test
