@@ -44,7 +44,8 @@ void HtHandleState::reserve(int tokens, int ranks, int local_experts) {
     if (host_counts != nullptr) cudaFreeHost(host_counts);
     const int n = std::max(local_experts, 1);
     EL_CUDA_CHECK(cudaMalloc(&expert_count, sizeof(int32_t) * n));
-    EL_CUDA_CHECK(cudaHostAlloc(&host_counts, sizeof(int32_t) * (kernels::kHostHeader + n), cudaHostAllocMapped));
+    EL_CUDA_CHECK(
+        cudaHostAlloc(&host_counts, sizeof(int32_t) * (kernels::kHostHeader + n), cudaHostAllocMapped));
     std::memset(host_counts, 0, sizeof(int32_t) * (kernels::kHostHeader + n));
     EL_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_counts_dev), host_counts, 0));
     alloc_experts = n;
@@ -75,12 +76,15 @@ kernels::HtHandleView HtHandleState::view() const {
 void HtHandleState::raise_flags() const {
   const volatile int32_t* h = host_counts;
   if (h[kernels::kHostBadExpert] != 0)
-    EL_FAIL(ErrorCode::kInvalidArgument, "topk_idx[%d][%d] = %d is not an expert: num_experts = %d (the token was "
-            "treated as not routed there)", h[3], h[4], h[5], num_experts);
+    EL_FAIL(ErrorCode::kInvalidArgument,
+            "topk_idx[%d][%d] = %d is not an expert: num_experts = %d (the token was "
+            "treated as not routed there)",
+            h[3], h[4], h[5], num_experts);
   if (h[kernels::kHostOverCapacity] != 0)
-    EL_FAIL(ErrorCode::kInvalidArgument, "%d rows arrived but the dispatch outputs hold %lld (capacity): rows past "
-            "the capacity were not written; pass a larger capacity", h[kernels::kHostTotal],
-            static_cast<long long>(capacity));
+    EL_FAIL(ErrorCode::kInvalidArgument,
+            "%d rows arrived but the dispatch outputs hold %lld (capacity): rows past "
+            "the capacity were not written; pass a larger capacity",
+            h[kernels::kHostTotal], static_cast<long long>(capacity));
 }
 
 HtHandle::HtHandle() = default;
@@ -88,9 +92,15 @@ HtHandle::~HtHandle() = default;
 HtHandle::HtHandle(HtHandle&&) noexcept = default;
 HtHandle& HtHandle::operator=(HtHandle&&) noexcept = default;
 
-bool HtHandle::valid() const { return state_ && state_->owner != nullptr; }
-int HtHandle::num_tokens() const { return state_ ? state_->num_tokens : 0; }
-int64_t HtHandle::capacity() const { return state_ ? state_->capacity : 0; }
+bool HtHandle::valid() const {
+  return state_ && state_->owner != nullptr;
+}
+int HtHandle::num_tokens() const {
+  return state_ ? state_->num_tokens : 0;
+}
+int64_t HtHandle::capacity() const {
+  return state_ ? state_->capacity : 0;
+}
 
 int64_t HtHandle::num_recv_tokens() const {
   if (!state_) return -1;
@@ -102,13 +112,20 @@ std::vector<int> HtHandle::num_recv_tokens_per_expert() const {
   std::vector<int> out;
   if (!state_ || state_->num_experts == 0) return out;
   const int local = state_->num_experts / state_->num_ranks;
-  for (int j = 0; j < local; ++j) out.push_back(int{static_cast<const volatile int32_t*>(state_->host_counts)[kernels::kHostHeader + j]});
+  for (int j = 0; j < local; ++j)
+    out.push_back(int{static_cast<const volatile int32_t*>(state_->host_counts)[kernels::kHostHeader + j]});
   return out;
 }
 
-const int32_t* HtHandle::rank_prefix() const { return state_ ? state_->rank_prefix : nullptr; }
-const int32_t* HtHandle::recv_src_token() const { return state_ ? state_->recv_src_token : nullptr; }
-const int32_t* HtHandle::send_pos() const { return state_ ? state_->send_pos : nullptr; }
+const int32_t* HtHandle::rank_prefix() const {
+  return state_ ? state_->rank_prefix : nullptr;
+}
+const int32_t* HtHandle::recv_src_token() const {
+  return state_ ? state_->recv_src_token : nullptr;
+}
+const int32_t* HtHandle::send_pos() const {
+  return state_ ? state_->send_pos : nullptr;
+}
 
 void HtHandle::check_capacity() const {
   EL_CHECK(valid(), "handle: not filled by Buffer::ht_notify");

@@ -31,12 +31,12 @@ Routing check_topk(const TensorView& topk_idx, int64_t tokens, const char* name 
   r.tokens = static_cast<int>(tokens);
   if (!topk_idx.defined()) return r;
   check_2d(topk_idx, name);
-  EL_CHECK(topk_idx.dtype == DType::kI64 || topk_idx.dtype == DType::kI32, "%s must be i64 or i32, got %s", name,
-           dtype_name(topk_idx.dtype));
+  EL_CHECK(topk_idx.dtype == DType::kI64 || topk_idx.dtype == DType::kI32, "%s must be i64 or i32, got %s",
+           name, dtype_name(topk_idx.dtype));
   EL_CHECK(topk_idx.shape[0] == tokens, "%s has %lld rows but x has %lld tokens", name,
            static_cast<long long>(topk_idx.shape[0]), static_cast<long long>(tokens));
-  EL_CHECK(topk_idx.shape[1] >= 1 && topk_idx.shape[1] <= kHtMaxTopk, "%s: top-k = %lld must be in [1, %d]", name,
-           static_cast<long long>(topk_idx.shape[1]), kHtMaxTopk);
+  EL_CHECK(topk_idx.shape[1] >= 1 && topk_idx.shape[1] <= kHtMaxTopk, "%s: top-k = %lld must be in [1, %d]",
+           name, static_cast<long long>(topk_idx.shape[1]), kHtMaxTopk);
   r.topk = static_cast<int>(topk_idx.shape[1]);
   r.idx = topk_idx.data;
   r.idx_type = topk_idx.dtype == DType::kI64 ? IdxType::kI64 : IdxType::kI32;
@@ -46,9 +46,10 @@ Routing check_topk(const TensorView& topk_idx, int64_t tokens, const char* name 
 }
 
 void check_experts(int num_experts, int num_ranks) {
-  EL_CHECK(num_experts >= 1 && num_experts <= kHtMaxExperts, "num_experts = %d must be in [1, %d]", num_experts,
-           kHtMaxExperts);
-  EL_CHECK(num_experts % num_ranks == 0, "num_experts = %d is not divisible by the %d ranks", num_experts, num_ranks);
+  EL_CHECK(num_experts >= 1 && num_experts <= kHtMaxExperts, "num_experts = %d must be in [1, %d]",
+           num_experts, kHtMaxExperts);
+  EL_CHECK(num_experts % num_ranks == 0, "num_experts = %d is not divisible by the %d ranks", num_experts,
+           num_ranks);
 }
 
 void check_weights(const TensorView& w, int64_t rows, int topk, const char* name) {
@@ -65,8 +66,8 @@ void check_output_rows(const TensorView& t, int64_t rows, const char* name) {
 }
 
 int pick_sms(int requested, int fallback, int device_sms, const char* name) {
-  EL_CHECK(requested >= 0 && requested <= device_sms, "%s = %d must be in [0, %d] (0 = default)", name, requested,
-           device_sms);
+  EL_CHECK(requested >= 0 && requested <= device_sms, "%s = %d must be in [0, %d] (0 = default)", name,
+           requested, device_sms);
   return requested > 0 ? requested : fallback;
 }
 
@@ -86,15 +87,18 @@ size_t Buffer::ht_size_hint(int num_ranks, int64_t max_tokens_per_rank, int64_t 
   return 2 * static_cast<size_t>(num_ranks - 1) * max_tokens_per_rank * record;
 }
 
-void Buffer::get_dispatch_layout(const TensorView& topk_idx, int num_experts, const TensorView& num_tokens_per_rank,
+void Buffer::get_dispatch_layout(const TensorView& topk_idx, int num_experts,
+                                 const TensorView& num_tokens_per_rank,
                                  const TensorView& num_tokens_per_expert, const TensorView& is_token_in_rank,
                                  cudaStream_t stream) {
   const int R = num_ranks();
   EL_CHECK(topk_idx.defined(), "topk_idx is required");
   Routing r = check_topk(topk_idx, topk_idx.ndim == 2 ? topk_idx.shape[0] : 0);
   check_experts(num_experts, R);
-  EL_CHECK(num_tokens_per_rank.dtype == DType::kI32 && num_tokens_per_rank.numel() == R && num_tokens_per_rank.is_contiguous(),
-           "num_tokens_per_rank must be contiguous i32 [%d], got %s", R, num_tokens_per_rank.describe().c_str());
+  EL_CHECK(num_tokens_per_rank.dtype == DType::kI32 && num_tokens_per_rank.numel() == R &&
+               num_tokens_per_rank.is_contiguous(),
+           "num_tokens_per_rank must be contiguous i32 [%d], got %s", R,
+           num_tokens_per_rank.describe().c_str());
   EL_CHECK(num_tokens_per_expert.dtype == DType::kI32 && num_tokens_per_expert.numel() == num_experts &&
                num_tokens_per_expert.is_contiguous(),
            "num_tokens_per_expert must be contiguous i32 [%d], got %s", num_experts,
@@ -110,7 +114,8 @@ void Buffer::get_dispatch_layout(const TensorView& topk_idx, int num_experts, co
   }
   s_->window->raise_if_device_error();
   kernels::launch_ht_layout(r.idx, r.idx_type, r.idx_rs, r.idx_cs, r.tokens, r.topk, num_experts, R,
-                            num_tokens_per_rank.ptr<int32_t>(), num_tokens_per_expert.ptr<int32_t>(), in_rank, stream);
+                            num_tokens_per_rank.ptr<int32_t>(), num_tokens_per_expert.ptr<int32_t>(), in_rank,
+                            stream);
 }
 
 void Buffer::ht_notify(const HtDispatchArgs& args, HtHandle& handle, Sizing sizing, int64_t capacity,
@@ -130,13 +135,13 @@ void Buffer::ht_notify(const HtDispatchArgs& args, HtHandle& handle, Sizing sizi
     EL_CHECK((args.is_token_in_rank.dtype == DType::kBool || args.is_token_in_rank.dtype == DType::kU8) &&
                  args.is_token_in_rank.ndim == 2 && args.is_token_in_rank.shape[0] == T &&
                  args.is_token_in_rank.shape[1] == R && args.is_token_in_rank.stride[1] == 1,
-             "is_token_in_rank must be bool [%lld, %d] with unit column stride, got %s", static_cast<long long>(T), R,
-             args.is_token_in_rank.describe().c_str());
+             "is_token_in_rank must be bool [%lld, %d] with unit column stride, got %s",
+             static_cast<long long>(T), R, args.is_token_in_rank.describe().c_str());
   }
   EL_CHECK(args.expert_alignment >= 1, "expert_alignment = %d must be >= 1", args.expert_alignment);
   if (sizing == Sizing::kCapacity)
-    EL_CHECK(capacity >= 0 && capacity <= INT_MAX, "capacity = %lld must be in [0, %d]", static_cast<long long>(capacity),
-             INT_MAX);
+    EL_CHECK(capacity >= 0 && capacity <= INT_MAX, "capacity = %lld must be in [0, %d]",
+             static_cast<long long>(capacity), INT_MAX);
   s_->window->raise_if_device_error();
 
   if (!handle.state_) handle.state_ = std::make_unique<HtHandleState>();
@@ -190,15 +195,16 @@ void Buffer::ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtD
   const int64_t T = args.x.shape[0], H = args.x.shape[1];
   EL_CHECK(T == h.num_tokens, "x has %lld tokens but the handle was made for %d", static_cast<long long>(T),
            h.num_tokens);
-  EL_CHECK(H == h.hidden, "x has hidden = %lld but the handle was made with hidden = %d", static_cast<long long>(H),
-           h.hidden);
-  EL_CHECK(args.x.dtype == DType::kBF16 || args.x.dtype == DType::kFP8E4M3, "x must be bf16 or fp8_e4m3, got %s",
-           dtype_name(args.x.dtype));
-  EL_CHECK(args.x.rows_are_dense_16b(), "x rows must be contiguous, 16-byte aligned, a multiple of 16 bytes: %s",
+  EL_CHECK(H == h.hidden, "x has hidden = %lld but the handle was made with hidden = %d",
+           static_cast<long long>(H), h.hidden);
+  EL_CHECK(args.x.dtype == DType::kBF16 || args.x.dtype == DType::kFP8E4M3,
+           "x must be bf16 or fp8_e4m3, got %s", dtype_name(args.x.dtype));
+  EL_CHECK(args.x.rows_are_dense_16b(),
+           "x rows must be contiguous, 16-byte aligned, a multiple of 16 bytes: %s",
            args.x.describe().c_str());
   Routing r = check_topk(args.topk_idx, T);
-  EL_CHECK(r.idx == nullptr || r.topk == h.topk, "topk_idx has top-k = %d but the handle was made with %d", r.topk,
-           h.topk);
+  EL_CHECK(r.idx == nullptr || r.topk == h.topk, "topk_idx has top-k = %d but the handle was made with %d",
+           r.topk, h.topk);
   EL_CHECK(r.idx == nullptr || args.num_experts == h.num_experts,
            "num_experts = %d but the handle was made with %d", args.num_experts, h.num_experts);
   check_weights(args.topk_weights, T, r.topk, "topk_weights");
@@ -220,8 +226,9 @@ void Buffer::ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtD
       kind = RowKind::kFp8Ue8m0;
       scale_cols = static_cast<int>((H + 511) / 512);
     }
-    EL_CHECK(args.x_scales.shape[0] == T && args.x_scales.shape[1] == scale_cols, "x_scales must be [%lld, %d], got %s",
-             static_cast<long long>(T), scale_cols, args.x_scales.describe().c_str());
+    EL_CHECK(args.x_scales.shape[0] == T && args.x_scales.shape[1] == scale_cols,
+             "x_scales must be [%lld, %d], got %s", static_cast<long long>(T), scale_cols,
+             args.x_scales.describe().c_str());
   } else {
     EL_CHECK(!args.x_scales.defined(), "x is bf16: x_scales must not be given");
   }
@@ -253,8 +260,8 @@ void Buffer::ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtD
              "recv_topk_weights needs topk_weights and recv_topk_idx");
     EL_CHECK(out.recv_topk_weights.dtype == DType::kF32 && out.recv_topk_weights.ndim == 2 &&
                  out.recv_topk_weights.shape[1] == r.topk && out.recv_topk_weights.is_contiguous(),
-             "recv_topk_weights must be contiguous f32 [>= %lld, %d], got %s", static_cast<long long>(rows), r.topk,
-             out.recv_topk_weights.describe().c_str());
+             "recv_topk_weights must be contiguous f32 [>= %lld, %d], got %s", static_cast<long long>(rows),
+             r.topk, out.recv_topk_weights.describe().c_str());
     check_output_rows(out.recv_topk_weights, rows, "recv_topk_weights");
   }
   if (out.num_recv_tokens_per_expert.defined()) {
@@ -274,7 +281,8 @@ void Buffer::ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtD
   p.area_rows = area_rows(half, R, p.record_bytes);
   p.area_offset = 0;
   EL_CHECK(T <= p.area_rows,
-           "x has %lld tokens but the buffer's HT region (%zu bytes) holds %lld rows per source for this row size; "
+           "x has %lld tokens but the buffer's HT region (%zu bytes) holds %lld rows per source for this row "
+           "size; "
            "it needs ht_bytes >= %zu (Buffer::ht_size_hint)",
            static_cast<long long>(T), s_->ht_bytes, static_cast<long long>(p.area_rows),
            2 * size_t(R - 1) * size_t(T) * size_t(p.record_bytes));
@@ -306,7 +314,8 @@ void Buffer::ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtD
   }
   p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.data : nullptr;
   p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
-  p.recv_expert_count = out.num_recv_tokens_per_expert.defined() ? out.num_recv_tokens_per_expert.ptr<int32_t>() : nullptr;
+  p.recv_expert_count =
+      out.num_recv_tokens_per_expert.defined() ? out.num_recv_tokens_per_expert.ptr<int32_t>() : nullptr;
   kernels::launch_ht_dispatch(p, pick_sms(args.num_sms, default_ht_sms(), s_->device_sms, "num_sms"), stream);
 }
 
@@ -320,7 +329,8 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
   EL_CHECK(args.x.defined(), "x is required");
   check_2d(args.x, "x");
   EL_CHECK(args.x.dtype == DType::kBF16, "combine x must be bf16, got %s", dtype_name(args.x.dtype));
-  EL_CHECK(args.x.rows_are_dense_16b(), "x rows must be contiguous, 16-byte aligned, a multiple of 16 bytes: %s",
+  EL_CHECK(args.x.rows_are_dense_16b(),
+           "x rows must be contiguous, 16-byte aligned, a multiple of 16 bytes: %s",
            args.x.describe().c_str());
   // Exact sizing: the received rows; capacity sizing: the capacity (the count is on the device only).
   EL_CHECK(args.x.shape[0] >= rows, "x has %lld rows but the handle's %s is %lld",
@@ -331,20 +341,22 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
   const int64_t T = h.num_tokens;
   for (const TensorView* b : {&args.bias0, &args.bias1}) {
     if (!b->defined()) continue;
-    EL_CHECK(b->dtype == DType::kBF16 && b->ndim == 2 && b->shape[0] == T && b->shape[1] == H && b->rows_are_dense_16b(),
+    EL_CHECK(b->dtype == DType::kBF16 && b->ndim == 2 && b->shape[0] == T && b->shape[1] == H &&
+                 b->rows_are_dense_16b(),
              "%s must be bf16 [%lld, %lld] with dense rows, got %s", b == &args.bias0 ? "bias0" : "bias1",
              static_cast<long long>(T), static_cast<long long>(H), b->describe().c_str());
   }
   EL_CHECK(out.combined_x.defined() && out.combined_x.dtype == DType::kBF16 && out.combined_x.ndim == 2 &&
-               out.combined_x.shape[0] == T && out.combined_x.shape[1] == H && out.combined_x.rows_are_dense_16b(),
+               out.combined_x.shape[0] == T && out.combined_x.shape[1] == H &&
+               out.combined_x.rows_are_dense_16b(),
            "combined_x must be bf16 [%lld, %lld] with dense rows, got %s", static_cast<long long>(T),
            static_cast<long long>(H), out.combined_x.describe().c_str());
   if (out.combined_topk_weights.defined()) {
     EL_CHECK(args.topk_weights.defined(), "combined_topk_weights needs topk_weights");
-    EL_CHECK(out.combined_topk_weights.dtype == DType::kF32 && out.combined_topk_weights.numel() == T * h.topk &&
-                 out.combined_topk_weights.is_contiguous(),
-             "combined_topk_weights must be contiguous f32 [%lld, %d], got %s", static_cast<long long>(T), h.topk,
-             out.combined_topk_weights.describe().c_str());
+    EL_CHECK(out.combined_topk_weights.dtype == DType::kF32 &&
+                 out.combined_topk_weights.numel() == T * h.topk && out.combined_topk_weights.is_contiguous(),
+             "combined_topk_weights must be contiguous f32 [%lld, %d], got %s", static_cast<long long>(T),
+             h.topk, out.combined_topk_weights.describe().c_str());
   }
 
   kernels::HtCombineParams p{};
@@ -352,11 +364,12 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
   const size_t half = s_->ht_bytes / 2 / 16 * 16;
   p.area_rows = area_rows(half, R, p.record_bytes);
   p.area_offset = static_cast<int64_t>(half);
-  EL_CHECK(T <= p.area_rows,
-           "this rank has %lld tokens but the buffer's HT region (%zu bytes) holds %lld combine rows per source; "
-           "it needs ht_bytes >= %zu (Buffer::ht_size_hint)",
-           static_cast<long long>(T), s_->ht_bytes, static_cast<long long>(p.area_rows),
-           2 * size_t(R - 1) * size_t(T) * size_t(p.record_bytes));
+  EL_CHECK(
+      T <= p.area_rows,
+      "this rank has %lld tokens but the buffer's HT region (%zu bytes) holds %lld combine rows per source; "
+      "it needs ht_bytes >= %zu (Buffer::ht_size_hint)",
+      static_cast<long long>(T), s_->ht_bytes, static_cast<long long>(p.area_rows),
+      2 * size_t(R - 1) * size_t(T) * size_t(p.record_bytes));
   s_->window->raise_if_device_error();
   p.win = s_->window->view();
   p.state = s_->ht;

@@ -27,7 +27,7 @@ __device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
 }
 
 __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombineParams p) {
-  __shared__ int abort_flag;
+  __shared__ int abort_flag, send_abort, recv_abort;
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk, H = p.hidden;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -42,117 +42,127 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
   __syncthreads();
   if (abort_flag) return;
 
-  // ---- send: the expert outputs of source s's chunk c go back into s's combine area ----
-  int item = 0;
-  for (int s = 0; s < R; ++s) {
-    if (s == me) continue;
-    const int n = ht_num_chunks(p.handle.src_tokens[s]);
-    const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
-    const int64_t row0 = p.handle.rank_prefix[s];
-    char* seg = area_segment(w.peer_base[s], p.area_offset, me, s, p.area_rows, p.record_bytes);
-    for (int c = 0; c < n; ++c, ++item) {
-      if (item % gridDim.x != blockIdx.x) continue;
-      const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
-      if (r0 < r1) {
-        if (threadIdx.x == 0)
-          abort_flag = !wait_geq(control_u64(w.local_base, control::kCombineReady, s), round, ctx,
-                                 WaitSite::kHtCombineReady, s, 0);
-        __syncthreads();
-        if (abort_flag) return;
-        for (int r = r0 + warp; r < r1; r += kHtWarps) {
-          const int64_t row = row0 + r;
-          const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(p.x.data) + row * p.x.row_stride * 2);
-          char* rec = seg + int64_t(r) * p.record_bytes;
-          int4* dst = reinterpret_cast<int4*>(rec);
-          int64_t v = lane;
-          for (; v + 96 < vecs; v += 128) {
-            int4 a = ld_nc_v4(src + v), b = ld_nc_v4(src + v + 32), c4 = ld_nc_v4(src + v + 64), d = ld_nc_v4(src + v + 96);
-            dst[v] = a, dst[v + 32] = b, dst[v + 64] = c4, dst[v + 96] = d;
+  if (warp < kRoleWarps) {
+    // ---- send (first half of the warps): source s's chunk c of expert outputs back into s's area ----
+    bool stop = false;
+    int item = 0;
+    for (int s = 0; s < R && !stop; ++s) {
+      if (s == me) continue;
+      const int n = ht_num_chunks(p.handle.src_tokens[s]);
+      const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
+      const int64_t row0 = p.handle.rank_prefix[s];
+      char* seg = area_segment(w.peer_base[s], p.area_offset, me, s, p.area_rows, p.record_bytes);
+      for (int c = 0; c < n; ++c, ++item) {
+        if (item % gridDim.x != blockIdx.x) continue;
+        const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
+        if (r0 < r1) {
+          if (threadIdx.x == 0)
+            send_abort = !wait_geq(control_u64(w.local_base, control::kCombineReady, s), round, ctx,
+                                   WaitSite::kHtCombineReady, s, 0);
+          role_barrier(kSendBarrier);
+          if (send_abort) {
+            stop = true;
+            break;
           }
-          for (; v < vecs; v += 32) dst[v] = ld_nc_v4(src + v);
-          if (with_weights && lane < K)
-            reinterpret_cast<float*>(rec + 2ll * H)[lane] =
-                static_cast<const float*>(p.topk_weights.data)[row * p.topk_weights.row_stride + lane * p.topk_weights.col_stride];
+          for (int r = r0 + warp; r < r1; r += kRoleWarps) {
+            const int64_t row = row0 + r;
+            char* rec = seg + int64_t(r) * p.record_bytes;
+            warp_copy_row<true>(
+                reinterpret_cast<const int4*>(static_cast<const char*>(p.x.data) + row * p.x.row_stride * 2),
+                reinterpret_cast<int4*>(rec), vecs, lane);
+            if (with_weights && lane < K)
+              reinterpret_cast<float*>(rec + 2ll * H)[lane] = static_cast<const float*>(
+                  p.topk_weights.data)[row * p.topk_weights.row_stride + lane * p.topk_weights.col_stride];
+          }
+        }
+        role_barrier(kSendBarrier);  // the chunk's rows from every sender warp, then one fenced release store
+        if (threadIdx.x == 0) {
+          __threadfence_system();
+          st_release_sys(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
         }
       }
-      __syncthreads();  // the chunk's rows from every warp, then one fenced release store
-      if (threadIdx.x == 0) {
-        __threadfence_system();
-        st_release_sys(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
-      }
     }
-  }
-
-  // ---- reduce: this rank's chunk c, once every rank has sent its rows of it ----
-  const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
-  const int64_t local_row0 = p.handle.rank_prefix[me];
-  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    if (threadIdx.x < R && threadIdx.x != me &&
-        !wait_geq(control_u64(w.local_base, control::kCombineChunk, threadIdx.x * kMaxChunks + c), round, ctx,
-                  WaitSite::kHtCombineChunk, threadIdx.x, c))
-      abort_flag = 1;
-    __syncthreads();
-    if (abort_flag) return;
-    const int t_end = min(T, (c + 1) * chunk_tokens);
-    for (int t = c * chunk_tokens + warp; t < t_end; t += kHtWarps) {
-      const int32_t* pos_row = p.handle.send_pos + int64_t(t) * R;
-      const int pos_lo = lane < R ? pos_row[lane] : -1, pos_hi = lane + 32 < R ? pos_row[lane + 32] : -1;
-      const uint64_t mask = static_cast<uint64_t>(__ballot_sync(~0u, pos_lo >= 0)) |
-                            (static_cast<uint64_t>(__ballot_sync(~0u, pos_hi >= 0)) << 32);
-      // Rows of token t, rank ascending: the local one in place, the others from the combine area.
-      auto row_of = [&](int d, int pos) -> const char* {
-        if (d == me) return static_cast<const char*>(p.x.data) + (local_row0 + pos) * p.x.row_stride * 2;
-        return area_segment(w.local_base, p.area_offset, d, me, p.area_rows, p.record_bytes) + int64_t(pos) * p.record_bytes;
-      };
-      char* out_row = static_cast<char*>(p.out) + int64_t(t) * p.out_row_stride * 2;
-      // kUnroll vectors per lane in flight from every source row before any is summed; the trip count
-      // is uniform over the warp (the shuffles need every lane).
-      constexpr int kUnroll = 4;
-      for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kUnroll) {
-        float acc[kUnroll][8] = {};
-        auto accumulate = [&](const int4* base, bool local) {
-          int4 val[kUnroll];
+  } else {
+    // ---- reduce: this rank's chunk c, once every rank has sent its rows of it ----
+    const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
+    const int64_t local_row0 = p.handle.rank_prefix[me];
+    const int rwarp = warp - kRoleWarps, rtid = threadIdx.x - kRoleThreads;
+    if (rtid == 0) recv_abort = 0;
+    role_barrier(kRecvBarrier);
+    for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+      if (rtid < R && rtid != me &&
+          !wait_geq(control_u64(w.local_base, control::kCombineChunk, rtid * kMaxChunks + c), round, ctx,
+                    WaitSite::kHtCombineChunk, rtid, c))
+        recv_abort = 1;
+      role_barrier(kRecvBarrier);
+      if (recv_abort) break;
+      const int t_end = min(T, (c + 1) * chunk_tokens);
+      for (int t = c * chunk_tokens + rwarp; t < t_end; t += kRoleWarps) {
+        const int32_t* pos_row = p.handle.send_pos + int64_t(t) * R;
+        const int pos_lo = lane < R ? pos_row[lane] : -1, pos_hi = lane + 32 < R ? pos_row[lane + 32] : -1;
+        const uint64_t mask = static_cast<uint64_t>(__ballot_sync(~0u, pos_lo >= 0)) |
+                              (static_cast<uint64_t>(__ballot_sync(~0u, pos_hi >= 0)) << 32);
+        // Rows of token t, rank ascending: the local one in place, the others from the combine area.
+        auto row_of = [&](int d, int pos) -> const char* {
+          if (d == me) return static_cast<const char*>(p.x.data) + (local_row0 + pos) * p.x.row_stride * 2;
+          return area_segment(w.local_base, p.area_offset, d, me, p.area_rows, p.record_bytes) +
+                 int64_t(pos) * p.record_bytes;
+        };
+        char* out_row = static_cast<char*>(p.out) + int64_t(t) * p.out_row_stride * 2;
+        // kUnroll vectors per lane in flight from every source row before any is summed; the trip count
+        // is uniform over the warp (the shuffles need every lane).
+        constexpr int kUnroll = 4;
+        for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kUnroll) {
+          float acc[kUnroll][8] = {};
+          auto accumulate = [&](const int4* base, bool local) {
+            int4 val[kUnroll];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+              const int64_t v = v0 + u * 32 + lane;
+              if (v < vecs) val[u] = local ? ld_nc_v4(base + v) : __ldcg(base + v);
+            }
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+              if (v0 + u * 32 + lane < vecs) add_bf16x8(acc[u], val[u]);
+          };
+          for (uint64_t m = mask; m != 0; m &= m - 1) {
+            const int d = __ffsll(m) - 1;
+            const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
+            accumulate(reinterpret_cast<const int4*>(row_of(d, pos)), d == me);
+          }
+          if (p.bias0.data != nullptr)
+            accumulate(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias0.data) +
+                                                     t * p.bias0.row_stride * 2),
+                       true);
+          if (p.bias1.data != nullptr)
+            accumulate(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias1.data) +
+                                                     t * p.bias1.row_stride * 2),
+                       true);
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
             const int64_t v = v0 + u * 32 + lane;
-            if (v < vecs) val[u] = local ? ld_nc_v4(base + v) : __ldcg(base + v);
-          }
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u)
-            if (v0 + u * 32 + lane < vecs) add_bf16x8(acc[u], val[u]);
-        };
-        for (uint64_t m = mask; m != 0; m &= m - 1) {
-          const int d = __ffsll(m) - 1;
-          const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
-          accumulate(reinterpret_cast<const int4*>(row_of(d, pos)), d == me);
-        }
-        if (p.bias0.data != nullptr)
-          accumulate(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias0.data) + t * p.bias0.row_stride * 2), true);
-        if (p.bias1.data != nullptr)
-          accumulate(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias1.data) + t * p.bias1.row_stride * 2), true);
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t v = v0 + u * 32 + lane;
-          if (v < vecs) reinterpret_cast<int4*>(out_row)[v] = to_bf16x8(acc[u]);
-        }
-      }
-      if (p.out_topk_weights != nullptr) {  // requires topk_weights (checked on the host)
-        float sum = 0.f;
-        for (uint64_t m = mask; m != 0; m &= m - 1) {
-          const int d = __ffsll(m) - 1;
-          const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
-          if (lane < K) {
-            if (d == me)
-              sum += static_cast<const float*>(p.topk_weights.data)[(local_row0 + pos) * p.topk_weights.row_stride +
-                                                                    lane * p.topk_weights.col_stride];
-            else
-              sum += __ldcg(reinterpret_cast<const float*>(row_of(d, pos) + 2ll * H) + lane);
+            if (v < vecs) reinterpret_cast<int4*>(out_row)[v] = to_bf16x8(acc[u]);
           }
         }
-        if (lane < K) p.out_topk_weights[int64_t(t) * K + lane] = sum;
+        if (p.out_topk_weights != nullptr) {  // requires topk_weights (checked on the host)
+          float sum = 0.f;
+          for (uint64_t m = mask; m != 0; m &= m - 1) {
+            const int d = __ffsll(m) - 1;
+            const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
+            if (lane < K) {
+              if (d == me)
+                sum += static_cast<const float*>(
+                    p.topk_weights.data)[(local_row0 + pos) * p.topk_weights.row_stride +
+                                         lane * p.topk_weights.col_stride];
+              else
+                sum += __ldcg(reinterpret_cast<const float*>(row_of(d, pos) + 2ll * H) + lane);
+            }
+          }
+          if (lane < K) p.out_topk_weights[int64_t(t) * K + lane] = sum;
+        }
       }
+      role_barrier(kRecvBarrier);  // recv_abort is rewritten for the next chunk
     }
-    __syncthreads();
   }
   finish_round(p.state, 2, round);
 }

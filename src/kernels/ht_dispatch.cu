@@ -6,31 +6,6 @@
 namespace expertlink::kernels {
 namespace {
 
-// Row copy by one warp, 16-byte vectors, kCopyUnroll loads in flight per lane before the stores.
-// kInputRow: the non-coherent path for inputs that do not change during the kernel; otherwise L2-only
-// (.cg) loads, for rows a peer wrote into this rank's window.
-constexpr int kCopyUnroll = 8;
-
-template <bool kInputRow>
-__device__ __forceinline__ int4 load_vec(const int4* p) {
-  if constexpr (kInputRow) return ld_nc_v4(p);
-  else return __ldcg(p);
-}
-
-template <bool kInputRow>
-__device__ __forceinline__ void warp_copy_row(const int4* __restrict__ src, int4* __restrict__ dst, int64_t vecs,
-                                              int lane) {
-  for (int64_t v0 = lane; v0 < vecs; v0 += 32 * kCopyUnroll) {
-    int4 val[kCopyUnroll];
-#pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u)
-      if (v0 + u * 32 < vecs) val[u] = load_vec<kInputRow>(src + v0 + u * 32);
-#pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u)
-      if (v0 + u * 32 < vecs) dst[v0 + u * 32] = val[u];
-  }
-}
-
 __device__ __forceinline__ uint64_t warp_dest_mask(const int32_t* send_pos_row, int R, int lane, int& pos_lo,
                                                    int& pos_hi) {
   pos_lo = lane < R ? send_pos_row[lane] : -1;
@@ -40,7 +15,7 @@ __device__ __forceinline__ uint64_t warp_dest_mask(const int32_t* send_pos_row, 
 }
 
 __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchParams p) {
-  __shared__ int abort_flag;
+  __shared__ int abort_flag, recv_abort;
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -63,124 +38,147 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   __syncthreads();
   if (abort_flag) return;
 
-  // ---- send: chunk c of this rank's tokens, each row to every destination ----
-  const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
-  const int64_t local_row0 = p.handle.rank_prefix[me];
-  for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const int t_end = min(T, (c + 1) * chunk_tokens);
-    for (int t = c * chunk_tokens + warp; t < t_end; t += kHtWarps) {
-      int pos_lo, pos_hi;
-      uint64_t mask = warp_dest_mask(p.handle.send_pos + int64_t(t) * R, R, lane, pos_lo, pos_hi);
-      const char* x_row = static_cast<const char*>(p.x.data) + t * p.x.row_stride * elem_bytes;
-      // Row data first: each 16-byte vector of x is loaded once and stored to every destination. Lane
-      // d (and d + 32) holds destination d's row address; null for a local row past the capacity.
-      auto row_address = [&](int d, int pos) -> char* {
-        if (d >= R || pos < 0) return nullptr;
-        if (d == me) {
-          const int64_t row = local_row0 + pos;
-          return row < capacity ? static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * elem_bytes : nullptr;
-        }
-        return area_segment(w.peer_base[d], p.area_offset, me, d, p.area_rows, p.record_bytes) + pos * p.record_bytes;
-      };
-      char* const dst_lo = row_address(lane, pos_lo);
-      char* const dst_hi = row_address(lane + 32, pos_hi);
-      const int4* src = reinterpret_cast<const int4*>(x_row);
-      for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kCopyUnroll) {
-        int4 val[kCopyUnroll];
-#pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u)
-          if (v0 + u * 32 + lane < vecs) val[u] = ld_nc_v4(src + v0 + u * 32 + lane);
-        for (uint64_t m = mask; m != 0; m &= m - 1) {
-          const int d = __ffsll(m) - 1;
-          int4* dst = reinterpret_cast<int4*>(__shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? dst_lo : dst_hi), d & 31));
-          if (dst == nullptr) continue;
+  if (warp < kRoleWarps) {
+    // ---- send (first half of the warps): chunk c of this rank's tokens, each row to every destination ----
+    const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
+    const int64_t local_row0 = p.handle.rank_prefix[me];
+    for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+      const int t_end = min(T, (c + 1) * chunk_tokens);
+      for (int t = c * chunk_tokens + warp; t < t_end; t += kRoleWarps) {
+        int pos_lo, pos_hi;
+        uint64_t mask = warp_dest_mask(p.handle.send_pos + int64_t(t) * R, R, lane, pos_lo, pos_hi);
+        const char* x_row = static_cast<const char*>(p.x.data) + t * p.x.row_stride * elem_bytes;
+        // Row data first: each 16-byte vector of x is loaded once and stored to every destination. Lane
+        // d (and d + 32) holds destination d's row address; null for a local row past the capacity.
+        auto row_address = [&](int d, int pos) -> char* {
+          if (d >= R || pos < 0) return nullptr;
+          if (d == me) {
+            const int64_t row = local_row0 + pos;
+            return row < capacity ? static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * elem_bytes
+                                  : nullptr;
+          }
+          return area_segment(w.peer_base[d], p.area_offset, me, d, p.area_rows, p.record_bytes) +
+                 pos * p.record_bytes;
+        };
+        char* const dst_lo = row_address(lane, pos_lo);
+        char* const dst_hi = row_address(lane + 32, pos_hi);
+        const int4* src = reinterpret_cast<const int4*>(x_row);
+        for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kCopyUnroll) {
+          int4 val[kCopyUnroll];
 #pragma unroll
           for (int u = 0; u < kCopyUnroll; ++u)
-            if (v0 + u * 32 + lane < vecs) dst[v0 + u * 32 + lane] = val[u];
+            if (v0 + u * 32 + lane < vecs) val[u] = ld_nc_v4(src + v0 + u * 32 + lane);
+          for (uint64_t m = mask; m != 0; m &= m - 1) {
+            const int d = __ffsll(m) - 1;
+            int4* dst = reinterpret_cast<int4*>(
+                __shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? dst_lo : dst_hi), d & 31));
+            if (dst == nullptr) continue;
+#pragma unroll
+            for (int u = 0; u < kCopyUnroll; ++u)
+              if (v0 + u * 32 + lane < vecs) dst[v0 + u * 32 + lane] = val[u];
+          }
+        }
+        // Then the small per-row data: scales, remapped top-k, weights, source token.
+        while (mask != 0) {
+          const int d = __ffsll(mask) - 1;
+          mask &= mask - 1;
+          const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
+          if (d == me) {
+            const int64_t row = local_row0 + pos;
+            if (row >= capacity) continue;
+            for (int g = lane; g < p.scale_cols; g += 32) {
+              const int32_t v = static_cast<const int32_t*>(
+                  p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
+              static_cast<int32_t*>(
+                  p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] = v;
+            }
+            if (lane < K && p.recv_topk_idx != nullptr) {
+              int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
+              bool here = e >= 0 && e / experts_per_rank == d;
+              store_index(p.recv_topk_idx, p.idx_type, row * K + lane,
+                          here ? e - int64_t(d) * experts_per_rank : -1);
+              if (p.recv_topk_weights != nullptr)
+                p.recv_topk_weights[row * K + lane] =
+                    here ? static_cast<const float*>(p.topk_weights.data)[t * p.topk_weights.row_stride +
+                                                                          lane * p.topk_weights.col_stride]
+                         : 0.f;
+            }
+            if (lane == 0) p.handle.recv_src_token[row] = t;
+          } else {
+            char* rec = area_segment(w.peer_base[d], p.area_offset, me, d, p.area_rows, p.record_bytes) +
+                        pos * p.record_bytes;
+            int32_t* tail = reinterpret_cast<int32_t*>(rec + p.row_bytes);
+            for (int g = lane; g < p.scale_cols; g += 32)
+              tail[g] = static_cast<const int32_t*>(
+                  p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
+            tail += p.scale_cols;
+            if (lane < K && p.topk_idx != nullptr) {
+              int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
+              bool there = e >= 0 && e / experts_per_rank == d;
+              tail[lane] = there ? static_cast<int32_t>(e - int64_t(d) * experts_per_rank) : -1;
+              reinterpret_cast<float*>(tail)[K + lane] =
+                  there && p.topk_weights.data != nullptr
+                      ? static_cast<const float*>(p.topk_weights.data)[t * p.topk_weights.row_stride +
+                                                                       lane * p.topk_weights.col_stride]
+                      : 0.f;
+            }
+            if (lane == 0) tail[2 * K] = t;
+          }
         }
       }
-      // Then the small per-row data: scales, remapped top-k, weights, source token.
-      while (mask != 0) {
-        const int d = __ffsll(mask) - 1;
-        mask &= mask - 1;
-        const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
-        if (d == me) {
-          const int64_t row = local_row0 + pos;
+      // Publish chunk c to every other rank (also when it sent them nothing): every sender thread's rows,
+      // then (barrier, one system fence) the release stores of the chunk's round.
+      role_barrier(kSendBarrier);
+      if (threadIdx.x < R && threadIdx.x != me) {
+        __threadfence_system();
+        st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kDispatchChunk, me * kMaxChunks + c),
+                       round);
+      }
+    }
+  } else {
+    // ---- receive (second half): copy (source, chunk) blocks of rows out of the area as they arrive ----
+    const int rwarp = warp - kRoleWarps, rtid = threadIdx.x - kRoleThreads;
+    bool stop = false;
+    int item = 0;
+    for (int s = 0; s < R && !stop; ++s) {
+      if (s == me) continue;
+      const int n = ht_num_chunks(p.handle.src_tokens[s]);
+      const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
+      const int64_t row0 = p.handle.rank_prefix[s];
+      const char* seg = area_segment(w.local_base, p.area_offset, s, me, p.area_rows, p.record_bytes);
+      for (int c = 0; c < n; ++c, ++item) {
+        if (item % gridDim.x != blockIdx.x) continue;
+        const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
+        if (r0 == r1) continue;
+        if (rtid == 0)
+          recv_abort = !wait_geq(control_u64(w.local_base, control::kDispatchChunk, s * kMaxChunks + c),
+                                 round, ctx, WaitSite::kHtDispatchChunk, s, c);
+        role_barrier(kRecvBarrier);
+        if (recv_abort) {
+          stop = true;
+          break;
+        }
+        for (int r = r0 + rwarp; r < r1; r += kRoleWarps) {
+          const int64_t row = row0 + r;
           if (row >= capacity) continue;
-          for (int g = lane; g < p.scale_cols; g += 32) {
-            const int32_t v = static_cast<const int32_t*>(p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
-            static_cast<int32_t*>(p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] = v;
-          }
-          if (lane < K && p.recv_topk_idx != nullptr) {
-            int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
-            bool here = e >= 0 && e / experts_per_rank == d;
-            store_index(p.recv_topk_idx, p.idx_type, row * K + lane, here ? e - int64_t(d) * experts_per_rank : -1);
-            if (p.recv_topk_weights != nullptr)
-              p.recv_topk_weights[row * K + lane] =
-                  here ? static_cast<const float*>(p.topk_weights.data)[t * p.topk_weights.row_stride + lane * p.topk_weights.col_stride] : 0.f;
-          }
-          if (lane == 0) p.handle.recv_src_token[row] = t;
-        } else {
-          char* rec = area_segment(w.peer_base[d], p.area_offset, me, d, p.area_rows, p.record_bytes) + pos * p.record_bytes;
-          int32_t* tail = reinterpret_cast<int32_t*>(rec + p.row_bytes);
+          const char* rec = seg + int64_t(r) * p.record_bytes;
+          char* dst =
+              static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * (p.kind == RowKind::kBf16 ? 2 : 1);
+          warp_copy_row<false>(reinterpret_cast<const int4*>(rec), reinterpret_cast<int4*>(dst), vecs, lane);
+          const int32_t* tail = reinterpret_cast<const int32_t*>(rec + p.row_bytes);
           for (int g = lane; g < p.scale_cols; g += 32)
-            tail[g] = static_cast<const int32_t*>(p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
+            static_cast<int32_t*>(
+                p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] =
+                __ldcg(tail + g);
           tail += p.scale_cols;
-          if (lane < K && p.topk_idx != nullptr) {
-            int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
-            bool there = e >= 0 && e / experts_per_rank == d;
-            tail[lane] = there ? static_cast<int32_t>(e - int64_t(d) * experts_per_rank) : -1;
-            reinterpret_cast<float*>(tail)[K + lane] =
-                there && p.topk_weights.data != nullptr
-                    ? static_cast<const float*>(p.topk_weights.data)[t * p.topk_weights.row_stride + lane * p.topk_weights.col_stride]
-                    : 0.f;
+          if (lane < K && p.recv_topk_idx != nullptr) {
+            store_index(p.recv_topk_idx, p.idx_type, row * K + lane, __ldcg(tail + lane));
+            if (p.recv_topk_weights != nullptr)
+              p.recv_topk_weights[row * K + lane] = __ldcg(reinterpret_cast<const float*>(tail) + K + lane);
           }
-          if (lane == 0) tail[2 * K] = t;
+          if (lane == 0) p.handle.recv_src_token[row] = __ldcg(tail + 2 * K);
         }
-      }
-    }
-    // Publish chunk c to every other rank (also when it sent them nothing).
-    // Every thread's rows, then (bar.sync, one system fence) the release stores of the chunk's round.
-    __syncthreads();
-    if (threadIdx.x < R && threadIdx.x != me) {
-      __threadfence_system();
-      st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kDispatchChunk, me * kMaxChunks + c), round);
-    }
-  }
-
-  // ---- receive: copy (source, chunk) blocks of rows out of the area as they are published ----
-  int item = 0;
-  for (int s = 0; s < R; ++s) {
-    if (s == me) continue;
-    const int n = ht_num_chunks(p.handle.src_tokens[s]);
-    const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
-    const int64_t row0 = p.handle.rank_prefix[s];
-    const char* seg = area_segment(w.local_base, p.area_offset, s, me, p.area_rows, p.record_bytes);
-    for (int c = 0; c < n; ++c, ++item) {
-      if (item % gridDim.x != blockIdx.x) continue;
-      const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
-      if (r0 == r1) continue;
-      if (threadIdx.x == 0)
-        abort_flag = !wait_geq(control_u64(w.local_base, control::kDispatchChunk, s * kMaxChunks + c), round, ctx,
-                               WaitSite::kHtDispatchChunk, s, c);
-      __syncthreads();
-      if (abort_flag) return;
-      for (int r = r0 + warp; r < r1; r += kHtWarps) {
-        const int64_t row = row0 + r;
-        if (row >= capacity) continue;
-        const char* rec = seg + int64_t(r) * p.record_bytes;
-        char* dst = static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * (p.kind == RowKind::kBf16 ? 2 : 1);
-        warp_copy_row<false>(reinterpret_cast<const int4*>(rec), reinterpret_cast<int4*>(dst), vecs, lane);
-        const int32_t* tail = reinterpret_cast<const int32_t*>(rec + p.row_bytes);
-        for (int g = lane; g < p.scale_cols; g += 32)
-          static_cast<int32_t*>(p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] = __ldcg(tail + g);
-        tail += p.scale_cols;
-        if (lane < K && p.recv_topk_idx != nullptr) {
-          store_index(p.recv_topk_idx, p.idx_type, row * K + lane, __ldcg(tail + lane));
-          if (p.recv_topk_weights != nullptr)
-            p.recv_topk_weights[row * K + lane] = __ldcg(reinterpret_cast<const float*>(tail) + K + lane);
-        }
-        if (lane == 0) p.handle.recv_src_token[row] = __ldcg(tail + 2 * K);
+        role_barrier(kRecvBarrier);  // recv_abort is rewritten for the next item
       }
     }
   }

@@ -19,29 +19,29 @@ struct Strided2d {
 
 // Per-buffer device-local state of the HT protocol (not symmetric).
 struct HtState {
-  uint64_t* rounds;      // [3]: notify, dispatch, combine rounds completed by this rank
-  uint32_t* done_blocks; // [3]: blocks of the running kernel that have finished (last one bumps the round)
+  uint64_t* rounds;       // [3]: notify, dispatch, combine rounds completed by this rank
+  uint32_t* done_blocks;  // [3]: blocks of the running kernel that have finished (last one bumps the round)
 };
 
 // Device arrays of an HT handle (src/ht/handle.hpp owns them).
 struct HtHandleView {
-  int32_t* send_pos;      // [T, R]: position of token t among the rows this rank sends to d, -1 if none
-  uint64_t* token_mask;   // [T]: bit d set when token t goes to rank d (notify's scratch)
-  int32_t* rank_prefix;   // [R + 1]: first received row of each source rank; [R] = total
-  int32_t* chunk_prefix;  // [R, kMaxChunks + 1]: first row of each source chunk within its source segment
-  int32_t* src_tokens;    // [R]: T of each source rank
-  int32_t* expert_count;  // [E_local]: received rows per local expert, padded to the alignment
+  int32_t* send_pos;        // [T, R]: position of token t among the rows this rank sends to d, -1 if none
+  uint64_t* token_mask;     // [T]: bit d set when token t goes to rank d (notify's scratch)
+  int32_t* rank_prefix;     // [R + 1]: first received row of each source rank; [R] = total
+  int32_t* chunk_prefix;    // [R, kMaxChunks + 1]: first row of each source chunk within its source segment
+  int32_t* src_tokens;      // [R]: T of each source rank
+  int32_t* expert_count;    // [E_local]: received rows per local expert, padded to the alignment
   int32_t* recv_src_token;  // [capacity]: source token of each received row
-  int32_t* host_counts;   // host-mapped [kHostHeader + E_local], see HostCount
-  int64_t capacity;       // rows the outputs can hold
+  int32_t* host_counts;     // host-mapped [kHostHeader + E_local], see HostCount
+  int64_t capacity;         // rows the outputs can hold
 };
 
 // Host-mapped words of a handle, written by notify, read by the host after a sync.
 enum HostCount : int {
-  kHostTotal = 0,        // rows this rank receives
-  kHostOverCapacity = 1, // 1 when kHostTotal > capacity (rows past capacity are not written)
-  kHostBadExpert = 2,    // 1 when topk_idx held an id outside [-1, E): then [3] token, [4] slot, [5] value
-  kHostHeader = 8,       // then per-local-expert counts
+  kHostTotal = 0,         // rows this rank receives
+  kHostOverCapacity = 1,  // 1 when kHostTotal > capacity (rows past capacity are not written)
+  kHostBadExpert = 2,     // 1 when topk_idx held an id outside [-1, E): then [3] token, [4] slot, [5] value
+  kHostHeader = 8,        // then per-local-expert counts
 };
 
 enum class IdxType : int32_t { kNone, kI32, kI64 };
@@ -51,7 +51,7 @@ struct HtNotifyParams {
   SymmetricView win;
   HtState state;
   HtHandleView handle;
-  const void* topk_idx;     // [T, K] (IdxType), or null when is_token_in_rank is given
+  const void* topk_idx;  // [T, K] (IdxType), or null when is_token_in_rank is given
   IdxType idx_type;
   int64_t idx_row_stride, idx_col_stride;
   const uint8_t* is_token_in_rank;  // [T, R] bool, used when topk_idx is null
@@ -65,18 +65,18 @@ struct HtDispatchParams {
   HtHandleView handle;
   int num_tokens, hidden, topk, num_experts;
   RowKind kind;
-  int64_t row_bytes;             // bytes of hidden data per row (BF16: 2H, FP8: H)
-  int scale_cols;                // FP8: H/128 floats or ceil(H/512) int32 words; else 0
+  int64_t row_bytes;  // bytes of hidden data per row (BF16: 2H, FP8: H)
+  int scale_cols;     // FP8: H/128 floats or ceil(H/512) int32 words; else 0
   Strided2d x, x_scales, topk_weights;
   const void* topk_idx;
   IdxType idx_type;
   int64_t idx_row_stride, idx_col_stride;
   // Outputs (rows up to handle.capacity). Optional ones are null.
   void* recv_x;
-  int64_t recv_x_row_stride;   // elements
+  int64_t recv_x_row_stride;  // elements
   void* recv_scales;
   int64_t recv_scales_row_stride, recv_scales_col_stride;
-  void* recv_topk_idx;         // same IdxType as topk_idx
+  void* recv_topk_idx;  // same IdxType as topk_idx
   float* recv_topk_weights;
   int32_t* recv_expert_count;  // [E_local], optional copy of handle.expert_count
   int64_t record_bytes;        // bytes per row in the receiving area
@@ -89,15 +89,15 @@ struct HtCombineParams {
   HtState state;
   HtHandleView handle;
   int num_tokens, hidden, topk;
-  Strided2d x;                 // BF16 [N_recv, H] expert outputs of the received rows
-  Strided2d topk_weights;      // [N_recv, K] float, optional
-  Strided2d bias0, bias1;      // BF16 [T, H], optional
-  void* out;                   // BF16 [T, H]
+  Strided2d x;             // BF16 [N_recv, H] expert outputs of the received rows
+  Strided2d topk_weights;  // [N_recv, K] float, optional
+  Strided2d bias0, bias1;  // BF16 [T, H], optional
+  void* out;               // BF16 [T, H]
   int64_t out_row_stride;
-  float* out_topk_weights;     // [T, K], optional
+  float* out_topk_weights;  // [T, K], optional
   int64_t record_bytes;
   int64_t area_rows;
-  int64_t area_offset;         // of the combine area within the data region
+  int64_t area_offset;  // of the combine area within the data region
 };
 
 void launch_ht_layout(const void* topk_idx, IdxType idx_type, int64_t idx_row_stride, int64_t idx_col_stride,
@@ -109,7 +109,9 @@ void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t strea
 
 inline constexpr int kMaxTopkDevice = 32;
 
-__host__ __device__ inline int64_t align16(int64_t x) { return (x + 15) & ~int64_t(15); }
+__host__ __device__ inline int64_t align16(int64_t x) {
+  return (x + 15) & ~int64_t(15);
+}
 
 // Bytes per row in the receiving areas (layout in ht_protocol.cuh).
 __host__ __device__ inline int64_t dispatch_record_bytes(int64_t row_bytes, int scale_cols, int topk) {

@@ -25,8 +25,8 @@ __device__ __forceinline__ bool first_occurrence(const void* idx, IdxType type, 
   return true;
 }
 
-__global__ void ht_layout_kernel(const void* idx, IdxType type, int64_t rs, int64_t cs, int num_tokens, int topk,
-                                 int num_experts, int num_ranks, int32_t* tokens_per_rank,
+__global__ void ht_layout_kernel(const void* idx, IdxType type, int64_t rs, int64_t cs, int num_tokens,
+                                 int topk, int num_experts, int num_ranks, int32_t* tokens_per_rank,
                                  int32_t* tokens_per_expert, uint8_t* is_token_in_rank) {
   const int experts_per_rank = num_experts / num_ranks;
   for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < num_tokens; t += gridDim.x * blockDim.x) {
@@ -38,7 +38,8 @@ __global__ void ht_layout_kernel(const void* idx, IdxType type, int64_t rs, int6
     }
     for (int k = 0; k < topk; ++k) {
       int64_t e = load_index(idx, type, t * rs + k * cs);
-      if (e >= 0 && e < num_experts && first_occurrence(idx, type, rs, cs, t, k, e)) atomicAdd(&tokens_per_expert[e], 1);
+      if (e >= 0 && e < num_experts && first_occurrence(idx, type, rs, cs, t, k, e))
+        atomicAdd(&tokens_per_expert[e], 1);
     }
   }
 }
@@ -142,27 +143,33 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   if (tid < R) st_release_sys(control_u64(w.peer_base[tid], control::kNotifyTag, me), round);
 
   const WaitContext ctx{w.record, w.timeout_ns, me};
-  if (tid < R && !wait_geq(control_u64(w.local_base, control::kNotifyTag, tid), round, ctx, WaitSite::kHtNotify,
-                           tid, tid))
+  if (tid < R && !wait_geq(control_u64(w.local_base, control::kNotifyTag, tid), round, ctx,
+                           WaitSite::kHtNotify, tid, tid))
     failed = 1;
   __syncthreads();
   if (failed) return;
 
   // Every source's record has arrived: derive the receiving layout.
-  if (tid < R) {
-    const int32_t* meta = meta_record(w.local_base, round, tid);
-    const int src_T = meta[0];
-    p.handle.src_tokens[tid] = src_T;
-    int32_t* prefix = p.handle.chunk_prefix + tid * (kMaxChunks + 1);
-    int acc = 0, n = ht_num_chunks(src_T);
-    for (int c = 0; c < n; ++c) {
-      prefix[c] = acc;
-      acc += meta[control::kMetaHeader + c];
+  // Chunk prefixes of every source: one block-wide scan per source (thread c holds chunk c's count).
+  // A serial loop over the counts would wait on each load of the peer-written record in turn.
+  for (int s = 0; s < R; ++s) {
+    const int32_t* meta = meta_record(w.local_base, round, s);
+    const int src_T = meta[0], n = ht_num_chunks(src_T);
+    const int count = tid < n ? meta[control::kMetaHeader + tid] : 0;
+    int prefix = 0, total = 0;
+    BlockScan(scan_storage).ExclusiveSum(count, prefix, total);
+    int32_t* out = p.handle.chunk_prefix + s * (kMaxChunks + 1);
+    if (tid < n) out[tid] = prefix;
+    if (tid == 0) {
+      out[n] = total;
+      p.handle.src_tokens[s] = src_T;
     }
-    prefix[n] = acc;
-    const int64_t ours[3] = {p.hidden, p.topk, by_topk ? p.num_experts : 0};
-    for (int a = 0; a < 3; ++a)
-      if (meta[2 + a] != ours[a]) record_timeout(ctx, WaitSite::kMismatch, tid, a, ours[a], meta[2 + a], 0);
+    if (tid < 3) {
+      const int64_t ours[3] = {p.hidden, p.topk, by_topk ? p.num_experts : 0};
+      if (meta[2 + tid] != ours[tid])
+        record_timeout(ctx, WaitSite::kMismatch, s, tid, ours[tid], meta[2 + tid], 0);
+    }
+    __syncthreads();  // scan_storage is reused
   }
   if (tid == 0) {
     int acc = 0;
@@ -179,7 +186,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   if (by_topk) {
     for (int j = tid; j < experts_per_rank; j += kNotifyThreads) {
       int sum = 0;
-      for (int s = 0; s < R; ++s) sum += meta_record(w.local_base, round, s)[control::kMetaHeader + kMaxChunks + j];
+      for (int s = 0; s < R; ++s)
+        sum += meta_record(w.local_base, round, s)[control::kMetaHeader + kMaxChunks + j];
       sum = (sum + p.expert_alignment - 1) / p.expert_alignment * p.expert_alignment;
       p.handle.expert_count[j] = sum;
       p.handle.host_counts[kHostHeader + j] = sum;
@@ -201,9 +209,9 @@ void launch_ht_layout(const void* topk_idx, IdxType idx_type, int64_t idx_row_st
   EL_CUDA_CHECK(cudaMemsetAsync(tokens_per_expert, 0, sizeof(int32_t) * num_experts, stream));
   if (num_tokens == 0) return;
   int blocks = (num_tokens + 255) / 256;
-  ht_layout_kernel<<<blocks, 256, 0, stream>>>(topk_idx, idx_type, idx_row_stride, idx_col_stride, num_tokens, topk,
-                                              num_experts, num_ranks, tokens_per_rank, tokens_per_expert,
-                                              is_token_in_rank);
+  ht_layout_kernel<<<blocks, 256, 0, stream>>>(topk_idx, idx_type, idx_row_stride, idx_col_stride, num_tokens,
+                                               topk, num_experts, num_ranks, tokens_per_rank,
+                                               tokens_per_expert, is_token_in_rank);
   EL_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -38,6 +38,16 @@ namespace expertlink::kernels {
 // 32 warps: bytes in flight per SM (warps x lanes x unrolled 16-byte loads) set the copy rate.
 inline constexpr int kHtThreads = 1024;
 inline constexpr int kHtWarps = kHtThreads / 32;
+// Dispatch and combine split each block in two roles of equal size: the first half sends, the second
+// half receives (copy-out / reduce), so that receiving overlaps sending instead of following it. Each
+// role synchronizes on its own named barrier.
+inline constexpr int kRoleThreads = kHtThreads / 2;
+inline constexpr int kRoleWarps = kRoleThreads / 32;
+inline constexpr int kSendBarrier = 1, kRecvBarrier = 2;
+
+__device__ __forceinline__ void role_barrier(int id) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(kRoleThreads) : "memory");
+}
 
 __device__ __forceinline__ uint64_t* control_u64(char* window, size_t offset, int index) {
   return reinterpret_cast<uint64_t*>(window + offset) + index;
@@ -56,7 +66,8 @@ __device__ __forceinline__ char* area_segment(char* window, int64_t area_offset,
 }
 
 __device__ __forceinline__ int64_t load_index(const void* p, IdxType type, int64_t offset) {
-  return type == IdxType::kI64 ? static_cast<const int64_t*>(p)[offset] : static_cast<const int32_t*>(p)[offset];
+  return type == IdxType::kI64 ? static_cast<const int64_t*>(p)[offset]
+                               : static_cast<const int32_t*>(p)[offset];
 }
 
 __device__ __forceinline__ void store_index(void* p, IdxType type, int64_t offset, int64_t v) {
@@ -72,6 +83,33 @@ __device__ __forceinline__ int4 ld_nc_v4(const int4* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
+}
+
+// Row copy by one warp, 16-byte vectors, kCopyUnroll loads in flight per lane before the stores.
+// kInputRow: the non-coherent path for inputs that do not change during the kernel; otherwise L2-only
+// (.cg) loads, for rows a peer wrote into this rank's window.
+constexpr int kCopyUnroll = 8;
+
+template <bool kInputRow>
+__device__ __forceinline__ int4 load_vec(const int4* p) {
+  if constexpr (kInputRow)
+    return ld_nc_v4(p);
+  else
+    return __ldcg(p);
+}
+
+template <bool kInputRow>
+__device__ __forceinline__ void warp_copy_row(const int4* __restrict__ src, int4* __restrict__ dst,
+                                              int64_t vecs, int lane) {
+  for (int64_t v0 = lane; v0 < vecs; v0 += 32 * kCopyUnroll) {
+    int4 val[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u)
+      if (v0 + u * 32 < vecs) val[u] = load_vec<kInputRow>(src + v0 + u * 32);
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u)
+      if (v0 + u * 32 < vecs) dst[v0 + u * 32] = val[u];
+  }
 }
 
 // The last block of a kernel to finish advances the rank's round counter `which` (the next kernel on
