@@ -2,8 +2,8 @@
 //
 // Protocol: rank r keeps a device-local epoch counter. Entering barrier number e (= ++epoch), thread p
 // stores e with release semantics into peer p's barrier_signal[r], then waits (bounded) until its own
-// barrier_signal[p] >= e. A release store after the block's prior writes (ordered by __syncthreads and
-// the fence) makes those writes visible to any peer that acquired the signal.
+// barrier_signal[p] >= e. The block barrier, then a system fence and the release store in the
+// signalling thread, make the block's prior writes visible to any peer that acquired the signal.
 #pragma once
 
 #include "comm/symmetric_memory.hpp"
@@ -19,8 +19,7 @@ __device__ __forceinline__ uint64_t* barrier_signal(char* window_base, int slot)
 __device__ __forceinline__ bool barrier_block(const SymmetricView& v) {
   __shared__ uint64_t epoch;
   __shared__ int ok;
-  __threadfence_system();  // this block's earlier writes (local and to peers) before the signals
-  __syncthreads();
+  __syncthreads();  // this block's earlier writes, then (fence in each signalling thread) the signals
   if (threadIdx.x == 0) {
     epoch = *v.barrier_epoch + 1;
     *v.barrier_epoch = epoch;
@@ -29,6 +28,7 @@ __device__ __forceinline__ bool barrier_block(const SymmetricView& v) {
   __syncthreads();
   const WaitContext ctx{v.record, v.timeout_ns, v.rank};
   for (int p = threadIdx.x; p < v.num_ranks; p += blockDim.x) {
+    __threadfence_system();
     st_release_sys(barrier_signal(v.peer_base[p], v.rank), epoch);
   }
   for (int p = threadIdx.x; p < v.num_ranks; p += blockDim.x) {

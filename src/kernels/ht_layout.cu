@@ -137,10 +137,13 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     __syncthreads();
   }
 
-  // Publish: every thread's meta writes, then one release store per destination.
-  __threadfence_system();
+  // Publish: every thread's meta writes (block barrier), then per destination one system fence and a
+  // release store. A fence in every thread would wait for the block's host-mapped writes 1024 times.
   __syncthreads();
-  if (tid < R) st_release_sys(control_u64(w.peer_base[tid], control::kNotifyTag, me), round);
+  if (tid < R) {
+    __threadfence_system();
+    st_release_sys(control_u64(w.peer_base[tid], control::kNotifyTag, me), round);
+  }
 
   const WaitContext ctx{w.record, w.timeout_ns, me};
   if (tid < R && !wait_geq(control_u64(w.local_base, control::kNotifyTag, tid), round, ctx,
