@@ -21,14 +21,16 @@ __global__ void quantize_fp8_kernel(const uint16_t* x, int64_t hidden, uint8_t* 
 }
 
 // Block per row, 8 BF16 values per thread and step.
-__global__ void fill_expert_outputs_kernel(uint16_t* rows, const RowId* ids, const uint16_t* all_x,
-                                           int64_t tokens, int64_t hidden, Family family, int dst_rank) {
+__global__ void fill_expert_outputs_kernel(uint16_t* rows, const RowId* ids, const int64_t* positions,
+                                           const uint16_t* all_x, int64_t tokens, int64_t hidden,
+                                           Family family, int dst_rank) {
   const int64_t j = blockIdx.x;
+  const int64_t at = positions != nullptr ? positions[j] : j;
   const RowId id = ids[j];
   const float factor = expert_output_factor(family, dst_rank, id.expert);
   const uint4* src = reinterpret_cast<const uint4*>(
       all_x + (static_cast<int64_t>(id.src_rank) * tokens + id.token) * hidden);
-  uint4* dst = reinterpret_cast<uint4*>(rows + j * hidden);
+  uint4* dst = reinterpret_cast<uint4*>(rows + at * hidden);
   for (int64_t v = threadIdx.x; v < hidden / 8; v += blockDim.x) {
     uint4 in = src[v];
     uint32_t w[4] = {in.x, in.y, in.z, in.w};
@@ -55,7 +57,8 @@ __global__ void check_rows_kernel(RowsToCheck c, RowCheck* result) {
   const RowId id = c.ids[j];
   const int64_t src_row = static_cast<int64_t>(id.src_rank) * c.tokens + id.token;
   const int64_t groups = c.hidden / 128;
-  const uint8_t* got = c.data + j * c.data_stride;
+  const int64_t at = c.positions != nullptr ? c.positions[j] : j;
+  const uint8_t* got = c.data + at * c.data_stride;
   if (c.mode == CheckMode::kBf16Exact) {
     const uint16_t* want = c.all_x_bf16 + src_row * c.hidden;
     const uint16_t* g = reinterpret_cast<const uint16_t*>(got);
@@ -65,13 +68,13 @@ __global__ void check_rows_kernel(RowsToCheck c, RowCheck* result) {
     const uint8_t* want = c.all_x_fp8 + src_row * c.hidden;
     for (int64_t i = threadIdx.x; i < c.hidden; i += blockDim.x)
       if (got[i] != want[i]) report(result, j, i);
-    const float* s = c.scales + j * c.scales_stride;
+    const float* s = c.scales + at * c.scales_stride;
     const float* ws = c.all_x_scales + src_row * groups;
     for (int64_t i = threadIdx.x; i < groups; i += blockDim.x)
       if (__float_as_uint(s[i]) != __float_as_uint(ws[i])) report(result, j, c.hidden + i);
   } else {
     const uint16_t* want = c.all_x_bf16 + src_row * c.hidden;
-    const float* s = c.scales + j * c.scales_stride;
+    const float* s = c.scales + at * c.scales_stride;
     for (int64_t i = threadIdx.x; i < c.hidden; i += blockDim.x) {
       float scale = s[i / 128];
       float deq = fp8_to_float(got[i]) * scale;
@@ -79,7 +82,7 @@ __global__ void check_rows_kernel(RowsToCheck c, RowCheck* result) {
     }
   }
   if (c.meta != nullptr && threadIdx.x == 0) {
-    const int32_t* m = reinterpret_cast<const int32_t*>(c.meta + j * c.meta_stride);
+    const int32_t* m = reinterpret_cast<const int32_t*>(c.meta + at * c.meta_stride);
     if (m[0] != id.token || m[1] != id.slot || m[2] != id.expert || m[3] != id.src_rank)
       report(result, j, c.hidden + groups);
   }
@@ -99,12 +102,12 @@ void launch_quantize_fp8(const uint16_t* x, int64_t tokens, int64_t hidden, uint
   EL_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_fill_expert_outputs(uint16_t* rows, const RowId* ids, int64_t n, const uint16_t* all_x,
-                                int64_t tokens, int64_t hidden, Family family, int dst_rank,
-                                cudaStream_t stream) {
+void launch_fill_expert_outputs(uint16_t* rows, const RowId* ids, const int64_t* positions, int64_t n,
+                                const uint16_t* all_x, int64_t tokens, int64_t hidden, Family family,
+                                int dst_rank, cudaStream_t stream) {
   if (n == 0) return;
-  fill_expert_outputs_kernel<<<static_cast<unsigned>(n), 128, 0, stream>>>(rows, ids, all_x, tokens, hidden,
-                                                                           family, dst_rank);
+  fill_expert_outputs_kernel<<<static_cast<unsigned>(n), 128, 0, stream>>>(rows, ids, positions, all_x,
+                                                                           tokens, hidden, family, dst_rank);
   EL_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -14,15 +14,15 @@ namespace expertlink::bench {
 void launch_quantize_fp8(const uint16_t* x, int64_t tokens, int64_t hidden, uint8_t* out, float* scales,
                          cudaStream_t stream);
 
-// rows[j] = bf16(all_x[ids[j].src_rank][ids[j].token] * expert_output_factor(family, dst_rank,
-// ids[j].expert)).
-void launch_fill_expert_outputs(uint16_t* rows, const RowId* ids, int64_t n, const uint16_t* all_x,
-                                int64_t tokens, int64_t hidden, Family family, int dst_rank,
-                                cudaStream_t stream);
+// rows[p] = bf16(all_x[ids[j].src_rank][ids[j].token] * expert_output_factor(family, dst_rank,
+// ids[j].expert)) with p = positions[j] (device), or p = j where positions is null.
+void launch_fill_expert_outputs(uint16_t* rows, const RowId* ids, const int64_t* positions, int64_t n,
+                                const uint16_t* all_x, int64_t tokens, int64_t hidden, Family family,
+                                int dst_rank, cudaStream_t stream);
 
-// What a row check found: `count` mismatching elements; the first one (smallest row, then column) is
-// row = first >> 32, column = first & 0xffffffff, where columns [0, hidden) are values, [hidden,
-// hidden + hidden/128) scales and hidden + hidden/128 the source info.
+// What a row check found: `count` mismatching elements; the first one (smallest row, then column; rows
+// are indices into ids) is row = first >> 32, column = first & 0xffffffff, where columns [0, hidden) are
+// values, [hidden, hidden + hidden/128) scales and hidden + hidden/128 the source info.
 struct RowCheck {
   unsigned long long first;
   unsigned long long count;
@@ -42,7 +42,8 @@ struct RowsToCheck {
   int64_t scales_stride;  // floats
   const uint8_t* meta;    // int32 x 4 {token, slot, expert, src_rank} per row, or null
   int64_t meta_stride;
-  const RowId* ids;  // device
+  const RowId* ids;          // device
+  const int64_t* positions;  // device: ids[j]'s row is row positions[j] of data / scales / meta; null: j
   int64_t n;
   int64_t tokens;
   int64_t hidden;

@@ -154,7 +154,9 @@ ExpertOutputs ExpertLinkImpl::prepare(Op op, cudaStream_t stream) {
   buffer_->synchronize(stream);
   combine_rows_ = handle_.num_recv_tokens();
   const Inputs& in = data_->inputs();
-  ExpertOutputs eo{recv_x_.as<uint16_t>(), received_rows(Family::kHt, data_->routings(), in.rank)};
+  ExpertOutputs eo;
+  eo.rows = recv_x_.as<uint16_t>();
+  eo.ids = received_rows(Family::kHt, data_->routings(), in.rank);
   if (static_cast<int64_t>(eo.ids.size()) != combine_rows_)
     EL_FAIL(ErrorCode::kInternal, "expertlink's dispatch received %lld rows, the routing says %zu",
             static_cast<long long>(combine_rows_), eo.ids.size());

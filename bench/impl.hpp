@@ -1,7 +1,8 @@
 // An implementation of the workloads: the NCCL baseline (nccl_baseline.hpp) is the first; ExpertLink's
 // own kernels plug in as another (expertlink_impl.hpp). The harness (runner.cpp) calls, per case:
 //   setup(data) -> for each op, for each of its variants: select(op, variant) -> prepare(op) [untimed]
-//   -> run(op) [timed, many times] -> views and check_own(op) [checked] -> teardown().
+//   -> many times: before_run(op) [untimed], run(op) [timed], after_run(op) [untimed]
+//   -> views and check_own(op) [checked] -> teardown().
 #pragma once
 
 #include <cstdint>
@@ -32,6 +33,9 @@ struct DispatchView {
   const uint8_t* meta = nullptr;
   int64_t meta_stride = 0;
   std::vector<RowId> ids;
+  // Optional, for layouts with gaps (LL's expert-major slots): ids[j]'s row is row positions[j] of data,
+  // scales and meta (strides as above) instead of row j. Empty: row j.
+  std::vector<int64_t> positions;
 };
 
 // The rows a combine sends back, [ids.size(), hidden] BF16 on the device; the harness writes the expert
@@ -39,6 +43,7 @@ struct DispatchView {
 struct ExpertOutputs {
   uint16_t* rows = nullptr;
   std::vector<RowId> ids;
+  std::vector<int64_t> positions;  // optional: ids[j]'s row is row positions[j] of `rows`; empty: row j
 };
 
 // One configuration of an op measured as its own record (another SM count, another sizing mode). The
@@ -67,6 +72,11 @@ class Impl {
   virtual ExpertOutputs prepare(Op op, cudaStream_t stream) = 0;
   // Timed (collective): enqueue one `op` on `stream`; may wait on the host where the method must.
   virtual void run(Op op, cudaStream_t stream) = 0;
+  // Untimed, around every run(op), warm-up included (collective): before_run is enqueued before the L2
+  // flush and the ranks' line-up, after_run after the run's end event. For what a figure leaves out (the
+  // other half of a split call) and for re-poisoning outputs so that the checked run wrote them itself.
+  virtual void before_run(Op, cudaStream_t) {}
+  virtual void after_run(Op, cudaStream_t) {}
   // After run(op): its dispatch's received rows (op_has_dispatch) and its combined [tokens, hidden] BF16
   // output (op_has_combine).
   virtual DispatchView dispatch_view(Op op) = 0;

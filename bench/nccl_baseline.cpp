@@ -140,8 +140,9 @@ ExpertOutputs NcclBaseline::prepare(Op op, cudaStream_t stream) {
   // The combine returns the rows of a dispatch: run one (BF16 for HT, whose experts get BF16 rows).
   dispatch(op_family(op) == Family::kHt ? Op::kHtDispatchBf16 : Op::kLlDispatchFp8, stream);
   wait_stream(stream, wait_timeout_s_, "the NCCL baseline's preparatory dispatch");
-  ExpertOutputs eo{combine_in_.as<uint16_t>(),
-                   received_rows(op_family(op), data_->routings(), data_->inputs().rank)};
+  ExpertOutputs eo;
+  eo.rows = combine_in_.as<uint16_t>();
+  eo.ids = received_rows(op_family(op), data_->routings(), data_->inputs().rank);
   if (static_cast<int64_t>(eo.ids.size()) != total_recv_)
     EL_FAIL(ErrorCode::kInternal, "the NCCL baseline's dispatch received %lld rows, the routing says %zu",
             static_cast<long long>(total_recv_), eo.ids.size());

@@ -6,6 +6,7 @@
 #include "check.hpp"
 #include "expertlink/communicator.hpp"
 #include "expertlink_impl.hpp"
+#include "expertlink_ll_impl.hpp"
 #include "nccl_baseline.hpp"
 #include "timing.hpp"
 #include "verify.hpp"
@@ -33,7 +34,8 @@ Record measure(Impl& impl, Op op, const Variant& variant, const CaseData& data, 
   if (op_has_combine(op)) fill_expert_outputs(outputs, data, stream);
   wait_stream(stream, kWaitTimeoutS, "the preparation");
 
-  Timed t = timer.time([&] { impl.run(op, stream); });
+  Timed t = timer.time([&] { impl.run(op, stream); }, [&] { impl.before_run(op, stream); },
+                       [&] { impl.after_run(op, stream); });
 
   // The last timed run's output is what gets checked.
   std::vector<std::string> problems;
@@ -89,7 +91,10 @@ std::vector<std::unique_ptr<Impl>> make_impls(const std::vector<std::string>& na
     return names.empty() || std::find(names.begin(), names.end(), n) != names.end();
   };
   if (wanted("nccl")) impls.push_back(std::make_unique<NcclBaseline>(wait_timeout_s));
-  if (wanted("expertlink")) impls.push_back(std::make_unique<ExpertLinkImpl>(sms));
+  if (wanted("expertlink")) {
+    impls.push_back(std::make_unique<ExpertLinkImpl>(sms));  // HT
+    impls.push_back(std::make_unique<ExpertLinkLlImpl>());   // LL, same library name
+  }
   return impls;
 }
 

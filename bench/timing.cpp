@@ -79,11 +79,14 @@ int64_t Timer::allreduce_sum(int64_t value) {
   return *host_.as<int64_t>();
 }
 
-Timed Timer::time(const std::function<void()>& run) {
+Timed Timer::time(const std::function<void()>& run, const std::function<void()>& before,
+                  const std::function<void()>& after) {
   for (int i = 0; i < warmup_; ++i) {
+    if (before) before();
     flush_l2();
     barrier();
     run();
+    if (after) after();
   }
   std::vector<cudaEvent_t> events(2 * static_cast<size_t>(iters_), nullptr);
   for (auto& e : events) EL_CUDA_CHECK(cudaEventCreate(&e));
@@ -95,11 +98,13 @@ Timed Timer::time(const std::function<void()>& run) {
     }
   } destroy{events};
   for (int i = 0; i < iters_; ++i) {
+    if (before) before();
     flush_l2();
     barrier();
     EL_CUDA_CHECK(cudaEventRecord(events[2 * i], stream_));
     run();
     EL_CUDA_CHECK(cudaEventRecord(events[2 * i + 1], stream_));
+    if (after) after();
   }
   wait_stream(stream_, wait_timeout_s_, "the timed runs");
   std::vector<double> us;

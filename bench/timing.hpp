@@ -31,7 +31,10 @@ class Timer {
   Timer(ncclComm_t comm, cudaStream_t stream, int warmup, int iters, double wait_timeout_s);
 
   // Collective: every rank calls it for the same operation. `run` enqueues one operation on the stream.
-  Timed time(const std::function<void()>& run);
+  // `before` (before the L2 flush and the line-up) and `after` (after the end event) enqueue untimed work
+  // around every run, warm-up included; either may be empty.
+  Timed time(const std::function<void()>& run, const std::function<void()>& before = {},
+             const std::function<void()>& after = {});
 
   // Collective helpers on the same stream.
   void barrier();

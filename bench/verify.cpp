@@ -12,11 +12,18 @@
 namespace expertlink::bench {
 namespace {
 
-DeviceBuffer upload_ids(const std::vector<RowId>& ids, cudaStream_t stream) {
-  DeviceBuffer buf(ids.size() * sizeof(RowId));
-  if (!ids.empty())
-    EL_CUDA_CHECK(cudaMemcpyAsync(buf.as(), ids.data(), buf.bytes(), cudaMemcpyHostToDevice, stream));
+template <typename T>
+DeviceBuffer upload(const std::vector<T>& v, cudaStream_t stream) {
+  DeviceBuffer buf(v.size() * sizeof(T));
+  if (!v.empty())
+    EL_CUDA_CHECK(cudaMemcpyAsync(buf.as(), v.data(), buf.bytes(), cudaMemcpyHostToDevice, stream));
   return buf;
+}
+
+// Positions, when given, must name one row per id.
+void check_positions(const std::vector<int64_t>& positions, size_t ids, const char* what) {
+  EL_CHECK(positions.empty() || positions.size() == ids, "%s: %zu positions for %zu rows", what,
+           positions.size(), ids);
 }
 
 template <typename T>
@@ -49,11 +56,13 @@ std::string describe_row(const RowId& id) {
 void fill_expert_outputs(const ExpertOutputs& out, const CaseData& data, cudaStream_t stream) {
   if (out.ids.empty()) return;
   EL_CHECK(out.rows != nullptr, "prepare() returned %zu expert-output ids but no rows", out.ids.size());
-  DeviceBuffer ids = upload_ids(out.ids, stream);
+  check_positions(out.positions, out.ids.size(), "prepare()'s expert outputs");
+  DeviceBuffer ids = upload(out.ids, stream), positions = upload(out.positions, stream);
   const Inputs& in = data.inputs();
-  launch_fill_expert_outputs(out.rows, ids.as<RowId>(), static_cast<int64_t>(out.ids.size()),
-                             data.all_x_bf16(), in.tokens, in.hidden, in.family, in.rank, stream);
-  wait_stream(stream, 120.0, "the expert outputs' fill");  // `ids` is freed on return
+  launch_fill_expert_outputs(out.rows, ids.as<RowId>(), positions.as<int64_t>(),
+                             static_cast<int64_t>(out.ids.size()), data.all_x_bf16(), in.tokens, in.hidden,
+                             in.family, in.rank, stream);
+  wait_stream(stream, 120.0, "the expert outputs' fill");  // `ids` and `positions` are freed on return
 }
 
 CheckResult check_dispatch(Op op, const DispatchView& view, const CaseData& data, cudaStream_t stream,
@@ -77,8 +86,10 @@ CheckResult check_dispatch(Op op, const DispatchView& view, const CaseData& data
   c.scales_stride = view.scales_stride;
   c.meta = view.meta;
   c.meta_stride = view.meta_stride;
-  DeviceBuffer ids = upload_ids(view.ids, stream);
+  check_positions(view.positions, view.ids.size(), "dispatch_view()");
+  DeviceBuffer ids = upload(view.ids, stream), positions = upload(view.positions, stream);
   c.ids = ids.as<RowId>();
+  c.positions = positions.as<int64_t>();
   c.n = n;
   c.tokens = in.tokens;
   c.hidden = in.hidden;
@@ -96,39 +107,41 @@ CheckResult check_dispatch(Op op, const DispatchView& view, const CaseData& data
   const int64_t row = static_cast<int64_t>(rc.first >> 32),
                 col = static_cast<int64_t>(rc.first & 0xffffffffu);
   const RowId& id = view.ids[static_cast<size_t>(row)];
+  const int64_t at = view.positions.empty() ? row : view.positions[static_cast<size_t>(row)];
   const int64_t src_row = static_cast<int64_t>(id.src_rank) * in.tokens + id.token;
   const int64_t groups = in.hidden / 128;
   char buf[512];
   if (col == in.hidden + groups) {
     int32_t m[4];
-    EL_CUDA_CHECK(cudaMemcpy(m, view.meta + row * view.meta_stride, sizeof m, cudaMemcpyDeviceToHost));
+    EL_CUDA_CHECK(cudaMemcpy(m, view.meta + at * view.meta_stride, sizeof m, cudaMemcpyDeviceToHost));
     std::snprintf(buf, sizeof buf,
                   "source info: expected {token %d, slot %d, expert %d, rank %d}, got {%d, %d, %d, %d}",
                   id.token, id.slot, id.expert, id.src_rank, m[0], m[1], m[2], m[3]);
   } else if (col >= in.hidden) {
     float want = read_one<float>(data.all_x_scales() + src_row * groups + (col - in.hidden));
-    float got = read_one<float>(view.scales + row * view.scales_stride + (col - in.hidden));
+    float got = read_one<float>(view.scales + at * view.scales_stride + (col - in.hidden));
     std::snprintf(buf, sizeof buf, "scale %lld: expected %g, got %g", static_cast<long long>(col - in.hidden),
                   want, got);
   } else if (c.mode == CheckMode::kBf16Exact) {
     uint16_t want = read_one<uint16_t>(data.all_x_bf16() + src_row * in.hidden + col);
-    uint16_t got = read_one<uint16_t>(view.data + row * view.data_stride + col * 2);
+    uint16_t got = read_one<uint16_t>(view.data + at * view.data_stride + col * 2);
     std::snprintf(buf, sizeof buf, "column %lld: expected %g (0x%04x), got %g (0x%04x)",
                   static_cast<long long>(col), bf16_to_float(want), want, bf16_to_float(got), got);
   } else if (c.mode == CheckMode::kFp8Exact) {
     uint8_t want = read_one<uint8_t>(data.all_x_fp8() + src_row * in.hidden + col);
-    uint8_t got = read_one<uint8_t>(view.data + row * view.data_stride + col);
+    uint8_t got = read_one<uint8_t>(view.data + at * view.data_stride + col);
     std::snprintf(buf, sizeof buf, "column %lld: expected e4m3 0x%02x, got 0x%02x",
                   static_cast<long long>(col), want, got);
   } else {
     uint16_t want = read_one<uint16_t>(data.all_x_bf16() + src_row * in.hidden + col);
-    uint8_t got = read_one<uint8_t>(view.data + row * view.data_stride + col);
-    float scale = read_one<float>(view.scales + row * view.scales_stride + col / 128);
+    uint8_t got = read_one<uint8_t>(view.data + at * view.data_stride + col);
+    float scale = read_one<float>(view.scales + at * view.scales_stride + col / 128);
     std::snprintf(buf, sizeof buf, "column %lld: expected about %g, got e4m3 0x%02x x scale %g = %g",
                   static_cast<long long>(col), bf16_to_float(want), got, scale,
                   fp8_e4m3_to_float(got) * scale);
   }
-  res.first = "row " + std::to_string(row) + " " + describe_row(id) + " " + buf;
+  res.first = "row " + std::to_string(row) + (at != row ? " (at " + std::to_string(at) + ")" : "") + " " +
+              describe_row(id) + " " + buf;
   return res;
 }
 

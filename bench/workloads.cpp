@@ -140,6 +140,39 @@ std::vector<RowId> received_rows(Family family, const Routings& rt, int dst) {
   return rows;
 }
 
+LlLayout ll_layout(const Routings& rt, int dst, int64_t capacity) {
+  const int R = rt.num_ranks, per_rank = rt.experts_per_rank();
+  LlLayout lay;
+  lay.slots_per_expert = R * capacity;
+  lay.recv_count.assign(static_cast<size_t>(per_rank), 0);
+  lay.range_begin.assign(static_cast<size_t>(per_rank) * R, 0);
+  lay.range_count.assign(static_cast<size_t>(per_rank) * R, 0);
+  for (int j = 0; j < per_rank; ++j) {
+    const int64_t expert = int64_t{dst} * per_rank + j;
+    for (int s = 0; s < R; ++s) {
+      const std::vector<int64_t>& idx = rt.topk_all[static_cast<size_t>(s)];
+      const size_t range = static_cast<size_t>(j) * R + s;
+      lay.range_begin[range] = lay.recv_count[static_cast<size_t>(j)];
+      for (int64_t t = 0; t < rt.tokens; ++t) {
+        for (int k = 0; k < rt.topk; ++k) {
+          if (idx[static_cast<size_t>(t * rt.topk + k)] != expert) continue;
+          int32_t& slot = lay.recv_count[static_cast<size_t>(j)];
+          lay.ids.push_back(RowId{s, static_cast<int32_t>(t), k, static_cast<int32_t>(expert)});
+          lay.positions.push_back(j * lay.slots_per_expert + slot);
+          ++slot;
+          ++lay.range_count[range];
+          break;  // one row per (token, expert)
+        }
+      }
+    }
+  }
+  return lay;
+}
+
+int64_t ll_capacity(int64_t tokens) {
+  return std::max(tokens, nominal_tokens(Family::kLl));
+}
+
 namespace {
 
 struct PhaseBytes {

@@ -87,6 +87,25 @@ Traffic count_traffic(Family family, const Routings& routings);
 // implementation with another layout (LL expert-major) builds its own list from the same routings.
 std::vector<RowId> received_rows(Family family, const Routings& routings, int dst);
 
+// LL dispatch's expert-major output on rank `dst` (include/expertlink/low_latency.hpp, the oracle's
+// order): for each local expert j, the valid selections whose expert is j's, by source rank, then source
+// token, at slots [0, recv_count[j]) of j's R * capacity slots. ids[i] is at row positions[i] of the
+// [E_local * R * capacity] rows; range_begin / range_count [E_local, R] are each source rank's block. A
+// token that lists an expert twice sends one row (its first slot).
+struct LlLayout {
+  int64_t slots_per_expert = 0;  // R * capacity
+  std::vector<RowId> ids;
+  std::vector<int64_t> positions;
+  std::vector<int32_t> recv_count;   // [E_local]
+  std::vector<int32_t> range_begin;  // [E_local, R]
+  std::vector<int32_t> range_count;  // [E_local, R]
+};
+LlLayout ll_layout(const Routings& routings, int dst, int64_t capacity);
+
+// num_max_dispatch_tokens_per_rank of LL figures at `tokens` tokens per rank: the nominal 128 (a model
+// fixes its capacity; fewer tokens use part of it), or the token count where it is larger.
+int64_t ll_capacity(int64_t tokens);
+
 // The byte counts of one figure. Per rank r (WORKLOADS.md): HT dispatch and combine count the rows r
 // receives in dispatch; LL dispatch and combine count the selections r sends. The figure's `bytes` is
 // the largest per-rank count (its time is the slowest rank's); `remote_bytes` is the largest over ranks

@@ -365,3 +365,83 @@ TEST(BenchWorkloads, HtLayoutMatchesTheOracleOnGeneratedRoutings) {
     }
   }
 }
+
+TEST(BenchWorkloads, LlLayoutIsExpertMajorBySourceRankThenToken) {
+  // Rank 0 holds experts 0 and 1; capacity 4 gives each expert 2 * 4 = 8 slots.
+  eb::LlLayout lay = eb::ll_layout(two_rank_routings(), 0, 4);
+  EXPECT_EQ(lay.slots_per_expert, 8);
+  ASSERT_EQ(lay.ids.size(), 4u);
+  EXPECT_EQ(lay.positions, (std::vector<int64_t>{0, 1, 8, 9}));
+  // Expert 0: rank 0 tokens 0 and 1. Expert 1: rank 0 token 0 (slot 1), then rank 1 token 1 (slot 0).
+  EXPECT_EQ((std::vector<int>{lay.ids[0].src_rank, lay.ids[0].token, lay.ids[0].slot, lay.ids[0].expert}),
+            (std::vector<int>{0, 0, 0, 0}));
+  EXPECT_EQ((std::vector<int>{lay.ids[1].src_rank, lay.ids[1].token, lay.ids[1].slot, lay.ids[1].expert}),
+            (std::vector<int>{0, 1, 0, 0}));
+  EXPECT_EQ((std::vector<int>{lay.ids[2].src_rank, lay.ids[2].token, lay.ids[2].slot, lay.ids[2].expert}),
+            (std::vector<int>{0, 0, 1, 1}));
+  EXPECT_EQ((std::vector<int>{lay.ids[3].src_rank, lay.ids[3].token, lay.ids[3].slot, lay.ids[3].expert}),
+            (std::vector<int>{1, 1, 0, 1}));
+  EXPECT_EQ(lay.recv_count, (std::vector<int32_t>{2, 2}));
+  EXPECT_EQ(lay.range_begin, (std::vector<int32_t>{0, 2, 0, 1}));
+  EXPECT_EQ(lay.range_count, (std::vector<int32_t>{2, 0, 1, 1}));
+  // Rank 1 (experts 2, 3): expert 2 gets rank 0 token 1 and rank 1 token 0; expert 3 rank 0 token 2 and
+  // rank 1 token 0.
+  eb::LlLayout lay1 = eb::ll_layout(two_rank_routings(), 1, 4);
+  EXPECT_EQ(lay1.positions, (std::vector<int64_t>{0, 1, 8, 9}));
+  EXPECT_EQ(lay1.recv_count, (std::vector<int32_t>{2, 2}));
+  EXPECT_EQ(eb::ll_capacity(1), 128);
+  EXPECT_EQ(eb::ll_capacity(128), 128);
+  EXPECT_EQ(eb::ll_capacity(256), 256);
+}
+
+// ExpertLink's LL implementation is checked against this layout: it must be the oracle's.
+TEST(BenchWorkloads, LlLayoutMatchesTheOracleOnGeneratedRoutings) {
+  namespace ref = expertlink::reference;
+  for (Routing routing : {Routing::kUniform, Routing::kSkewed}) {
+    for (int ranks : {1, 2, 4, 8}) {
+      const expertlink::workload::Shape shape = eb::family_shape(eb::Family::kLl, 128);
+      const int64_t hidden = 128, capacity = eb::ll_capacity(shape.tokens);  // any hidden: layout only
+      eb::Routings rt;
+      rt.num_ranks = ranks;
+      rt.tokens = shape.tokens;
+      rt.topk = shape.topk;
+      rt.num_experts = shape.num_experts;
+      std::vector<ref::LlDispatchInput> inputs;
+      for (int r = 0; r < ranks; ++r) {
+        rt.topk_all.push_back(expertlink::workload::make_topk_idx(shape.tokens, shape.topk, shape.num_experts,
+                                                                  ranks, routing, 5, r, shape.masked_slots));
+        ref::LlDispatchInput in;
+        in.num_tokens = shape.tokens;
+        in.x = expertlink::workload::make_bf16(static_cast<size_t>(shape.tokens * hidden), 5, r);
+        in.topk_idx = rt.topk_all.back();
+        inputs.push_back(std::move(in));
+      }
+      ref::LlDispatchParams params;
+      params.num_experts = shape.num_experts;
+      params.hidden = hidden;
+      params.topk = shape.topk;
+      params.num_max_dispatch_tokens_per_rank = capacity;
+      params.use_fp8 = false;
+      const std::vector<ref::LlDispatchOutput> out = ref::ll_dispatch(params, inputs);
+      for (int d = 0; d < ranks; ++d) {
+        const ref::LlHandle& h = out[static_cast<size_t>(d)].handle;
+        const eb::LlLayout lay = eb::ll_layout(rt, d, capacity);
+        EXPECT_EQ(lay.slots_per_expert, h.slots_per_expert());
+        EXPECT_EQ(lay.recv_count, h.recv_count);
+        EXPECT_EQ(lay.range_begin, h.range_begin);
+        EXPECT_EQ(lay.range_count, h.range_count);
+        size_t valid = 0;
+        for (int32_t s : h.src_rank) valid += s >= 0 ? 1 : 0;
+        ASSERT_EQ(lay.ids.size(), valid);
+        for (size_t i = 0; i < lay.ids.size(); ++i) {
+          const size_t p = static_cast<size_t>(lay.positions[i]);
+          ASSERT_EQ(lay.ids[i].src_rank, h.src_rank[p]) << "rank " << d << " row " << i;
+          ASSERT_EQ(lay.ids[i].token, h.src_token[p]) << "rank " << d << " row " << i;
+          ASSERT_EQ(lay.ids[i].expert / (shape.num_experts / ranks), d);
+          ASSERT_EQ(static_cast<int64_t>(p) / lay.slots_per_expert,
+                    lay.ids[i].expert % (shape.num_experts / ranks));
+        }
+      }
+    }
+  }
+}
