@@ -71,9 +71,25 @@ int pick_sms(int requested, int fallback, int device_sms, const char* name) {
   return requested > 0 ? requested : fallback;
 }
 
-// Rows per source segment of an area of `bytes` for R - 1 segments of `record` bytes.
-int64_t area_rows(size_t bytes, int num_ranks, int64_t record) {
-  return num_ranks <= 1 ? INT_MAX : static_cast<int64_t>(bytes / (size_t(num_ranks - 1) * record));
+// Where a call's receiving area lies: the dispatch area is the first half of the HT region, the combine
+// area the second; each holds R - 1 segments of `record`-byte rows. Fails, naming what does not fit,
+// when this rank's T rows would not fit a segment.
+struct Area {
+  int64_t rows;    // per source segment
+  int64_t offset;  // within the data region
+};
+
+Area plan_area(size_t ht_bytes, int num_ranks, int64_t record, bool combine, int64_t tokens) {
+  const size_t half = ht_bytes / 2 / 16 * 16;
+  Area a;
+  a.rows = num_ranks <= 1 ? INT_MAX : static_cast<int64_t>(half / (size_t(num_ranks - 1) * record));
+  a.offset = combine ? static_cast<int64_t>(half) : 0;
+  EL_CHECK(tokens <= a.rows,
+           "this rank has %lld tokens but the buffer's HT region (%zu bytes) holds %lld %s rows per source of "
+           "this size; it needs ht_bytes >= %zu (Buffer::ht_size_hint)",
+           static_cast<long long>(tokens), ht_bytes, static_cast<long long>(a.rows), combine ? "combine" : "dispatch",
+           2 * size_t(num_ranks - 1) * size_t(tokens) * size_t(record));
+  return a;
 }
 
 }  // namespace
@@ -277,15 +293,9 @@ void Buffer::ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtD
   p.row_bytes = H * dtype_size(args.x.dtype);
   p.scale_cols = scale_cols;
   p.record_bytes = kernels::dispatch_record_bytes(p.row_bytes, scale_cols, h.topk);
-  const size_t half = s_->ht_bytes / 2 / 16 * 16;
-  p.area_rows = area_rows(half, R, p.record_bytes);
-  p.area_offset = 0;
-  EL_CHECK(T <= p.area_rows,
-           "x has %lld tokens but the buffer's HT region (%zu bytes) holds %lld rows per source for this row "
-           "size; "
-           "it needs ht_bytes >= %zu (Buffer::ht_size_hint)",
-           static_cast<long long>(T), s_->ht_bytes, static_cast<long long>(p.area_rows),
-           2 * size_t(R - 1) * size_t(T) * size_t(p.record_bytes));
+  const Area area = plan_area(s_->ht_bytes, R, p.record_bytes, /*combine=*/false, T);
+  p.area_rows = area.rows;
+  p.area_offset = area.offset;
   s_->window->raise_if_device_error();
 
   p.win = s_->window->view();
@@ -361,15 +371,9 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
 
   kernels::HtCombineParams p{};
   p.record_bytes = kernels::combine_record_bytes(static_cast<int>(H), h.topk);
-  const size_t half = s_->ht_bytes / 2 / 16 * 16;
-  p.area_rows = area_rows(half, R, p.record_bytes);
-  p.area_offset = static_cast<int64_t>(half);
-  EL_CHECK(
-      T <= p.area_rows,
-      "this rank has %lld tokens but the buffer's HT region (%zu bytes) holds %lld combine rows per source; "
-      "it needs ht_bytes >= %zu (Buffer::ht_size_hint)",
-      static_cast<long long>(T), s_->ht_bytes, static_cast<long long>(p.area_rows),
-      2 * size_t(R - 1) * size_t(T) * size_t(p.record_bytes));
+  const Area area = plan_area(s_->ht_bytes, R, p.record_bytes, /*combine=*/true, T);
+  p.area_rows = area.rows;
+  p.area_offset = area.offset;
   s_->window->raise_if_device_error();
   p.win = s_->window->view();
   p.state = s_->ht;

@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "comm/symmetric_memory.hpp"
+#include "device_array.hpp"
 #include "expertlink/error.hpp"
 #include "harness.hpp"
 #include "kernels/symmetric_kernels.hpp"
@@ -107,8 +108,7 @@ int run_pattern_rounds(const RankContext& ctx, const Communicator& comm, size_t 
   Mismatch* m_dev = nullptr;
   cudaMalloc(&m_dev, 2 * sizeof(Mismatch));
   // Fresh data every run, the same on all ranks: the seed comes from the run's NCCL unique id.
-  uint64_t seed = 1469598103934665603ull;
-  for (char c : ctx.id.internal) seed = (seed ^ static_cast<unsigned char>(c)) * 1099511628211ull;
+  const uint64_t seed = run_seed(ctx.id);
   if (ctx.rank == 0) std::printf("pattern seed %llu\n", static_cast<unsigned long long>(seed));
   int rc = 0;
   for (int round = 0; round < rounds && rc == 0; ++round) rc = pattern_round(ctx, mem, stream, seed + round, m_dev);
