@@ -318,13 +318,13 @@ GPU_CASE(ht_edge_empty_rank_single_token_all_masked_alignment, 2, 240) {
   return run_cases(ctx, {empty, one, masked, half, sms, one_sm});
 }
 
-GPU_CASE(ht_200_rounds_one_buffer_mixed, 2, 400) {
+GPU_CASE(ht_1000_rounds_one_buffer_mixed, 2, 500) {
   HtCase a{"small bf16", 48, 256, 4, 32};
   HtCase b{"small fp8 capacity", 40, 512, 3, 16, Fmt::kFp8};
   b.sizing = Sizing::kCapacity;
   HtCase e{"small empty rank", 16, 128, 2, 8};
   e.zero_tokens_rank = 0;
-  return run_cases(ctx, {a, b, e}, 70);
+  return run_cases(ctx, {a, b, e}, 334);  // 1002 notify + dispatch + combine rounds
 }
 
 }  // namespace
@@ -402,6 +402,107 @@ GPU_CASE(ht_timing_breakdown, 2, 300) {
     std::printf("FIGURE ht breakdown rank %d, %d SMs, BF16 T=4096 H=7168: notify %.1f us, dispatch %.1f us, combine %.1f us\n",
                 ctx.rank, sms, med(t_notify), med(t_dispatch), med(t_combine));
   }
+  cudaStreamDestroy(stream);
+  return 0;
+}
+
+}  // namespace
+}  // namespace expertlink::test
+
+namespace expertlink::test {
+namespace {
+
+// notify (capacity sizing) + dispatch + combine captured once in a CUDA graph, then replayed on fresh
+// inputs copied into the same buffers; every replay checked against the oracle.
+GPU_CASE(ht_graph_capture_replays, 2, 240) {
+  const int R = ctx.num_ranks, me = ctx.rank, T = 256, H = 2048, K = 8, E = 64;
+  Communicator comm(ctx.id, me, R, ctx.device);
+  Buffer buffer(comm, Buffer::ht_size_hint(R, T, H, K), 0);
+  cudaStream_t stream;
+  cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  const int64_t cap = int64_t(R) * T;
+  DeviceArray<uint16_t> x(size_t(T) * H), rx(cap * H), out(size_t(T) * H);
+  DeviceArray<int64_t> idx(size_t(T) * K), ridx(cap * K);
+  DeviceArray<float> w(size_t(T) * K), rw(cap * K);
+  HtDispatchArgs a;
+  a.x = TensorView(x.get(), DType::kBF16, {T, H});
+  a.topk_idx = TensorView(idx.get(), DType::kI64, {T, K});
+  a.topk_weights = TensorView(w.get(), DType::kF32, {T, K});
+  a.num_experts = E;
+  HtDispatchOutputs o;
+  o.recv_x = TensorView(rx.get(), DType::kBF16, {cap, H});
+  o.recv_topk_idx = TensorView(ridx.get(), DType::kI64, {cap, K});
+  o.recv_topk_weights = TensorView(rw.get(), DType::kF32, {cap, K});
+  HtCombineArgs ca;
+  ca.x = TensorView(rx.get(), DType::kBF16, {cap, H});  // combine of dispatch: each row comes back
+  HtCombineOutputs co;
+  co.combined_x = TensorView(out.get(), DType::kBF16, {T, H});
+  HtHandle handle;
+  const uint64_t seed = run_seed(ctx.id);
+
+  auto inputs_of = [&](uint64_t s, int r) {
+    ref::HtDispatchInput in;
+    in.x = ref::bf16_rows(T, H, workload::make_bf16(size_t(T) * H, s, r));
+    in.topk_idx = workload::make_topk_idx(T, K, E, R, Routing::kUniform, s + 1, r, 16);
+    in.topk_weights = workload::make_topk_weights(in.topk_idx, K, s + 2, r);
+    return in;
+  };
+  auto upload = [&](const ref::HtDispatchInput& in) {
+    x.upload(in.x.bf16);
+    idx.upload(in.topk_idx);
+    w.upload(in.topk_weights);
+  };
+  auto run = [&] {
+    buffer.ht_notify(a, handle, Sizing::kCapacity, cap, stream);
+    buffer.ht_dispatch(a, handle, o, stream);
+    buffer.ht_combine(ca, handle, co, stream);
+  };
+  upload(inputs_of(seed, me));
+  run();  // sizes the handle outside the capture
+  buffer.synchronize(stream);
+
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  GPU_EXPECT(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess, "begin capture");
+  run();
+  GPU_EXPECT(cudaStreamEndCapture(stream, &graph) == cudaSuccess, "end capture");
+  GPU_EXPECT(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess, "instantiate");
+
+  for (int replay = 0; replay < 5; ++replay) {
+    const uint64_t s = seed + 100 * (replay + 1);
+    std::vector<ref::HtDispatchInput> ins;
+    for (int r = 0; r < R; ++r) ins.push_back(inputs_of(s, r));
+    ref::HtDispatchParams rp;
+    rp.num_experts = E;
+    rp.topk = K;
+    auto want = ref::ht_dispatch(rp, ins);
+    std::vector<ref::HtCombineInput> cins(R);
+    std::vector<ref::HtHandle> handles;
+    for (int d = 0; d < R; ++d) {
+      cins[d].x = want[d].x.bf16;
+      handles.push_back(want[d].handle);
+    }
+    auto want_comb = ref::ht_combine(handles, cins, H);
+    upload(ins[me]);
+    rx.poison();
+    out.poison();
+    cudaGraphLaunch(exec, stream);
+    buffer.synchronize(stream);
+    handle.check_capacity();
+    const int64_t N = want[me].handle.num_recv();
+    GPU_EXPECT(handle.num_recv_tokens() == N, "replay %d: %lld rows, oracle %lld", replay,
+               (long long)handle.num_recv_tokens(), (long long)N);
+    auto got = rx.download(N * H);
+    int64_t d = first_diff(got, want[me].x.bf16, N * H);
+    GPU_EXPECT(d < 0, "replay %d: recv_x row %lld col %lld: expected 0x%04x, got 0x%04x", replay, (long long)(d / H),
+               (long long)(d % H), d < 0 ? 0 : want[me].x.bf16[d], d < 0 ? 0 : got[d]);
+    auto got_c = out.download();
+    d = first_diff(got_c, want_comb[me].x, size_t(T) * H);
+    GPU_EXPECT(d < 0, "replay %d: combined_x row %lld col %lld: expected 0x%04x, got 0x%04x", replay,
+               (long long)(d / H), (long long)(d % H), d < 0 ? 0 : want_comb[me].x[d], d < 0 ? 0 : got_c[d]);
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
   cudaStreamDestroy(stream);
   return 0;
 }
