@@ -143,7 +143,8 @@ class Buffer {
   // signals are monotonically increasing use counts.
 
   // LL bytes (the `ll_bytes` of the constructor) for up to N tokens per rank of `hidden` channels, any
-  // top-k <= 16, BF16 or FP8. Two dispatch and two combine areas of R * N rows each.
+  // top-k <= 16, BF16 or FP8. Two dispatch and two combine areas of R * N rows each, plus per-message
+  // flags at fixed offsets (~0.27 MB per rank and area).
   static size_t ll_size_hint(int num_ranks, int64_t num_max_dispatch_tokens_per_rank, int64_t hidden,
                              int num_experts);
   // Dispatch. Fills `handle` (for the combine) and the outputs; with options.return_recv_hook returns

@@ -51,6 +51,8 @@ inline constexpr size_t kCombineWeights = kDispatchFree + kArrayBytes;
 inline constexpr size_t kCombineData = kCombineWeights + kArrayBytes;
 // In every rank r's window, [p][d]: d has finished reading its combine area p of use n.
 inline constexpr size_t kCombineFree = kCombineData + kArrayBytes;
+// kDispatchData, kCombineWeights and kCombineData are not written by the current kernels: data arrival
+// is signalled per message inside the LL areas (kernels/ll_protocol.cuh). The slots stay reserved.
 inline constexpr size_t kEnd = kCombineFree + kArrayBytes;
 }  // namespace control::ll
 

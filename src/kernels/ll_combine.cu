@@ -1,6 +1,12 @@
 // LL combine: one kernel on all SMs, send half and/or receive half (split mode launches them apart).
 // Each expert holder sums a token's weighted expert outputs of its own experts first, so one BF16 row
-// per (token, rank) crosses NVLink; the source adds the partial rows. Protocol: ll_protocol.cuh.
+// per (token, rank) crosses NVLink, once; the source adds the partial rows. The weights travel as tagged
+// words while the holder loads the expert outputs. Protocol: ll_protocol.cuh; budget: docs/ll_performance.md.
+//
+// Work assignment (warp index gw = warp * G + block, so consecutive units land on different SMs):
+// holder units (source s, token t, segment q) from gw = 0 up; the weights of this rank's tokens and the
+// receive units (token, segment) from the top warp down, so that in the fused kernel the two roles mostly
+// fall on different warps.
 #include <cuda_bf16.h>
 
 #include "check.hpp"
@@ -8,6 +14,14 @@
 
 namespace expertlink::kernels {
 namespace {
+
+// Expert-output rows (or partial rows) a warp holds in registers at once. A holder's first batch is in
+// flight while the weights are awaited, and its other picks' rows are prefetched into L2 meanwhile.
+constexpr int kBatch = 2;
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
 
 // acc += w * v, product rounded to float then added (the oracle's per-term rounding; no FMA).
 __device__ __forceinline__ void add_weighted(float (&acc)[8], int4 v, float w) {
@@ -38,154 +52,206 @@ __device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
   return out;
 }
 
-// (weight, expert id) of source s, token t, pick k in the combine area `area`.
-__device__ __forceinline__ uint64_t* weight_slot(char* area, const LlGeometry& g, int s, int t, int k) {
-  return reinterpret_cast<uint64_t*>(area + g.weights_offset) +
-         (static_cast<int64_t>(s) * g.capacity + t) * g.topk + k;
+// What a warp carries across its send units: whether it has seen every peer free this parity's combine
+// area, and the partial flags it still has to publish (lane i holds the i-th), one fence for all of them.
+struct WarpSendState {
+  bool free_checked = false;
+  int pending = 0;
+  uint64_t* flag = nullptr;
+};
+
+// Warp: every peer has finished reading its combine area of this parity (use n - 1); checked once.
+__device__ __forceinline__ bool warp_wait_free(const LlCombineParams& p, uint64_t n, WarpSendState& ws) {
+  if (ws.free_checked) return true;
+  ws.free_checked = true;
+  bool ok = true;
+  for (int d = threadIdx.x & 31; d < p.g.num_ranks; d += 32)
+    ok = ok && ll_wait_free(p.win, control::ll::kCombineFree, p.parity, n, WaitSite::kLlCombineFree, d);
+  __syncwarp();  // the acquires before any lane's stores into the peers
+  return __all_sync(~0u, ok);
 }
 
-// Send half. Returns false when a wait failed (the block has left the protocol).
-__device__ bool combine_send(const LlCombineParams& p) {
-  __shared__ int tokens[kMaxRanks + 1];  // prefix over sources of T_s
-  const SymmetricView& w = p.win;
+// Fence once for every partial row this warp wrote, then each pending lane releases its flag.
+__device__ __forceinline__ void flush_flags(WarpSendState& ws, uint64_t n) {
+  if (ws.pending == 0) return;
+  __threadfence_system();
+  __syncwarp();
+  if (static_cast<int>(threadIdx.x & 31) < ws.pending) st_release_sys(ws.flag, n);
+  ws.pending = 0;
+}
+
+// Warp: (weight, valid) of this rank's token t, pick k (lane k), as tagged words into every rank holding
+// one of t's experts.
+__device__ bool push_weights(const LlCombineParams& p, uint64_t n, int t, WarpSendState& ws) {
   const LlGeometry& g = p.g;
-  const int me = w.rank, R = g.num_ranks, T = p.num_tokens, K = g.topk, N = g.capacity, RN = R * N;
-  const int area_id = 2 + p.parity;
-  const uint64_t n = p.st.seq[kLlSeqCombineSend + p.parity] + 1;
-
-  // Every peer must have finished reading its combine area of this parity (use n - 1): this rank writes
-  // weights and partial rows into it.
-  if (!ll_wait_all(w, control::ll::kCombineFree, p.parity, n - 1, WaitSite::kLlCombineFree, R)) return false;
-
-  // (weight, expert id) of this block's tokens to every rank holding one of their experts.
-  const int t0 = static_cast<int>(static_cast<int64_t>(blockIdx.x) * T / gridDim.x);
-  const int t1 = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * T / gridDim.x);
-  for (int t = t0; t < t1; ++t) {
-    const uint64_t mask = p.handle.dst_mask[t];
-    for (int i = threadIdx.x; i < R * K; i += blockDim.x) {
-      const int d = i / K, k = i - d * K;
-      if (((mask >> d) & 1) == 0) continue;
-      const int64_t e = ll_load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
-      const float wt = p.topk_weights[t * p.w_row_stride + k * p.w_col_stride];
-      const uint32_t id = e >= 0 ? static_cast<uint32_t>(e) : 0xFFFFFFFFu;
-      *weight_slot(ll_area(w.peer_base[d], g, area_id), g, me, t, k) =
-          (static_cast<uint64_t>(id) << 32) | __float_as_uint(wt);
-    }
+  const int lane = threadIdx.x & 31, K = g.topk;
+  const uint64_t mask = p.handle.dst_mask[t];
+  int64_t e = -1;
+  float wt = 0.f;
+  if (lane < K) {
+    e = ll_load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
+    wt = p.topk_weights[t * p.w_row_stride + lane * p.w_col_stride];
   }
-  if (ll_last_block(&p.st.done[kLlDoneCombineWeights + p.parity]) && threadIdx.x < R)
-    st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kCombineWeights, p.parity, me), n);
-
-  if (!ll_wait_all(w, control::ll::kCombineWeights, p.parity, n, WaitSite::kLlCombineWeights, R))
-    return false;
-  if (threadIdx.x == 0) {
-    tokens[0] = 0;
-    for (int s = 0; s < R; ++s) tokens[s + 1] = tokens[s] + p.handle.src_tokens[s];
-  }
-  __syncthreads();
-
-  // Work units: (source token, segment of its row), one warp each: the weighted sum of the token's rows
-  // here, in pick order, rounded once to BF16, written into the source's area.
-  char* area = ll_area(w.local_base, g, area_id);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const int64_t vecs = g.hidden / 8;
-  const int nseg = static_cast<int>((vecs + kLlSegmentVecs - 1) / kLlSegmentVecs);
-  const int64_t units = static_cast<int64_t>(tokens[R]) * nseg;
-  const char* x = static_cast<const char*>(p.x);
-  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kLlWarps + warp; u < units;
-       u += static_cast<int64_t>(gridDim.x) * kLlWarps) {
-    const int m = static_cast<int>(u / nseg), q = static_cast<int>(u - static_cast<int64_t>(m) * nseg);
-    int s = 0;
-    while (tokens[s + 1] <= m) ++s;
-    const int t = m - tokens[s];
-    int32_t slot = -1;
-    uint64_t pair = 0;
-    if (lane < K) {
-      slot = p.handle.tok_slots[(static_cast<int64_t>(s) * N + t) * K + lane];
-      pair = __ldcg(reinterpret_cast<const unsigned long long*>(weight_slot(area, g, s, t, lane)));
+  if (!warp_wait_free(p, n, ws)) return false;
+  if (lane < K) {
+    const uint64_t word =
+        ll_tagged((static_cast<uint32_t>(n) << 1) | (e >= 0 ? 1u : 0u), __float_as_uint(wt));
+    for (uint64_t m = mask; m != 0; m &= m - 1) {
+      const int d = __ffsll(static_cast<long long>(m)) - 1;
+      ll_st_relaxed_sys(ll_wword(ll_area(p.win.peer_base[d], g, 2 + p.parity), g, p.win.rank, t, lane), word);
     }
-    if (__ballot_sync(~0u, slot >= 0) == 0) continue;  // no expert of t here: s expects nothing from us
-    const int e = static_cast<int>(static_cast<uint32_t>(pair >> 32));
-    const float wt = __uint_as_float(static_cast<uint32_t>(pair));
-    uint32_t use = __ballot_sync(~0u, slot >= 0 && e >= 0);
-    const int j = slot >= 0 ? slot / RN : 0;
-    const long long off = j * p.x_stride0 + static_cast<int64_t>(slot >= 0 ? slot - j * RN : 0) * p.x_stride1;
-    const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
-    float acc[kLlUnroll][8];
-#pragma unroll
-    for (int i = 0; i < kLlUnroll; ++i)
-#pragma unroll
-      for (int c = 0; c < 8; ++c) acc[i][c] = 0.f;
-    while (use != 0) {  // two picks per pass: their loads overlap, the sum keeps pick order
-      const int ka = __ffs(use) - 1;
-      use &= use - 1;
-      const int kb = use != 0 ? __ffs(use) - 1 : -1;
-      if (kb >= 0) use &= use - 1;
-      const long long off_a = __shfl_sync(~0u, off, ka), off_b = __shfl_sync(~0u, off, kb >= 0 ? kb : ka);
-      const float w_a = __shfl_sync(~0u, wt, ka), w_b = __shfl_sync(~0u, wt, kb >= 0 ? kb : ka);
-      int4 va[kLlUnroll], vb[kLlUnroll];
-#pragma unroll
-      for (int i = 0; i < kLlUnroll; ++i) {
-        if (first + 32 * i < vecs) {
-          va[i] = ll_ld_nc(x + off_a + (first + 32 * i) * 16);
-          if (kb >= 0) vb[i] = ll_ld_nc(x + off_b + (first + 32 * i) * 16);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kLlUnroll; ++i) {
-        if (first + 32 * i < vecs) {
-          add_weighted(acc[i], va[i], w_a);
-          if (kb >= 0) add_weighted(acc[i], vb[i], w_b);
-        }
-      }
-    }
-    int4* dst = reinterpret_cast<int4*>(ll_area(w.peer_base[s], g, area_id) +
-                                        (static_cast<int64_t>(me) * N + t) * g.partial_bytes);
-#pragma unroll
-    for (int i = 0; i < kLlUnroll; ++i)
-      if (first + 32 * i < vecs) dst[first + 32 * i] = to_bf16x8(acc[i]);
-  }
-  if (ll_last_block(&p.st.done[kLlDoneCombineSend + p.parity])) {
-    if (threadIdx.x < R)
-      st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kCombineData, p.parity, me), n);
-    if (threadIdx.x == 0) p.st.seq[kLlSeqCombineSend + p.parity] = n;
   }
   return true;
 }
 
-// Receive half: out[t] = sum of the partial rows of the ranks token t went to, rank ascending.
-__device__ void combine_recv(const LlCombineParams& p) {
+// Warp: segment q of the weighted sum of source s's token t over its picks here (pick order), rounded
+// once to BF16, into s's area; its flag joins the warp's pending flags.
+__device__ bool holder_unit(const LlCombineParams& p, uint64_t n, int s, int t, int q, WarpSendState& ws) {
   const SymmetricView& w = p.win;
   const LlGeometry& g = p.g;
-  const int me = w.rank, R = g.num_ranks, T = p.num_tokens, N = g.capacity;
-  const uint64_t n = p.st.seq[kLlSeqCombineRecv + p.parity] + 1;
-  if (!ll_wait_all(w, control::ll::kCombineData, p.parity, n, WaitSite::kLlCombineData, R)) return;
+  const int lane = threadIdx.x & 31, K = g.topk, N = g.capacity, RN = g.num_ranks * N;
+  // Loads first (both in flight together): s's token count, t's slots here (dispatch handle).
+  const int Ts = p.handle.src_tokens[s];
+  const int32_t slot = lane < K ? p.handle.tok_slots[(static_cast<int64_t>(s) * N + t) * K + lane] : -1;
+  if (t >= Ts) return true;  // warp-uniform
+  const uint32_t cmask = __ballot_sync(~0u, slot >= 0);
+  if (cmask == 0) return true;  // no expert of t here: s expects nothing from us
+  const int j = slot >= 0 ? slot / RN : 0;
+  const int64_t off = j * p.x_stride0 + static_cast<int64_t>(slot >= 0 ? slot - j * RN : 0) * p.x_stride1;
+  const int64_t vecs = g.hidden / 8;
+  const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
+  const char* x = static_cast<const char*>(p.x);
 
-  const char* area = ll_area(w.local_base, g, 2 + p.parity);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  float acc[kLlUnroll][8];
+#pragma unroll
+  for (int i = 0; i < kLlUnroll; ++i)
+#pragma unroll
+    for (int c = 0; c < 8; ++c) acc[i][c] = 0.f;
+  uint32_t todo = cmask, use = 0;
+  float wt = 0.f;
+  bool waited = false;
+  while (todo != 0) {  // warp-uniform
+    int kb[kBatch];
+    int4 v[kBatch][kLlUnroll];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      kb[b] = -1;
+      if (todo != 0) {
+        kb[b] = __ffs(todo) - 1;
+        todo &= todo - 1;
+        const int64_t o = __shfl_sync(~0u, off, kb[b]);
+#pragma unroll
+        for (int i = 0; i < kLlUnroll; ++i)
+          v[b][i] = first + 32 * i < vecs ? ll_ld_nc(x + o + (first + 32 * i) * 16) : make_int4(0, 0, 0, 0);
+      }
+    }
+    if (!waited) {  // the first batch is in flight: prefetch the other picks, then wait for the weights
+      waited = true;
+      for (uint32_t rest = todo; rest != 0; rest &= rest - 1) {
+        const int64_t o = __shfl_sync(~0u, off, __ffs(rest) - 1);
+#pragma unroll
+        for (int i = 0; i < kLlUnroll; ++i)
+          if (first + 32 * i < vecs) prefetch_l2(x + o + (first + 32 * i) * 16);
+      }
+      uint64_t word = 0;
+      bool ok = true;
+      if ((cmask >> lane) & 1)
+        ok = ll_wait_tag(ll_wword(ll_area(w.local_base, g, 2 + p.parity), g, s, t, lane),
+                         static_cast<uint32_t>(n) << 1, ~1u, WaitContext{w.record, w.timeout_ns, w.rank},
+                         WaitSite::kLlCombineWeights, s, p.parity, word);
+      if (!__all_sync(~0u, ok)) return false;
+      wt = __uint_as_float(static_cast<uint32_t>(word));
+      use = __ballot_sync(~0u, ((cmask >> lane) & 1) && ((word >> 32) & 1));
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (kb[b] < 0) continue;
+      const float wk = __shfl_sync(~0u, wt, kb[b]);
+      if (((use >> kb[b]) & 1) == 0) continue;  // masked at combine time
+#pragma unroll
+      for (int i = 0; i < kLlUnroll; ++i)
+        if (first + 32 * i < vecs) add_weighted(acc[i], v[b][i], wk);
+    }
+  }
+  if (!warp_wait_free(p, n, ws)) return false;
+  char* area = ll_area(w.peer_base[s], g, 2 + p.parity);
+  int4* dst = reinterpret_cast<int4*>(area + g.partial_offset +
+                                      (static_cast<int64_t>(w.rank) * N + t) * g.partial_bytes);
+#pragma unroll
+  for (int i = 0; i < kLlUnroll; ++i)
+    if (first + 32 * i < vecs) dst[first + 32 * i] = to_bf16x8(acc[i]);
+  if (lane == ws.pending) ws.flag = ll_pflag(area, g, w.rank, t, q);
+  if (++ws.pending == 32) flush_flags(ws, n);
+  return true;
+}
+
+// Send half for one warp: weights out, then its holder units.
+__device__ bool combine_send(const LlCombineParams& p, uint64_t n, int64_t gw, int64_t GW) {
+  const LlGeometry& g = p.g;
+  WarpSendState ws;
+  for (int64_t t = GW - 1 - gw; t < p.num_tokens; t += GW)
+    if (!push_weights(p, n, static_cast<int>(t), ws)) return false;
+  const int nseg = static_cast<int>((g.hidden / 8 + kLlSegmentVecs - 1) / kLlSegmentVecs);
+  const int64_t per_source = static_cast<int64_t>(g.capacity) * nseg;
+  const int64_t units = g.num_ranks * per_source;
+  for (int64_t u = gw; u < units; u += GW) {
+    const int s = static_cast<int>(u / per_source);
+    const int64_t r = u - s * per_source;
+    const int t = static_cast<int>(r / nseg), q = static_cast<int>(r - static_cast<int64_t>(t) * nseg);
+    if (!holder_unit(p, n, s, t, q, ws)) return false;
+  }
+  flush_flags(ws, n);
+  return true;
+}
+
+// Receive half for one warp: out[t] segment q = sum of the partial rows of the ranks t went to, in rank
+// order, each awaited by its own flag.
+__device__ bool combine_recv(const LlCombineParams& p, uint64_t n, int64_t gw, int64_t GW) {
+  const SymmetricView& w = p.win;
+  const LlGeometry& g = p.g;
+  const int lane = threadIdx.x & 31, R = g.num_ranks, N = g.capacity;
+  const WaitContext ctx{w.record, w.timeout_ns, w.rank};
+  char* area = ll_area(w.local_base, g, 2 + p.parity);
   const int64_t vecs = g.hidden / 8;
   const int nseg = static_cast<int>((vecs + kLlSegmentVecs - 1) / kLlSegmentVecs);
-  const int64_t units = static_cast<int64_t>(T) * nseg;
-  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kLlWarps + warp; u < units;
-       u += static_cast<int64_t>(gridDim.x) * kLlWarps) {
+  const int64_t units = static_cast<int64_t>(p.num_tokens) * nseg;
+  for (int64_t u = GW - 1 - gw; u < units; u += GW) {
     const int t = static_cast<int>(u / nseg), q = static_cast<int>(u - static_cast<int64_t>(t) * nseg);
     const uint64_t mask = p.handle.dst_mask[t];
+    bool ok = true;
+    for (int d = lane; d < R; d += 32)
+      if ((mask >> d) & 1)
+        ok = ok && wait_geq(ll_pflag(area, g, d, t, q), n, ctx, WaitSite::kLlCombineData, d, p.parity);
+    __syncwarp();
+    if (!__all_sync(~0u, ok)) return false;
     const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
     float acc[kLlUnroll][8];
 #pragma unroll
     for (int i = 0; i < kLlUnroll; ++i)
 #pragma unroll
       for (int c = 0; c < 8; ++c) acc[i][c] = 0.f;
-    for (uint64_t mm = mask; mm != 0; mm &= mm - 1) {
-      const int d = __ffsll(static_cast<long long>(mm)) - 1;
-      const int4* src =
-          reinterpret_cast<const int4*>(area + (static_cast<int64_t>(d) * N + t) * g.partial_bytes);
-      int4 v[kLlUnroll];
+    uint64_t todo = mask;
+    while (todo != 0) {  // kBatch ranks' rows in flight at once, added in rank order
+      int4 v[kBatch][kLlUnroll];
+      int nb = 0;
 #pragma unroll
-      for (int i = 0; i < kLlUnroll; ++i)
-        if (first + 32 * i < vecs) v[i] = __ldcg(src + first + 32 * i);
+      for (int b = 0; b < kBatch; ++b) {
+        if (todo == 0) break;
+        const int d = __ffsll(static_cast<long long>(todo)) - 1;
+        todo &= todo - 1;
+        ++nb;
+        const int4* src = reinterpret_cast<const int4*>(area + g.partial_offset +
+                                                        (static_cast<int64_t>(d) * N + t) * g.partial_bytes);
 #pragma unroll
-      for (int i = 0; i < kLlUnroll; ++i)
-        if (first + 32 * i < vecs) add_bf16(acc[i], v[i]);
+        for (int i = 0; i < kLlUnroll; ++i)
+          v[b][i] = first + 32 * i < vecs ? __ldcg(src + first + 32 * i) : make_int4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (b < nb)
+#pragma unroll
+          for (int i = 0; i < kLlUnroll; ++i)
+            if (first + 32 * i < vecs) add_bf16(acc[i], v[b][i]);
     }
     int4* out =
         reinterpret_cast<int4*>(static_cast<char*>(p.out) + static_cast<int64_t>(t) * p.out_row_stride * 2);
@@ -193,17 +259,35 @@ __device__ void combine_recv(const LlCombineParams& p) {
     for (int i = 0; i < kLlUnroll; ++i)
       if (first + 32 * i < vecs) out[first + 32 * i] = to_bf16x8(acc[i]);
   }
-  if (ll_last_block(&p.st.done[kLlDoneCombineRecv + p.parity])) {
-    if (threadIdx.x < R)
-      st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kCombineFree, p.parity, me), n);
-    if (threadIdx.x == 0) p.st.seq[kLlSeqCombineRecv + p.parity] = n;
-  }
+  return true;
 }
 
 __global__ void __launch_bounds__(kLlThreads, 1)
     ll_combine_kernel(const __grid_constant__ LlCombineParams p) {
-  if ((p.phases & kLlSend) != 0 && !combine_send(p)) return;
-  if ((p.phases & kLlRecv) != 0) combine_recv(p);
+  __shared__ int failed;
+  const bool send = (p.phases & kLlSend) != 0, recv = (p.phases & kLlRecv) != 0;
+  const uint64_t n_send = ll_use(p.st, kLlSeqCombineSend + p.parity);
+  const uint64_t n_recv = ll_use(p.st, kLlSeqCombineRecv + p.parity);
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
+  const int64_t gw = static_cast<int64_t>(threadIdx.x / 32) * gridDim.x + blockIdx.x;
+  const int64_t GW = static_cast<int64_t>(gridDim.x) * kLlWarps;
+  bool ok = true;
+  if (send) ok = combine_send(p, n_send, gw, GW);
+  if (ok && recv) ok = combine_recv(p, n_recv, gw, GW);
+  if (!ok && (threadIdx.x & 31) == 0) failed = 1;
+  __syncthreads();
+  if (failed) return;
+  // Every block has read this use's area and its use counts: free the area, advance the counts.
+  if (ll_block_done(&p.st.done[(recv ? kLlDoneCombineRecv : kLlDoneCombineSend) + p.parity])) {
+    if (recv && threadIdx.x < p.g.num_ranks)
+      st_release_sys(ll_signal(p.win.peer_base[threadIdx.x], control::ll::kCombineFree, p.parity, p.win.rank),
+                     n_recv);
+    if (threadIdx.x == 0) {
+      if (send) p.st.seq[kLlSeqCombineSend + p.parity] = n_send;
+      if (recv) p.st.seq[kLlSeqCombineRecv + p.parity] = n_recv;
+    }
+  }
 }
 
 }  // namespace
@@ -215,6 +299,8 @@ int ll_combine_blocks_per_sm() {
 }
 
 void launch_ll_combine(const LlCombineParams& p, int grid, cudaStream_t stream) {
+  // Cooperative: every block is resident at once (the fused kernel's receiving warps wait for partial
+  // rows that other blocks of the same grid write).
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeCooperative;
   attr[0].val.cooperative = 1;

@@ -1,6 +1,7 @@
 // LL dispatch: one kernel on all SMs, send half and/or receive half (split mode launches them apart).
 // Every token row is read and cast to FP8 once, and written once into each rank that holds one of its
-// experts; the receiver expands it to its experts' rows. Protocol and buffer layout: ll_protocol.cuh.
+// experts; the receiver expands it to its experts' rows as soon as it lands. Protocol and buffer layout:
+// ll_protocol.cuh; time budget: docs/ll_performance.md.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
@@ -12,42 +13,66 @@ namespace {
 
 constexpr float kE4m3Max = 448.0f;
 constexpr float kAmaxFloor = 1e-4f;
+// BF16 input vectors a thread holds per token: H / 8 <= kLlMaxHidden / 8 = kXVecs * kLlThreads. For FP8 a
+// thread holds the 2 vectors (16 channels) of one chunk per pair.
+constexpr int kXVecs = kLlMaxHidden / 8 / kLlThreads;
+static_assert(kXVecs * 8 * kLlThreads == kLlMaxHidden && kXVecs % 2 == 0, "the x prefetch covers a row");
+// Tokens a thread scans when counting picks: T <= kLlMaxTokens = kCountTokens * kLlThreads.
+constexpr int kCountTokens = kLlMaxTokens / kLlThreads;
+static_assert(kCountTokens * kLlThreads == kLlMaxTokens, "the pick scan covers N tokens");
 
-// The token being sent by a block: its picks and their header words (before the destination check).
-struct TokenShared {
-  int32_t expert[kLlMaxTopk];  // valid expert id or -1
-  int32_t word[kLlMaxTopk];    // j | pos << 10 | dup << 30, or -1
-  uint64_t mask;               // destination ranks
+struct SendShared {
+  int hist[kLlMaxExperts];     // picks per expert of the tokens before the one being sent
+  int32_t expert[kLlMaxTopk];  // the token being sent: valid expert id or -1
+  int32_t word[kLlMaxTopk];    // its header words: j | pos << 10 | dup << 30, or -1
+  uint64_t mask;               // its destination ranks
+};
+
+struct RecvShared {
+  int begin[kLlMaxExperts];   // [j * R + s]: first row of source s in expert j
+  int tokens[kMaxRanks + 1];  // prefix over sources of T_s
 };
 
 __device__ __forceinline__ int64_t pick(const LlDispatchParams& p, int t, int k) {
   return ll_load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
 }
 
-// Adds token t's distinct valid experts to the histogram (invalid ids are ignored; token_header flags them).
-__device__ void count_token(const LlDispatchParams& p, int t, int* hist) {
+// Valid expert ids (or -1) of the tokens t = threadIdx.x + i * kLlThreads < t_end; invalid ids are
+// ignored here (token_header reports them).
+__device__ __forceinline__ void load_picks(const LlDispatchParams& p, int t_end,
+                                           int (&e)[kCountTokens][kLlMaxTopk]) {
   const int K = p.g.topk, E = p.g.num_experts;
-  int e[kLlMaxTopk];
 #pragma unroll
-  for (int k = 0; k < kLlMaxTopk; ++k) {
-    const int64_t v = k < K ? pick(p, t, k) : -1;
-    e[k] = v >= 0 && v < E ? static_cast<int>(v) : -1;
-  }
+  for (int i = 0; i < kCountTokens; ++i) {
+    const int t = static_cast<int>(threadIdx.x) + i * kLlThreads;
 #pragma unroll
-  for (int k = 0; k < kLlMaxTopk; ++k) {
-    bool first = e[k] >= 0;
-#pragma unroll
-    for (int k2 = 0; k2 < k; ++k2) first = first && e[k2] != e[k];
-    if (first) atomicAdd(&hist[e[k]], 1);
+    for (int k = 0; k < kLlMaxTopk; ++k) {
+      const int64_t v = t < t_end && k < K ? pick(p, t, k) : -1;
+      e[i][k] = v >= 0 && v < E ? static_cast<int>(v) : -1;
+    }
   }
 }
 
-// Warp 0: token t's header words. hist[e] counts the tokens before t that picked e; it is advanced past t.
-__device__ void token_header(const LlDispatchParams& p, int t, int* hist, TokenShared& ts) {
+// Adds each loaded token's distinct experts to the histogram (a token counts an expert once).
+__device__ __forceinline__ void count_picks(const int (&e)[kCountTokens][kLlMaxTopk], int* hist) {
+#pragma unroll
+  for (int i = 0; i < kCountTokens; ++i) {
+#pragma unroll
+    for (int k = 0; k < kLlMaxTopk; ++k) {
+      bool first = e[i][k] >= 0;
+#pragma unroll
+      for (int k2 = 0; k2 < k; ++k2) first = first && e[i][k2] != e[i][k];
+      if (first) atomicAdd(&hist[e[i][k]], 1);
+    }
+  }
+}
+
+// Warp 0: token t's header words from its picks (lane k < K holds pick k in `v`). hist[e] counts the
+// tokens before t that picked e; it is advanced past t.
+__device__ void token_header(const LlDispatchParams& p, int t, int64_t v, SendShared& sh) {
   const int lane = threadIdx.x & 31, K = p.g.topk, E = p.g.num_experts, EL = p.g.local_experts;
   int e = -1;
   if (lane < K) {
-    const int64_t v = pick(p, t, lane);
     if (v >= 0 && v < E)
       e = static_cast<int>(v);
     else if (v != -1)
@@ -60,16 +85,16 @@ __device__ void token_header(const LlDispatchParams& p, int t, int* hist, TokenS
     if (k < lane && first == lane && e >= 0 && ek == e) first = k;
   }
   const bool dup = first != lane;
-  int pos = e >= 0 && !dup ? hist[e] : 0;
+  int pos = e >= 0 && !dup ? sh.hist[e] : 0;
   pos = __shfl_sync(~0u, pos, first);
   __syncwarp();
-  if (e >= 0 && !dup) hist[e] = pos + 1;  // distinct experts per lane: no conflicts
+  if (e >= 0 && !dup) sh.hist[e] = pos + 1;  // distinct experts per lane: no conflicts
   const uint64_t mask = ll_warp_or(e >= 0 ? 1ull << (e / EL) : 0ull);
   if (lane < K) {
-    ts.expert[lane] = e;
-    ts.word[lane] = e >= 0 ? (e % EL) | (pos << 10) | (static_cast<int>(dup) << 30) : -1;
+    sh.expert[lane] = e;
+    sh.word[lane] = e >= 0 ? (e % EL) | (pos << 10) | (static_cast<int>(dup) << 30) : -1;
   }
-  if (lane == 0) ts.mask = mask;
+  if (lane == 0) sh.mask = mask;
 }
 
 __device__ __forceinline__ char* message(const LlDispatchParams& p, int d, int t) {
@@ -78,28 +103,40 @@ __device__ __forceinline__ char* message(const LlDispatchParams& p, int d, int t
          (static_cast<int64_t>(p.win.rank) * g.capacity + t) * g.msg_bytes;
 }
 
-// All threads: token t cast to FP8 (16 channels per thread, 8 threads per 128-channel group) and written
-// with its scales into the message of every destination in `mask`. Bit-exact with the oracle's cast.
-__device__ void send_row_fp8(const LlDispatchParams& p, int t, uint64_t mask) {
+// Token t's BF16 row into registers. FP8: pair it = 2c', 2c' + 1 holds chunk c = c' * kLlThreads +
+// threadIdx.x (vectors 2c, 2c + 1: 16 channels); BF16: xr[it] holds vector it * kLlThreads + threadIdx.x.
+__device__ __forceinline__ void load_x(const LlDispatchParams& p, int t, int4 (&xr)[kXVecs]) {
+  const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) +
+                                                  static_cast<int64_t>(t) * p.x_row_stride * 2);
+  const int vecs = p.g.hidden / 8;
+#pragma unroll
+  for (int it = 0; it < kXVecs; ++it) {
+    const int v = p.fp8 ? 2 * ((it / 2) * kLlThreads + static_cast<int>(threadIdx.x)) + (it & 1)
+                        : it * kLlThreads + static_cast<int>(threadIdx.x);
+    xr[it] = v < vecs ? ll_ld_nc(row + v) : make_int4(0, 0, 0, 0);
+  }
+}
+
+// All threads: token t (in registers) cast to FP8 (16 channels per thread, 8 threads per 128-channel
+// group) and written with its scales into the message of every destination in `mask`. Bit-exact with the
+// oracle's cast.
+__device__ void send_row_fp8(const LlDispatchParams& p, int t, uint64_t mask, const int4 (&xr)[kXVecs]) {
   const LlGeometry& g = p.g;
   const int lane = threadIdx.x & 31, chunks = g.hidden / 16;
-  const char* x_row = static_cast<const char*>(p.x) + static_cast<int64_t>(t) * p.x_row_stride * 2;
-  for (int base = 0; base < chunks; base += blockDim.x) {  // uniform trip count: shuffles stay converged
+#pragma unroll
+  for (int it = 0; it < kXVecs / 2; ++it) {
+    const int base = it * kLlThreads;
+    if (base >= chunks) break;  // block-uniform: shuffles stay converged
     const int c = base + threadIdx.x;
     const bool valid = c < chunks;
+    const int4 raw[2] = {xr[2 * it], xr[2 * it + 1]};  // zeros where not valid
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(raw);
     float f[16];
-    if (valid) {
-      int4 raw[2] = {ll_ld_nc(x_row + c * 32), ll_ld_nc(x_row + c * 32 + 16)};
-      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(raw);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float2 v = __bfloat1622float2(h[i]);
-        f[2 * i] = v.x;
-        f[2 * i + 1] = v.y;
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) f[i] = 0.f;
+    for (int i = 0; i < 8; ++i) {
+      const float2 v = __bfloat1622float2(h[i]);
+      f[2 * i] = v.x;
+      f[2 * i + 1] = v.y;
     }
     float amax = 0.f;
 #pragma unroll
@@ -146,131 +183,146 @@ __device__ void send_row_fp8(const LlDispatchParams& p, int t, uint64_t mask) {
   }
 }
 
-__device__ void send_row_bf16(const LlDispatchParams& p, int t, uint64_t mask) {
+__device__ void send_row_bf16(const LlDispatchParams& p, int t, uint64_t mask, const int4 (&xr)[kXVecs]) {
   const int vecs = p.g.hidden / 8;
-  const char* x_row = static_cast<const char*>(p.x) + static_cast<int64_t>(t) * p.x_row_stride * 2;
-  for (int c = threadIdx.x; c < vecs; c += blockDim.x) {
-    const int4 v = ll_ld_nc(x_row + c * 16);
-    for (uint64_t m = mask; m != 0; m &= m - 1)
-      reinterpret_cast<int4*>(message(p, __ffsll(static_cast<long long>(m)) - 1, t))[c] = v;
+#pragma unroll
+  for (int it = 0; it < kXVecs; ++it) {
+    const int c = it * kLlThreads + threadIdx.x;
+    if (c < vecs)
+      for (uint64_t m = mask; m != 0; m &= m - 1)
+        reinterpret_cast<int4*>(message(p, __ffsll(static_cast<long long>(m)) - 1, t))[c] = xr[it];
   }
 }
 
-// Send half. Returns false when a wait failed (the block has left the protocol).
-__device__ bool dispatch_send(const LlDispatchParams& p) {
-  __shared__ int hist[kLlMaxExperts];
-  __shared__ TokenShared ts;
-  __shared__ int failed;
+// Send half, every block. Block G - 1 counts all tokens and writes the meta words; blocks [0, S) own
+// contiguous token ranges (with one block, it does both). Returns false in every thread of a block whose
+// wait failed (the block has left the protocol).
+__device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared& sh, int* failed) {
   const SymmetricView& w = p.win;
   const LlGeometry& g = p.g;
   const int me = w.rank, R = g.num_ranks, T = p.num_tokens, K = g.topk, E = g.num_experts,
             EL = g.local_experts;
-  const uint64_t n = p.st.seq[kLlSeqDispatchSend + p.parity] + 1;
-  const int t0 = static_cast<int>(static_cast<int64_t>(blockIdx.x) * T / gridDim.x);
-  const int t1 = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * T / gridDim.x);
-  const bool meta_writer = blockIdx.x == gridDim.x - 1;  // owns the last range: its histogram ends complete
+  const int G = gridDim.x, S = G > 1 ? G - 1 : 1;
+  const bool meta_block = blockIdx.x == G - 1;
+  const int b = blockIdx.x;
+  const int t0 = b < S ? static_cast<int>(static_cast<int64_t>(b) * T / S) : 0;
+  const int t1 = b < S ? static_cast<int>(static_cast<int64_t>(b + 1) * T / S) : 0;
+  if (!meta_block && t0 >= t1) return true;  // block-uniform: nothing to write
 
-  if (t0 < t1 || meta_writer) {  // block-uniform
-    for (int i = threadIdx.x; i < E; i += blockDim.x) hist[i] = 0;
-    if (threadIdx.x == 0) failed = 0;
-    __syncthreads();
-    // Threads [0, R) wait until every receiver has freed this parity's area (its use n - 1 is read);
-    // threads [64, ...) meanwhile count the picks of the tokens before this block's range.
-    const WaitContext ctx{w.record, w.timeout_ns, me};
-    if (threadIdx.x < R) {
-      if (!wait_geq(ll_signal(w.local_base, control::ll::kDispatchFree, p.parity, threadIdx.x), n - 1, ctx,
-                    WaitSite::kLlDispatchFree, threadIdx.x, p.parity))
-        failed = 1;
-    } else if (threadIdx.x >= 64) {
-      for (int t = threadIdx.x - 64; t < t0; t += blockDim.x - 64) count_token(p, t, hist);
-    }
-    __syncthreads();
-    if (failed) return false;
+  // One round of loads before the first barrier: this block's first row, its first token's picks (warp
+  // 0), the picks to count (all tokens for the meta words, else those before the range), and the "free"
+  // signals (last R threads; an acquire does not hold back the loads issued before it).
+  int4 xr[kXVecs];
+  if (t0 < t1) load_x(p, t0, xr);
+  int64_t own = -1;
+  if (t0 < t1 && threadIdx.x < K) own = pick(p, t0, threadIdx.x);
+  int e[kCountTokens][kLlMaxTopk];
+  load_picks(p, meta_block ? T : t0, e);
+  for (int i = threadIdx.x; i < E; i += kLlThreads) sh.hist[i] = 0;
+  const int fd = static_cast<int>(threadIdx.x) - (kLlThreads - R);  // receiver d of the last R threads
+  if (fd >= 0 && !ll_wait_free(w, control::ll::kDispatchFree, p.parity, n, WaitSite::kLlDispatchFree, fd))
+    *failed = 1;
+  __syncthreads();
+  count_picks(e, sh.hist);
+  __syncthreads();
+  if (*failed) return false;
 
-    for (int t = t0; t < t1; ++t) {
-      if (threadIdx.x < 32) token_header(p, t, hist, ts);
-      __syncthreads();
-      const uint64_t mask = ts.mask;
-      if (p.fp8)
-        send_row_fp8(p, t, mask);
-      else
-        send_row_bf16(p, t, mask);
-      for (int i = threadIdx.x; i < R * K; i += blockDim.x) {  // every rank gets the header
-        const int d = i / K, k = i - d * K, e = ts.expert[k];
-        reinterpret_cast<int32_t*>(message(p, d, t) + g.header_offset)[k] =
-            e >= 0 && e / EL == d ? ts.word[k] : -1;
-      }
-      if (threadIdx.x == 0) p.handle.dst_mask[t] = mask;
-      __syncthreads();
+  if (meta_block) {
+    // Tagged words into every receiver: no fence, no flag (ll_protocol.cuh).
+    const uint32_t tag = static_cast<uint32_t>(n);
+    const int words = 4 + EL;
+    for (int i = threadIdx.x; i < R * words; i += kLlThreads) {
+      const int d = i / words, f = i - d * words;
+      const int v = f == 0 ? T : f == 1 ? g.hidden : f == 2 ? K : f == 3 ? E : sh.hist[d * EL + f - 4];
+      ll_st_relaxed_sys(
+          ll_meta_word(ll_area(w.peer_base[d], g, p.parity), g, me, f < 4 ? f : kLlMetaHeader + f - 4),
+          ll_tagged(tag, static_cast<uint32_t>(v)));
     }
-    if (meta_writer) {
-      for (int i = threadIdx.x; i < R * kLlMetaHeader; i += blockDim.x) {
-        const int d = i / kLlMetaHeader, f = i - d * kLlMetaHeader;
-        const int v = f == 0 ? T : f == 1 ? g.hidden : f == 2 ? K : f == 3 ? E : 0;
-        reinterpret_cast<int32_t*>(ll_area(w.peer_base[d], g, p.parity) + me * g.meta_stride)[f] = v;
-      }
-      for (int i = threadIdx.x; i < E; i += blockDim.x) {
-        const int d = i / EL;
-        reinterpret_cast<int32_t*>(ll_area(w.peer_base[d], g, p.parity) +
-                                   me * g.meta_stride)[kLlMetaHeader + i - d * EL] = hist[i];
-      }
-    }
+    if (t0 >= t1) return true;
+    // One block in the grid: it also sends, from token 0 (no picks before it).
+    __syncthreads();
+    for (int i = threadIdx.x; i < E; i += kLlThreads) sh.hist[i] = 0;
+    __syncthreads();
   }
-  if (ll_last_block(&p.st.done[kLlDoneDispatchSend + p.parity])) {
-    if (threadIdx.x < R)
-      st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kDispatchData, p.parity, me), n);
-    if (threadIdx.x == 0) p.st.seq[kLlSeqDispatchSend + p.parity] = n;
+
+  for (int t = t0; t < t1; ++t) {
+    if (threadIdx.x < 32) token_header(p, t, own, sh);
+    __syncthreads();
+    const uint64_t mask = sh.mask;
+    if (p.fp8)
+      send_row_fp8(p, t, mask, xr);
+    else
+      send_row_bf16(p, t, mask, xr);
+    for (int i = threadIdx.x; i < R * K; i += kLlThreads) {  // every rank gets the header
+      const int d = i / K, k = i - d * K, ek = sh.expert[k];
+      reinterpret_cast<int32_t*>(message(p, d, t) + g.header_offset)[k] =
+          ek >= 0 && ek / EL == d ? sh.word[k] : -1;
+    }
+    if (threadIdx.x == 0) p.handle.dst_mask[t] = mask;
+    if (t + 1 < t1) {
+      load_x(p, t + 1, xr);
+      if (threadIdx.x < K) own = pick(p, t + 1, threadIdx.x);
+    }
+    __syncthreads();  // sh is rewritten by the next header
+  }
+  // Publish: every thread's stores before the flags of this range, one per (receiver, token).
+  __threadfence_system();
+  __syncthreads();
+  if (fd >= 0) {
+    char* area = ll_area(w.peer_base[fd], g, p.parity);
+    for (int t = t0; t < t1; ++t) st_release_sys(ll_dflag(area, g, me, t), n);
   }
   return true;
 }
 
-// Receive half: expand every arrived message into the rows of the local experts it picked.
-__device__ void dispatch_recv(const LlDispatchParams& p) {
-  __shared__ int begin[kLlMaxExperts];   // [j * R + s]: first row of source s in expert j
-  __shared__ int tokens[kMaxRanks + 1];  // prefix over sources of T_s
-  __shared__ int src_tokens[kMaxRanks];
-  __shared__ int failed;
+// Receive half: expand every message into the rows of the local experts it picked, as it lands.
+__device__ bool dispatch_recv(const LlDispatchParams& p, uint64_t n, RecvShared& sh, int* failed) {
   const SymmetricView& w = p.win;
   const LlGeometry& g = p.g;
   const int me = w.rank, R = g.num_ranks, EL = g.local_experts, K = g.topk, N = g.capacity, RN = R * N;
-  const uint64_t n = p.st.seq[kLlSeqDispatchRecv + p.parity] + 1;
   const WaitContext ctx{w.record, w.timeout_ns, me};
-  const char* area = ll_area(w.local_base, g, p.parity);
+  char* area = ll_area(w.local_base, g, p.parity);
 
-  if (threadIdx.x == 0) failed = 0;
-  __syncthreads();
-  if (threadIdx.x < R) {
-    const int s = threadIdx.x;
-    if (!wait_geq(ll_signal(w.local_base, control::ll::kDispatchData, p.parity, s), n, ctx,
-                  WaitSite::kLlDispatchData, s, p.parity)) {
-      failed = 1;
-    } else {
-      const int32_t* meta = reinterpret_cast<const int32_t*>(area + s * g.meta_stride);
-      const int theirs[3] = {__ldcg(meta + 1), __ldcg(meta + 2), __ldcg(meta + 3)};
-      const int ours[3] = {g.hidden, g.topk, g.num_experts};
-      // Ranks that disagree on the shape misread each other's areas: stop and name the argument.
-      for (int a = 0; a < 3; ++a) {
-        if (theirs[a] != ours[a]) {
-          record_timeout(ctx, WaitSite::kMismatch, s, a, ours[a], theirs[a], 0);
-          failed = 1;
-          break;
-        }
+  // Every source's meta words: T_s, the shape (ranks that disagree misread each other's areas: stop and
+  // name the argument), the per-expert counts. One word per thread, all polled at once.
+  const uint32_t tag = static_cast<uint32_t>(n);
+  const int words = 4 + EL;
+  for (int i = threadIdx.x; i < R * words; i += kLlThreads) {
+    const int s = i / words, f = i - s * words;
+    uint64_t word;
+    if (!ll_wait_tag(ll_meta_word(area, g, s, f < 4 ? f : kLlMetaHeader + f - 4), tag, ~0u, ctx,
+                     WaitSite::kLlDispatchData, s, p.parity, word)) {
+      *failed = 1;
+      break;
+    }
+    const int v = static_cast<int>(static_cast<uint32_t>(word));
+    if (f == 0) {
+      sh.tokens[s + 1] = min(max(v, 0), N);
+    } else if (f < 4) {
+      const int ours = f == 1 ? g.hidden : f == 2 ? g.topk : g.num_experts;
+      if (v != ours) {
+        record_timeout(ctx, WaitSite::kMismatch, s, f - 1, static_cast<uint64_t>(ours),
+                       static_cast<uint64_t>(v), 0);
+        *failed = 1;
       }
-      src_tokens[s] = min(max(__ldcg(meta), 0), N);
+    } else {
+      sh.begin[(f - 4) * R + s] = v;  // the count; turned into the prefix below
     }
   }
   __syncthreads();
-  if (failed) return;
+  if (*failed) return false;
   if (threadIdx.x == 0) {
-    tokens[0] = 0;
-    for (int s = 0; s < R; ++s) tokens[s + 1] = tokens[s] + src_tokens[s];
+    sh.tokens[0] = 0;
+    for (int s = 0; s < R; ++s) {
+      if (blockIdx.x == 0) p.handle.src_tokens[s] = sh.tokens[s + 1];
+      sh.tokens[s + 1] += sh.tokens[s];
+    }
   }
-  if (blockIdx.x == 0 && threadIdx.x < R) p.handle.src_tokens[threadIdx.x] = src_tokens[threadIdx.x];
-  for (int j = threadIdx.x; j < EL; j += blockDim.x) {
+  for (int j = threadIdx.x; j < EL; j += kLlThreads) {
     int acc = 0;
     for (int s = 0; s < R; ++s) {
-      const int c = __ldcg(reinterpret_cast<const int32_t*>(area + s * g.meta_stride) + kLlMetaHeader + j);
-      begin[j * R + s] = acc;
+      const int c = sh.begin[j * R + s];
+      sh.begin[j * R + s] = acc;
       if (blockIdx.x == 0 && p.layout_range != nullptr) {
         if (p.range_packed) {
           static_cast<int64_t*>(p.layout_range)[j * p.range_stride0 + s * p.range_stride1] =
@@ -287,22 +339,30 @@ __device__ void dispatch_recv(const LlDispatchParams& p) {
   }
   __syncthreads();
 
-  // Work units: (message, segment of kLlSegmentVecs vectors of its row), one warp each.
+  // Work units: (message, segment of kLlSegmentVecs vectors of its row), one warp each, spread over the
+  // blocks first. A unit waits only for its own message's flag.
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int64_t vecs = g.row_bytes / 16;
   const int nseg = static_cast<int>((vecs + kLlSegmentVecs - 1) / kLlSegmentVecs);
-  const int64_t units = static_cast<int64_t>(tokens[R]) * nseg;
-  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kLlWarps + warp; u < units;
+  const int64_t units = static_cast<int64_t>(sh.tokens[R]) * nseg;
+  for (int64_t u = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x; u < units;
        u += static_cast<int64_t>(gridDim.x) * kLlWarps) {
     const int m = static_cast<int>(u / nseg), q = static_cast<int>(u - static_cast<int64_t>(m) * nseg);
     int s = 0;
-    while (tokens[s + 1] <= m) ++s;
-    const int t = m - tokens[s];
+    while (sh.tokens[s + 1] <= m) ++s;
+    const int t = m - sh.tokens[s];
+    bool ok = true;
+    if (lane == 0) ok = wait_geq(ll_dflag(area, g, s, t), n, ctx, WaitSite::kLlDispatchData, s, p.parity);
+    __syncwarp();
+    if (!__shfl_sync(~0u, ok, 0)) {
+      if (lane == 0) *failed = 1;
+      break;
+    }
     const char* msg = area + g.msg_offset + (static_cast<int64_t>(s) * N + t) * g.msg_bytes;
     const int32_t h = lane < K ? __ldcg(reinterpret_cast<const int32_t*>(msg + g.header_offset) + lane) : -1;
     const int j = h & 0x3FF, pos = (h >> 10) & 0x3FF;
     bool valid = h >= 0 && j < EL;
-    const int row = valid ? begin[j * R + s] + pos : 0;
+    const int row = valid ? sh.begin[j * R + s] + pos : 0;
     valid = valid && row < RN;
     const bool copy = valid && ((h >> 30) & 1) == 0;
     const uint32_t cmask = __ballot_sync(~0u, copy);
@@ -344,17 +404,32 @@ __device__ void dispatch_recv(const LlDispatchParams& p) {
       }
     }
   }
-  if (ll_last_block(&p.st.done[kLlDoneDispatchRecv + p.parity])) {
-    if (threadIdx.x < R)
-      st_release_sys(ll_signal(w.peer_base[threadIdx.x], control::ll::kDispatchFree, p.parity, me), n);
-    if (threadIdx.x == 0) p.st.seq[kLlSeqDispatchRecv + p.parity] = n;
-  }
+  __syncthreads();
+  return *failed == 0;
 }
 
 __global__ void __launch_bounds__(kLlThreads, 1)
     ll_dispatch_kernel(const __grid_constant__ LlDispatchParams p) {
-  if ((p.phases & kLlSend) != 0 && !dispatch_send(p)) return;
-  if ((p.phases & kLlRecv) != 0) dispatch_recv(p);
+  __shared__ SendShared send_sh;
+  __shared__ RecvShared recv_sh;
+  __shared__ int failed;
+  const bool send = (p.phases & kLlSend) != 0, recv = (p.phases & kLlRecv) != 0;
+  const uint64_t n_send = ll_use(p.st, kLlSeqDispatchSend + p.parity);
+  const uint64_t n_recv = ll_use(p.st, kLlSeqDispatchRecv + p.parity);
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
+  if (send && !dispatch_send(p, n_send, send_sh, &failed)) return;
+  if (recv && !dispatch_recv(p, n_recv, recv_sh, &failed)) return;
+  // Every block has read this use's area (receive) and its use counts: free the area, advance the counts.
+  if (ll_block_done(&p.st.done[(recv ? kLlDoneDispatchRecv : kLlDoneDispatchSend) + p.parity])) {
+    if (recv && threadIdx.x < p.g.num_ranks)
+      st_release_sys(
+          ll_signal(p.win.peer_base[threadIdx.x], control::ll::kDispatchFree, p.parity, p.win.rank), n_recv);
+    if (threadIdx.x == 0) {
+      if (send) p.st.seq[kLlSeqDispatchSend + p.parity] = n_send;
+      if (recv) p.st.seq[kLlSeqDispatchRecv + p.parity] = n_recv;
+    }
+  }
 }
 
 }  // namespace

@@ -13,12 +13,18 @@
 namespace expertlink::kernels {
 
 inline constexpr int kLlThreads = 512;
-inline constexpr int kLlMetaHeader = 8;  // ints before the per-expert counts of a dispatch meta record
+inline constexpr int kLlSegmentVecs = 128;  // 16-byte vectors per work unit of a row (2 KB)
+// Row segments of a BF16 row of kLlMaxHidden channels: the combine flags have one slot per segment.
+inline constexpr int kLlMaxSegs = kLlMaxHidden * 2 / 16 / kLlSegmentVecs;
+// Tagged meta words of a dispatch source: [0] T, [1] H, [2] K, [3] E, [4..8) unused, [8 + j] count of the
+// receiver's local expert j.
+inline constexpr int kLlMetaHeader = 8;
+inline constexpr int kLlMetaWords = kLlMetaHeader + kLlMaxExperts;
 
 // Device-local (not symmetric) state of the LL protocol, owned by LlState.
 struct LlDeviceState {
   uint64_t* seq;        // [8]: use counts per (counter, parity), see LlSeq
-  uint32_t* done;       // [10]: blocks of the running phase that have finished, see LlDone
+  uint32_t* done;       // [kLlDoneCount]: blocks of a running kernel that have finished, see LlDone
   int32_t* host_flags;  // host-mapped [4]: first invalid expert id seen: flag, token, slot, value
 };
 enum LlSeq : int {
@@ -27,34 +33,42 @@ enum LlSeq : int {
   kLlSeqCombineSend = 4,
   kLlSeqCombineRecv = 6
 };
+// Finished-block counters, one per (kernel kind, parity): a send-half kernel and a receive-half (or fused)
+// kernel may run at the same time on different streams.
 enum LlDone : int {
   kLlDoneDispatchSend = 0,
-  kLlDoneDispatchRecv = 2,
-  kLlDoneCombineWeights = 4,
-  kLlDoneCombineSend = 6,
-  kLlDoneCombineRecv = 8,
-  kLlDoneCount = 10,
+  kLlDoneDispatchRecv = 2,  // receive half or fused
+  kLlDoneCombineSend = 4,
+  kLlDoneCombineRecv = 6,  // receive half or fused
+  kLlDoneCount = 8,
 };
 enum LlPhase : int { kLlSend = 1, kLlRecv = 2 };
 
-// One call's layout of the LL region; every rank derives the same from the same arguments.
+// One call's layout of the LL region; every rank derives the same from the same arguments. The flag and
+// tagged-word arrays sit at the start of an area at offsets that depend only on the number of ranks, so a
+// call of another shape never finds row bytes where it expects a flag (ll_protocol.cuh).
 struct LlGeometry {
   int num_ranks, capacity, hidden, topk, num_experts, local_experts;
   int64_t region_offset;  // of the LL region within the window's data region
   int64_t area_bytes;     // each of the four areas (dispatch 0/1, combine 0/1)
-  // Dispatch area: R meta records, then R * N messages [data][scales][header].
-  int64_t meta_stride;  // bytes per source's meta record
-  int64_t msg_offset;   // of the first message
+  // Dispatch area: u64 meta words [R][kLlMetaWords], u64 message flags [R][kLlMaxTokens], then R * N
+  // messages [data][scales][header].
+  int64_t meta_offset;
+  int64_t dflag_offset;
+  int64_t msg_offset;  // of the first message
   int64_t msg_bytes;
   int64_t row_bytes;      // data bytes per message: H (FP8) or 2H (BF16)
   int scale_cols;         // FP8: H/128 floats or ceil(H/512) packed words; BF16: 0
   int64_t header_offset;  // within a message: K int32 words
-  // Combine area: R * N partial rows of 2H bytes, then R * N * K (weight, expert) pairs.
+  // Combine area: u64 tagged weights [R][kLlMaxTokens][kLlMaxTopk], u64 partial flags
+  // [R][kLlMaxTokens][kLlMaxSegs], then R * N partial rows of 2H bytes.
+  int64_t wword_offset;
+  int64_t pflag_offset;
+  int64_t partial_offset;
   int64_t partial_bytes;
-  int64_t weights_offset;
 
   int64_t dispatch_bytes() const { return msg_offset + int64_t(num_ranks) * capacity * msg_bytes; }
-  int64_t combine_bytes() const { return weights_offset + int64_t(num_ranks) * capacity * topk * 8; }
+  int64_t combine_bytes() const { return partial_offset + int64_t(num_ranks) * capacity * partial_bytes; }
 };
 
 inline int64_t ll_align16(int64_t x) {
@@ -73,14 +87,17 @@ inline LlGeometry ll_geometry(int num_ranks, int capacity, int hidden, int topk,
   g.local_experts = num_experts / num_ranks;
   g.region_offset = region_offset;
   g.area_bytes = ll_bytes / 4 / 16 * 16;
-  g.meta_stride = ll_align16(4ll * (kLlMetaHeader + g.local_experts));
-  g.msg_offset = num_ranks * g.meta_stride;
+  g.meta_offset = 0;
+  g.dflag_offset = g.meta_offset + 8ll * num_ranks * kLlMetaWords;
+  g.msg_offset = ll_align16(g.dflag_offset + 8ll * num_ranks * kLlMaxTokens);
   g.row_bytes = fp8 ? hidden : 2ll * hidden;
   g.scale_cols = fp8 ? (ue8m0 ? (hidden + 511) / 512 : hidden / 128) : 0;
   g.header_offset = g.row_bytes + 4ll * g.scale_cols;
   g.msg_bytes = ll_align16(g.header_offset + 4ll * topk);
+  g.wword_offset = 0;
+  g.pflag_offset = g.wword_offset + 8ll * num_ranks * kLlMaxTokens * kLlMaxTopk;
+  g.partial_offset = ll_align16(g.pflag_offset + 8ll * num_ranks * kLlMaxTokens * kLlMaxSegs);
   g.partial_bytes = 2ll * hidden;
-  g.weights_offset = int64_t(num_ranks) * capacity * g.partial_bytes;
   return g;
 }
 
@@ -136,7 +153,8 @@ struct LlCombineParams {
 };
 
 // Occupancy of the kernels (blocks of kLlThreads per SM); the launches are cooperative with one block
-// per SM, so every block is resident at once.
+// per SM, so every block is resident at once (a fused kernel's receiving warps wait for messages that
+// other blocks of the same grid send).
 int ll_dispatch_blocks_per_sm();
 int ll_combine_blocks_per_sm();
 void launch_ll_dispatch(const LlDispatchParams& p, int grid, cudaStream_t stream);

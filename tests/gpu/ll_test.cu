@@ -410,10 +410,20 @@ GPU_CASE(ll_rejects_bad_arguments_naming_them, 2, 120) {
         ctx, [&] { dispatch(bad, o); }, "num_max_dispatch_tokens_per_rank = 2000", "N too large");
   }
   {
+    // BF16 rows of 100 channels are 200 bytes: not a multiple of 16 (the kernels move 16-byte vectors).
+    LlDispatchArgs bad = a;
+    bad.options.use_fp8 = false;
+    bad.x = TensorView(io.x.get(), DType::kBF16, {8, 100});
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(bad, o); }, "x rows", "bf16 hidden 100: rows not 16-byte multiples");
+  }
+  {
+    // 200 channels are 400 bytes (16-byte rows) but no whole number of 128-channel FP8 scale groups.
     LlDispatchArgs bad = a;
     bad.x = TensorView(io.x.get(), DType::kBF16, {8, 200});
     rc |= expect_invalid(
-        ctx, [&] { dispatch(bad, o); }, "x rows", "hidden 200: rows not 16-byte multiples");
+        ctx, [&] { dispatch(bad, o); }, "hidden = 200 must be a multiple of 128",
+        "fp8 hidden 200: not a multiple of 128");
   }
   {
     LlDispatchOutputs bad = o;
@@ -499,8 +509,11 @@ GPU_CASE(ll_missing_rank_times_out_naming_it, 2, 60) {
   return 0;
 }
 
+__global__ void ll_empty_kernel() {}
+
 // LL-shape latencies, CUDA events around each call, L2 flushed (256 MB write) and ranks aligned (window
-// barrier) before each timed run; median of 50 after 10 warm-ups, printed by every rank.
+// barrier) before each timed run; median of 50 after 10 warm-ups, printed by every rank. The first line
+// is the floor of any LL kernel: an empty cooperative launch of the same grid, timed the same way.
 GPU_CASE(ll_timing_ll_shape, 2, 300) {
   const int R = ctx.num_ranks;
   LlCase fp8{"fp8", 128, 7168, 8, 288};
@@ -559,6 +572,20 @@ GPU_CASE(ll_timing_ll_shape, 2, 300) {
     return buf.ll_combine(x.combine_args(hook), x.handle, x.combine_outputs(), st);
   };
   LlRecvHook pending;
+  time("ll_empty_cooperative_kernel",
+       [&] {
+         cudaLaunchAttribute attr{};
+         attr.id = cudaLaunchAttributeCooperative;
+         attr.val.cooperative = 1;
+         cudaLaunchConfig_t cfg{};
+         cfg.gridDim = dim3(buf.ll_sms());
+         cfg.blockDim = dim3(512);
+         cfg.stream = st;
+         cfg.attrs = &attr;
+         cfg.numAttrs = 1;
+         cudaLaunchKernelEx(&cfg, ll_empty_kernel);
+       },
+       {}, {});
   time("ll_dispatch_fp8", [&] { dispatch(io, false); }, {}, {});
   time("ll_dispatch_bf16", [&] { dispatch(iob, false); }, {}, {});
   time("ll_combine_bf16", [&] { combine(io, false); }, {}, {});
