@@ -6,18 +6,21 @@
 // the notify round. It then waits (bounded) for every rank's record and derives where each source's rows
 // land (rank_prefix, chunk_prefix) and the per-expert counts.
 //
-// Dispatch (S blocks): a rank's tokens are cut into chunks (ht_chunk_tokens(T)). A block owning chunk c
-// reads each token row once and writes it straight into every destination: into its own recv_x at its
-// final row when the destination is itself, else into the destination's receiving area (one segment per
-// source rank, rows at send_pos). When the chunk is written, it publishes round r in the destination's
-// kDispatchChunk[src][c] slot (fence, block barrier, release store). The destination's blocks wait for
-// each (source, chunk) slot and copy those rows out to recv_x at rank_prefix[src] + position. Before a
-// sender writes into rank d's area it waits for d's kDispatchReady >= r: d has started round r, so its
-// round r - 1 copy-out is over.
+// Dispatch (S blocks, each split into a sending and a receiving half): a rank's tokens are cut into
+// chunks (ht_chunk_tokens(T)). The sending half of the block owning chunk c reads each token row once and
+// writes it straight into every destination: into its own recv_x at its final row when the destination
+// is itself, else into the destination's receiving area (one segment per source rank, rows at send_pos).
+// When the chunk is written, it publishes round r in the destination's kDispatchChunk[src][c] slot (role
+// barrier, system fence, release store). Meanwhile the receiving halves wait for each (source, chunk)
+// slot and copy those rows out to recv_x at rank_prefix[src] + position. Before a sender writes into rank
+// d's area it waits for d's kDispatchReady >= r: d has started round r, so its round r - 1 copy-out is
+// over (stream order).
 //
-// Combine (S blocks) reverses it: the rank holding expert outputs writes the rows of source s, chunk c
-// into s's combine area (same positions) and publishes kCombineChunk[me][c]; rank s sums, for each of its
-// tokens, the rows from every rank in ascending rank order (its own rows read in place) in float32.
+// Combine (S blocks, same split) reverses it: the sending halves write the expert outputs of source s,
+// chunk c into s's combine area (same positions) and publish kCombineChunk[me][c]; the receiving halves
+// of rank s sum, for each token of a chunk whose rows have all arrived, the rows from every rank in
+// ascending rank order (its own rows read in place) in float32 - the oracle's order, so the result is
+// bitwise the oracle's.
 //
 // Receiving area of rank d, per call (all ranks derive the same numbers from the same arguments):
 //   data region = [dispatch area | combine area], halves; each area holds R - 1 segments (one per other
