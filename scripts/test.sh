@@ -25,3 +25,9 @@ cmake -S tests/consumer -B "$prefix/consumer-build" -G Ninja -DCMAKE_PREFIX_PATH
 cmake --build "$prefix/consumer-build" >/dev/null
 "$prefix/consumer-build/consumer"
 echo "find_package(ExpertLink) consumer: built and ran"
+
+# Python package: pip install . (library + expertlink._C, rebuilt without tests/bench) into the current
+# Python, then pytest: CPU tests always run; GPU tests skip with the reason without torch or 2 GPUs.
+python3 -m pip install -q --disable-pip-version-check nanobind scikit-build-core numpy pytest
+python3 -m pip install -q --disable-pip-version-check --no-build-isolation .
+python3 -m pytest tests/python -q -rs -p no:cacheprovider
