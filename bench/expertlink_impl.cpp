@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "check.hpp"
+#include "impl_util.hpp"
 #include "expertlink/error.hpp"
 #include "expertlink/workload.hpp"
 
@@ -13,26 +14,6 @@ namespace {
 
 // Variant ids: 2 * (index into the SM list) + (1 for exact sizing).
 constexpr int kExactBit = 1;
-
-template <typename... Args>
-std::string text(const char* fmt, Args... args) {
-  char buf[512];
-  std::snprintf(buf, sizeof buf, fmt, args...);
-  return buf;
-}
-
-template <typename T>
-std::vector<T> download(const void* device_ptr, int64_t count) {
-  std::vector<T> v(static_cast<size_t>(std::max<int64_t>(count, 0)));
-  if (!v.empty())
-    EL_CUDA_CHECK(cudaMemcpy(v.data(), device_ptr, v.size() * sizeof(T), cudaMemcpyDeviceToHost));
-  return v;
-}
-
-void poison(const DeviceBuffer& b, cudaStream_t stream) {
-  // 0xff bytes: NaN in BF16, e4m3 and float, -1 in integers; rows a run does not write are then seen.
-  if (b.bytes() > 0) EL_CUDA_CHECK(cudaMemsetAsync(b.as(), 0xff, b.bytes(), stream));
-}
 
 }  // namespace
 

@@ -293,24 +293,11 @@ __global__ void __launch_bounds__(kLlThreads, 1)
 }  // namespace
 
 int ll_combine_blocks_per_sm() {
-  int blocks = 0;
-  EL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, ll_combine_kernel, kLlThreads, 0));
-  return blocks;
+  return ll_blocks_per_sm(ll_combine_kernel);
 }
 
 void launch_ll_combine(const LlCombineParams& p, int grid, cudaStream_t stream) {
-  // Cooperative: every block is resident at once (the fused kernel's receiving warps wait for partial
-  // rows that other blocks of the same grid write).
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(kLlThreads);
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  EL_CUDA_CHECK(cudaLaunchKernelEx(&cfg, ll_combine_kernel, p));
+  ll_launch_cooperative(ll_combine_kernel, p, grid, stream);
 }
 
 }  // namespace expertlink::kernels

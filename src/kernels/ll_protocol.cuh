@@ -64,6 +64,7 @@
 
 #include <cstdint>
 
+#include "check.hpp"
 #include "comm/control_layout.hpp"
 #include "kernels/ll_kernels.hpp"
 #include "kernels/sync.cuh"
@@ -199,6 +200,29 @@ __device__ __forceinline__ bool ll_wait_free(const SymmetricView& w, size_t arra
                                              WaitSite site, int d) {
   const WaitContext ctx{w.record, w.timeout_ns, w.rank};
   return wait_geq(ll_signal(w.local_base, array, parity, d), n - 1, ctx, site, d, parity);
+}
+
+// Host side of the fused LL kernels: blocks of kLlThreads that may be resident per SM, and a cooperative
+// launch (every block resident at once, so blocks that wait never starve the blocks they wait for).
+template <typename Params>
+int ll_blocks_per_sm(void (*kernel)(Params)) {
+  int blocks = 0;
+  EL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kLlThreads, 0));
+  return blocks;
+}
+
+template <typename Params>
+void ll_launch_cooperative(void (*kernel)(Params), const Params& p, int grid, cudaStream_t stream) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kLlThreads);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  EL_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
 }
 
 }  // namespace expertlink::kernels
