@@ -1,30 +1,10 @@
 // HT combine: expert outputs go back to their source ranks and are summed per token in float32, in
 // ascending rank order (the oracle's order). Protocol and buffer layout: ht_protocol.cuh.
-#include <cuda_bf16.h>
-
 #include "check.hpp"
 #include "kernels/ht_protocol.cuh"
 
 namespace expertlink::kernels {
 namespace {
-
-__device__ __forceinline__ void add_bf16x8(float (&acc)[8], int4 v) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] += f.x;
-    acc[2 * i + 1] += f.y;
-  }
-}
-
-__device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
-  int4 out;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-  return out;
-}
 
 __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombineParams p) {
   __shared__ int abort_flag, send_abort, recv_abort;

@@ -35,6 +35,7 @@
 #include "comm/control_layout.hpp"
 #include "kernels/ht_kernels.hpp"
 #include "kernels/sync.cuh"
+#include "kernels/vector_io.cuh"
 
 namespace expertlink::kernels {
 
@@ -66,26 +67,6 @@ __device__ __forceinline__ char* area_segment(char* window, int64_t area_offset,
                                               int64_t area_rows, int64_t record_bytes) {
   int slot = src < dst ? src : src - 1;
   return window + kControlBytes + area_offset + slot * area_rows * record_bytes;
-}
-
-__device__ __forceinline__ int64_t load_index(const void* p, IdxType type, int64_t offset) {
-  return type == IdxType::kI64 ? static_cast<const int64_t*>(p)[offset]
-                               : static_cast<const int32_t*>(p)[offset];
-}
-
-__device__ __forceinline__ void store_index(void* p, IdxType type, int64_t offset, int64_t v) {
-  if (type == IdxType::kI64)
-    static_cast<int64_t*>(p)[offset] = v;
-  else
-    static_cast<int32_t*>(p)[offset] = static_cast<int32_t>(v);
-}
-
-__device__ __forceinline__ int4 ld_nc_v4(const int4* p) {
-  int4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
 }
 
 // Row copy by one warp, 16-byte vectors, kCopyUnroll loads in flight per lane before the stores.

@@ -34,24 +34,6 @@ __device__ __forceinline__ void add_weighted(float (&acc)[8], int4 v, float w) {
   }
 }
 
-__device__ __forceinline__ void add_bf16(float (&acc)[8], int4 v) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] += f.x;
-    acc[2 * i + 1] += f.y;
-  }
-}
-
-__device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
-  int4 out;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-  return out;
-}
-
 // What a warp carries across its send units: whether it has seen every peer free this parity's combine
 // area, and the partial flags it still has to publish (lane i holds the i-th), one fence for all of them.
 struct WarpSendState {
@@ -89,7 +71,7 @@ __device__ bool push_weights(const LlCombineParams& p, uint64_t n, int t, WarpSe
   int64_t e = -1;
   float wt = 0.f;
   if (lane < K) {
-    e = ll_load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
+    e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
     wt = p.topk_weights[t * p.w_row_stride + lane * p.w_col_stride];
   }
   if (!warp_wait_free(p, n, ws)) return false;
@@ -142,7 +124,7 @@ __device__ bool holder_unit(const LlCombineParams& p, uint64_t n, int s, int t, 
         const int64_t o = __shfl_sync(~0u, off, kb[b]);
 #pragma unroll
         for (int i = 0; i < kLlUnroll; ++i)
-          v[b][i] = first + 32 * i < vecs ? ll_ld_nc(x + o + (first + 32 * i) * 16) : make_int4(0, 0, 0, 0);
+          v[b][i] = first + 32 * i < vecs ? ld_nc_v4(x + o + (first + 32 * i) * 16) : make_int4(0, 0, 0, 0);
       }
     }
     if (!waited) {  // the first batch is in flight: prefetch the other picks, then wait for the weights
@@ -251,7 +233,7 @@ __device__ bool combine_recv(const LlCombineParams& p, uint64_t n, int64_t gw, i
         if (b < nb)
 #pragma unroll
           for (int i = 0; i < kLlUnroll; ++i)
-            if (first + 32 * i < vecs) add_bf16(acc[i], v[b][i]);
+            if (first + 32 * i < vecs) add_bf16x8(acc[i], v[b][i]);
     }
     int4* out =
         reinterpret_cast<int4*>(static_cast<char*>(p.out) + static_cast<int64_t>(t) * p.out_row_stride * 2);

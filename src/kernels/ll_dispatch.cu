@@ -34,7 +34,7 @@ struct RecvShared {
 };
 
 __device__ __forceinline__ int64_t pick(const LlDispatchParams& p, int t, int k) {
-  return ll_load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
+  return load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
 }
 
 // Valid expert ids (or -1) of the tokens t = threadIdx.x + i * kLlThreads < t_end; invalid ids are
@@ -113,7 +113,7 @@ __device__ __forceinline__ void load_x(const LlDispatchParams& p, int t, int4 (&
   for (int it = 0; it < kXVecs; ++it) {
     const int v = p.fp8 ? 2 * ((it / 2) * kLlThreads + static_cast<int>(threadIdx.x)) + (it & 1)
                         : it * kLlThreads + static_cast<int>(threadIdx.x);
-    xr[it] = v < vecs ? ll_ld_nc(row + v) : make_int4(0, 0, 0, 0);
+    xr[it] = v < vecs ? ld_nc_v4(row + v) : make_int4(0, 0, 0, 0);
   }
 }
 

@@ -68,6 +68,7 @@
 #include "comm/control_layout.hpp"
 #include "kernels/ll_kernels.hpp"
 #include "kernels/sync.cuh"
+#include "kernels/vector_io.cuh"
 
 namespace expertlink::kernels {
 
@@ -135,19 +136,6 @@ __device__ __forceinline__ bool ll_wait_tag(const uint64_t* p, uint32_t expect, 
       if (wait_aborted(ctx)) return false;
     }
   }
-}
-
-__device__ __forceinline__ int64_t ll_load_index(const void* p, IdxType type, int64_t offset) {
-  return type == IdxType::kI64 ? static_cast<const int64_t*>(p)[offset]
-                               : static_cast<const int32_t*>(p)[offset];
-}
-
-__device__ __forceinline__ int4 ll_ld_nc(const void* p) {
-  int4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
 }
 
 __device__ __forceinline__ uint64_t ll_warp_or(uint64_t v) {
