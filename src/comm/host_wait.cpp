@@ -24,7 +24,6 @@ const char* wait_site_name(WaitSite site) {
   switch (site) {
     case WaitSite::kNone: return "none";
     case WaitSite::kBarrier: return "barrier";
-    case WaitSite::kSelfTest: return "self-test";
     case WaitSite::kHtNotify: return "HT notify (count exchange)";
     case WaitSite::kHtDispatchReady: return "HT dispatch (receiver ready)";
     case WaitSite::kHtDispatchChunk: return "HT dispatch (chunk arrival)";

@@ -15,7 +15,6 @@ namespace expertlink {
 enum class WaitSite : int32_t {
   kNone = 0,
   kBarrier = 1,   // counter = the peer's barrier signal slot
-  kSelfTest = 2,  // test kernels
   kHtNotify = 3,      // counter = the peer's notify slot (its meta record for this round)
   kHtDispatchReady = 4,   // the peer has not started this dispatch round (its area may be in use)
   kHtDispatchChunk = 5,   // counter = chunk index of the peer's rows

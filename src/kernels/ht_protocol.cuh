@@ -41,7 +41,6 @@ namespace expertlink::kernels {
 
 // 32 warps: bytes in flight per SM (warps x lanes x unrolled 16-byte loads) set the copy rate.
 inline constexpr int kHtThreads = 1024;
-inline constexpr int kHtWarps = kHtThreads / 32;
 // Dispatch and combine split each block in two roles of equal size: the first half sends, the second
 // half receives (copy-out / reduce), so that receiving overlaps sending instead of following it. Each
 // role synchronizes on its own named barrier.
