@@ -18,7 +18,11 @@ deps=()
 [ -d .deps/include ] && deps=(-DEXPERTLINK_DEPS_DIR="$PWD/.deps")
 gen=()
 command -v ninja >/dev/null && gen=(-G Ninja)
-if cmake -S . -B "$BUILD_DIR" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release "${deps[@]}" ${CMAKE_ARGS:-} >"$LOG_DIR/configure.log" 2>&1 &&
+# The Python binding is built in the same tree where torch, nanobind and pytest are importable (the GPU
+# machine has them and no network, so no `pip install .`: the package is staged from the build instead).
+py=()
+python3 -c "import torch, nanobind, pytest" 2>/dev/null && py=(-DEXPERTLINK_BUILD_PYTHON=ON)
+if cmake -S . -B "$BUILD_DIR" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release "${deps[@]}" "${py[@]}" ${CMAKE_ARGS:-} >"$LOG_DIR/configure.log" 2>&1 &&
    cmake --build "$BUILD_DIR" -j "$(nproc)" >"$LOG_DIR/build.log" 2>&1; then
   note "build: ok ($(grep -m1 'ExpertLink: NCCL' "$LOG_DIR/configure.log" | sed 's/.*ExpertLink: //'))"
 else
@@ -34,6 +38,16 @@ note "gpu tests: $(grep -E 'tests passed|tests failed' "$LOG_DIR/gpu_tests.log" 
 while read -r line; do note "  $line"; done < <(grep -o 'FIGURE.*' "$LOG_DIR/gpu_tests.log")
 grep -E '^\s*[0-9]+ - .*\((Failed|Timeout|Skipped|Not Run)\)' "$LOG_DIR/gpu_tests.log" | sed 's/^/  /' >"$LOG_DIR/bad.txt"
 while read -r line; do note "$line"; done <"$LOG_DIR/bad.txt"
+
+if [ ${#py[@]} -gt 0 ]; then
+  stage="$BUILD_DIR/pystage"
+  rm -rf "$stage" && mkdir -p "$stage" && cp -r python/expertlink "$stage"/ &&
+    cp "$BUILD_DIR"/python/_C*.so "$stage"/expertlink/
+  PYTHONPATH="$stage" timeout 600 python3 -m pytest -q -rs tests/python 2>&1 | tee "$LOG_DIR/pytest.log" | tail -n 40
+  note "python tests: $(grep -E '(passed|failed|error|skipped)' "$LOG_DIR/pytest.log" | tail -1)"
+else
+  note "python tests: not run (torch, nanobind or pytest missing)"
+fi
 
 if [ -x "$BUILD_DIR/bench/el_bench" ]; then
   mkdir -p bench/results
