@@ -91,7 +91,9 @@ std::string sanitize_card(const std::string& card) {
 }
 
 std::string result_filename(const RunInfo& info) {
-  return info.date + "_" + sanitize_card(info.card) + "x" + std::to_string(info.gpus) + ".json";
+  // One file per (date, card, GPU count, commit): a later run of another commit never overwrites a record.
+  return info.date + "_" + sanitize_card(info.card) + "x" + std::to_string(info.gpus) + "_" +
+         sanitize_card(info.commit) + ".json";
 }
 
 std::optional<double> baseline_us(const std::vector<Record>& records, const Record& r) {

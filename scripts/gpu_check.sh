@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
 BUILD_DIR=${BUILD_DIR:-build-gpu}
-LOG_DIR=${OUT:-$BUILD_DIR}
+LOG_DIR=$BUILD_DIR/logs
 mkdir -p "$LOG_DIR"
 summary=()
 note() { summary+=("$*"); }
@@ -41,9 +41,11 @@ while read -r line; do note "$line"; done <"$LOG_DIR/bad.txt"
 
 if [ ${#py[@]} -gt 0 ]; then
   stage="$BUILD_DIR/pystage"
-  rm -rf "$stage" && mkdir -p "$stage" && cp -r python/expertlink "$stage"/ &&
-    cp "$BUILD_DIR"/python/_C*.so "$stage"/expertlink/
-  PYTHONPATH="$stage" timeout 600 python3 -m pytest -q -rs tests/python 2>&1 | tee "$LOG_DIR/pytest.log" | tail -n 40
+  # Installed as the wheel lays it out (_C and libexpertlink side by side, $ORIGIN rpath), then the sources.
+  rm -rf "$stage" && cmake --install "$BUILD_DIR" --component python --prefix "$stage" >/dev/null &&
+    cp python/expertlink/*.py "$stage"/expertlink/
+  PYTHONPATH="$stage" timeout 600 python3 -m pytest -q -rs tests/python >"$LOG_DIR/pytest.log" 2>&1
+  grep -E '^(E  |FAILED|ERROR|SKIPPED)' "$LOG_DIR/pytest.log" | head -40
   note "python tests: $(grep -E '(passed|failed|error|skipped)' "$LOG_DIR/pytest.log" | tail -1)"
 else
   note "python tests: not run (torch, nanobind or pytest missing)"
@@ -56,11 +58,13 @@ if [ -x "$BUILD_DIR/bench/el_bench" ]; then
   else
     note "bench: FAILED (see bench.log)"
   fi
-  [ -n "${OUT:-}" ] && cp bench/results/*.json bench/results/*.png "$OUT"/ 2>/dev/null
+  # Only this run's record comes back (the device returns at most 8 files).
+  [ -n "${OUT:-}" ] && cp "$(ls -t bench/results/*.json | head -1)" "$(ls -t bench/results/*.png | head -1)" "$OUT"/ 2>/dev/null
 else
   note "bench: not built"
 fi
 
+[ -n "${OUT:-}" ] && cp "$LOG_DIR"/{gpu_tests,pytest,bench}.log "$OUT"/ 2>/dev/null
 echo
 echo "================ SUMMARY ================"
 printf '%s\n' "${summary[@]}"

@@ -289,13 +289,14 @@ TEST(BenchReport, JsonHasTheWorkloadsShape) {
   EXPECT_EQ(back.rank_us.size(), 2u);
 }
 
-TEST(BenchReport, FileNameDateAndCard) {
+TEST(BenchReport, FileNameDateCardAndCommit) {
   eb::RunInfo info;
   info.card = "NVIDIA H100 80GB HBM3";
   info.gpus = 8;
+  info.commit = "e8c93ec";
   info.date = eb::utc_date(0);
   EXPECT_EQ(info.date, "1970-01-01");
-  EXPECT_EQ(eb::result_filename(info), "1970-01-01_NVIDIA-H100-80GB-HBM3x8.json");
+  EXPECT_EQ(eb::result_filename(info), "1970-01-01_NVIDIA-H100-80GB-HBM3x8_e8c93ec.json");
   EXPECT_EQ(eb::sanitize_card("a/b c"), "a-b-c");
   EXPECT_EQ(eb::sanitize_card(""), "unknown");
 }
