@@ -7,15 +7,15 @@
 - ``expertlink._C``: the torch-free binding of the C++ API (raw pointers, dtypes, shapes, strides, streams).
 
 torch is imported lazily: ``import expertlink`` works without it; constructing a Buffer needs it.
-The GPU paths of the Python package are UNTESTED ON GPU as of 2026-11-28 (written without GPU access;
-tests/python/test_gpu.py is the check to run on a 2-GPU machine).
+tests/python/test_gpu.py (2 GPUs) checks every call against the oracle.
 """
 
 from . import _C
 from ._C import Error, ErrorCode, TensorView
 from ._C import reference
-from .buffer import Buffer, EventOverlap
+from .buffer import Buffer, EventOverlap, HtHandle, LlHandle
 
 __version__ = "0.1.0"
 
-__all__ = ["Buffer", "EventOverlap", "Error", "ErrorCode", "TensorView", "reference", "__version__"]
+__all__ = ["Buffer", "EventOverlap", "HtHandle", "LlHandle", "Error", "ErrorCode", "TensorView", "reference",
+           "__version__"]

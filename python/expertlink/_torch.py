@@ -1,5 +1,5 @@
 """torch helpers shared by expertlink.buffer and expertlink.deep_ep: lazy import, tensor -> TensorView,
-the communicator of a ProcessGroup, events. UNTESTED ON GPU as of 2026-11-28."""
+the communicator of a ProcessGroup, events and DeepEP's stream rules (StreamPlan)."""
 
 from . import _C
 
@@ -22,6 +22,13 @@ def invalid_argument(message):
     """An expertlink.Error with code invalid_argument, raised from Python-side checks."""
     err = _C.Error("invalid argument: " + message)
     err.code = _C.ErrorCode.invalid_argument
+    return err
+
+
+def unsupported(message):
+    """An expertlink.Error with code unsupported: a DeepEP feature ExpertLink does not have."""
+    err = _C.Error("unsupported: " + message)
+    err.code = _C.ErrorCode.unsupported
     return err
 
 
@@ -96,20 +103,23 @@ def make_communicator(group, adopt="split"):
 
 
 class EventOverlap:
-    """DeepEP's EventOverlap: an optional CUDA event (torch.cuda.Event) and tensors kept alive with it.
+    """DeepEP's EventOverlap: an optional CUDA event (a torch.cuda.Event) and tensors kept alive with it.
 
-    ``current_stream_wait()`` makes the current stream wait for the event; ``with event: ...`` runs the
-    block and then waits (as DeepEP)."""
+    ``current_stream_wait()`` makes the current stream wait for the event (nothing to wait for without one;
+    DeepEP asserts there instead); ``with event: ...`` runs the block, then the current stream waits.
+    ``extra_tensors`` hold what the call still uses on another stream (DeepEP's CUDA-graph-friendly stand-in
+    for record_stream): keep the EventOverlap until the stream has waited."""
 
     def __init__(self, event=None, extra_tensors=None):
         self.event = event
         self.extra_tensors = extra_tensors
 
     @classmethod
-    def record(cls, extra_tensors=None):
+    def record(cls, stream=None, extra_tensors=None):
+        """An event recorded now on `stream` (default: the current stream)."""
         torch = require_torch()
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream())
+        event.record(stream if stream is not None else torch.cuda.current_stream())
         return cls(event, extra_tensors)
 
     def current_stream_wait(self):
@@ -124,14 +134,82 @@ class EventOverlap:
             self.current_stream_wait()
 
 
-def wait_previous(previous_event):
-    if previous_event is not None:
-        previous_event.current_stream_wait()
+def check_stream_args(previous_event, async_finish, allocate_on_comm_stream):
+    """DeepEP's rules, checked before anything runs (no torch needed)."""
+    if previous_event is not None and not isinstance(previous_event, EventOverlap) and \
+            not hasattr(previous_event, "event"):
+        raise invalid_argument(f"previous_event must be an EventOverlap (e.g. Buffer.capture()), got "
+                               f"{type(previous_event).__name__}")
+    if allocate_on_comm_stream and previous_event is None:
+        raise invalid_argument("allocate_on_comm_stream=True needs previous_event (as DeepEP: the outputs are "
+                               "allocated on the communication stream, which then waits for that event only)")
 
 
-def finish_event(async_finish, tensors=None):
-    """Every ExpertLink call runs on the caller's current stream, so an event recorded after it marks its end."""
-    return EventOverlap.record(tensors) if async_finish else EventOverlap()
+class StreamPlan:
+    """Where one HT call runs, with DeepEP's semantics:
+
+    - the communication stream waits for ``previous_event`` if given, else for the current stream;
+    - outputs are allocated on the communication stream with ``allocate_on_comm_stream`` (else on the
+      current stream);
+    - the kernels run on the communication stream;
+    - ``async_finish``: an event recorded on the communication stream is returned, the current stream does
+      not wait, and the tensors the call touched are record_stream'ed so the caching allocator keeps them;
+      otherwise the current stream waits for the communication stream.
+
+    When none of previous_event / async_finish / allocate_on_comm_stream is given, "wait on the current
+    stream, run on the comm stream, make the current stream wait" orders exactly like running on the current
+    stream, so the call runs there (no event, no extra latency)."""
+
+    def __init__(self, comm_stream, previous_event=None, async_finish=False, allocate_on_comm_stream=False):
+        torch = require_torch()
+        check_stream_args(previous_event, async_finish, allocate_on_comm_stream)
+        self.compute = torch.cuda.current_stream()
+        self.async_finish = bool(async_finish)
+        self.allocate_on_comm_stream = bool(allocate_on_comm_stream)
+        self.use_comm = previous_event is not None or self.async_finish or self.allocate_on_comm_stream
+        self.stream = comm_stream if self.use_comm else self.compute
+        if self.use_comm:
+            event = getattr(previous_event, "event", None)
+            if event is not None:
+                self.stream.wait_event(event)
+            else:  # no previous_event, or one without an event (DeepEP then waits for the current stream)
+                self.stream.wait_stream(self.compute)
+        self.alloc_stream = self.stream if self.allocate_on_comm_stream else self.compute
+
+    @property
+    def handle(self):
+        """The cudaStream_t (int) the kernels are launched on."""
+        return self.stream.cuda_stream
+
+    def allocating(self):
+        """Context: tensors created inside are allocated on the stream DeepEP would allocate them on."""
+        return require_torch().cuda.stream(self.alloc_stream)
+
+    def launching(self):
+        """Context: torch work inside (small adds, copies) is ordered with the kernels."""
+        return require_torch().cuda.stream(self.stream)
+
+    def finish(self, tensors=(), keep_in_event=False):
+        """-> EventOverlap: recorded on the comm stream with async_finish, else empty (the current stream
+        already waits). keep_in_event (DeepEP's low-latency calls): the event holds `tensors` as its
+        extra_tensors instead of record_stream."""
+        if not self.use_comm:
+            return EventOverlap()
+        if self.async_finish and keep_in_event:
+            return EventOverlap.record(self.stream, tuple(t for t in tensors if t is not None))
+        if self.async_finish:
+            for t in tensors:
+                if t is not None:
+                    t.record_stream(self.stream)
+                    if self.allocate_on_comm_stream:
+                        t.record_stream(self.compute)
+            return EventOverlap.record(self.stream)
+        self.compute.wait_stream(self.stream)
+        if self.allocate_on_comm_stream:
+            for t in tensors:
+                if t is not None:
+                    t.record_stream(self.compute)
+        return EventOverlap()
 
 
 class _CudaArray:

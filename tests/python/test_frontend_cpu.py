@@ -1,0 +1,258 @@
+"""CPU tests of the PyTorch front end's own logic (CI: no GPU, no torch needed): the simple Buffer's grow
+decisions and size computations (issue 8's two snippets), DeepEP's argument rules checked before anything
+runs, handle unpacking, Config and EventOverlap."""
+
+import importlib.util
+
+import pytest
+
+import expertlink
+import expertlink.deep_ep as deep_ep
+from expertlink import _C, _core, _sizing
+from expertlink._torch import check_stream_args
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def raises_invalid(match):
+    return pytest.raises(expertlink.Error, match=match)
+
+
+# ---- sizes and grow decisions ------------------------------------------------------------------------
+
+def test_round_up_tokens_is_a_power_of_two_at_least_64():
+    assert [_sizing.round_up_tokens(t) for t in (0, 1, 64, 65, 100, 128, 129, 4096, 5000)] == \
+        [64, 64, 64, 128, 128, 128, 256, 4096, 8192]
+
+
+def test_ht_grow_bytes_none_when_the_window_holds_the_call():
+    need = _C.Buffer.ht_size_hint(2, 100, 7168, 8)
+    assert _sizing.ht_bytes_needed(2, 100, 7168, 8) == need
+    assert _sizing.ht_grow_bytes(need, 2, 100, 7168, 8) is None
+    assert _sizing.ht_grow_bytes(need + 1000, 2, 100, 7168, 8) is None
+
+
+def test_ht_grow_bytes_rounds_the_tokens_up_and_never_shrinks():
+    need = _C.Buffer.ht_size_hint(2, 100, 7168, 8)
+    assert _sizing.ht_grow_bytes(need - 1, 2, 100, 7168, 8) == _C.Buffer.ht_size_hint(2, 128, 7168, 8)
+    big = _C.Buffer.ht_size_hint(2, 120, 7168, 16)  # more than the need, less than the rounded-up figure
+    assert _sizing.ht_grow_bytes(big, 2, 120, 7168, 16) is None
+    huge = _C.Buffer.ht_size_hint(2, 64, 7168, 32)  # larger top-k than the call: fits
+    assert _sizing.ht_grow_bytes(huge, 2, 64, 7168, 8) is None
+
+
+def test_ht_grow_bytes_of_the_first_snippet_literal_hidden_bytes():
+    # Issue 8, snippet 1: Buffer(group, hidden_bytes, hidden_bytes) with hidden_bytes = hidden * 2.
+    hidden, tokens, topk = 7168, 4096, 8
+    hidden_bytes = hidden * 2
+    target = _sizing.ht_grow_bytes(hidden_bytes, 8, tokens, hidden, topk)
+    assert target == _C.Buffer.ht_size_hint(8, 4096, hidden, topk)
+    assert target > 100 * hidden_bytes
+
+
+def test_ht_grow_decision_from_the_allreduced_payload():
+    payloads = [_sizing.ht_allreduce_payload(t, 256, 4) for t in (10, 70)]
+    reduced = [max(col) for col in zip(*payloads)]
+    assert reduced == [70, 256, 4, -256, -4]
+    # Every rank decides from the same numbers, whatever its own token count.
+    for _ in payloads:
+        assert _sizing.ht_grow_decision(0, 2, reduced, 256, 4) == _C.Buffer.ht_size_hint(2, 128, 256, 4)
+    enough = _C.Buffer.ht_size_hint(2, 70, 256, 4)
+    assert _sizing.ht_grow_decision(enough, 2, reduced, 256, 4) is None
+
+
+def test_ht_grow_decision_refuses_different_shapes_on_every_rank():
+    payloads = [_sizing.ht_allreduce_payload(8, h, 4) for h in (256, 512)]
+    reduced = [max(col) for col in zip(*payloads)]
+    for hidden in (256, 512):
+        with raises_invalid("hidden from 256 to 512"):
+            _sizing.ht_grow_decision(10**9, 2, reduced, hidden, 4)
+
+
+def test_ll_grow_bytes_of_the_second_snippet():
+    # Issue 8, snippet 2: num_rdma_bytes = num_max_tokens * hidden * num_experts.
+    for n, hidden, experts, grows in [(128, 7168, 288, False), (64, 256, 16, True)]:
+        given = n * hidden * experts
+        need = _C.Buffer.ll_size_hint(2, n, hidden, experts)
+        assert _sizing.ll_bytes_needed(2, n, hidden, experts) == need
+        got = _sizing.ll_grow_bytes(given, 2, n, hidden, experts)
+        assert got == (need if grows else None), (n, hidden, experts, given, need)
+        assert (given < need) == grows
+
+
+def test_check_ht_fits_gives_the_bytes_needed():
+    from expertlink.buffer import check_ht_fits
+
+    need = _C.Buffer.ht_size_hint(2, 64, 256, 4)
+    check_ht_fits(need, 2, 64, 256, 4)
+    with raises_invalid(f"needs num_nvl_bytes >= {need}") as info:
+        check_ht_fits(512, 2, 64, 256, 4)
+    assert info.value.code == expertlink.ErrorCode.invalid_argument
+
+
+# ---- DeepEP's argument rules, before anything runs ---------------------------------------------------
+
+def test_ll_dispatch_argument_rules():
+    ok = dict(use_fp8=True, round_scale=False, use_ue8m0=False, async_finish=False, return_recv_hook=False,
+              use_per_tensor_quantization=False, static_scale=None)
+    _core.check_ll_dispatch_args(2, 128, 16, **ok)
+    with raises_invalid("not a positive multiple of the 2 ranks"):
+        _core.check_ll_dispatch_args(2, 128, 15, **ok)
+    with raises_invalid("num_max_dispatch_tokens_per_rank = 0"):
+        _core.check_ll_dispatch_args(2, 0, 16, **ok)
+    with raises_invalid("use_ue8m0=True needs use_fp8=True and round_scale=True"):
+        _core.check_ll_dispatch_args(2, 128, 16, **dict(ok, use_ue8m0=True))
+    _core.check_ll_dispatch_args(2, 128, 16, **dict(ok, use_ue8m0=True, round_scale=True))
+    with raises_invalid("async_finish and return_recv_hook"):
+        _core.check_ll_dispatch_args(2, 128, 16, **dict(ok, async_finish=True, return_recv_hook=True))
+    with pytest.raises(expertlink.Error, match="per_tensor") as info:
+        _core.check_ll_dispatch_args(2, 128, 16, **dict(ok, use_per_tensor_quantization=True))
+    assert info.value.code == expertlink.ErrorCode.unsupported
+
+
+def fake_ht_handle():
+    return _core.HtHandle(_C.HtHandle(), owner=None, generation=0, num_tokens=4, hidden=128, topk=2, num_experts=8,
+                          capacity_mode=False)
+
+
+def test_ht_dispatch_argument_rules():
+    x = object()  # a tensor stand-in: the rules look at which arguments are given, not at tensors
+    assert _core.check_ht_dispatch_args(x, fake_ht_handle(), None, None, None, None) is True
+    assert _core.check_ht_dispatch_args(x, None, x, x, None, 8) is False
+    assert _core.check_ht_dispatch_args((x, x), None, None, None, x, None) is False
+    with raises_invalid("cached dispatch .* takes no topk_idx"):
+        _core.check_ht_dispatch_args(x, fake_ht_handle(), x, None, None, None)
+    with raises_invalid("handle must come from an HT dispatch"):
+        _core.check_ht_dispatch_args(x, ("a", "tuple"), None, None, None, None)
+    with raises_invalid("needs topk_idx .*or a handle"):
+        _core.check_ht_dispatch_args(x, None, None, None, None, 8)
+    with raises_invalid("needs num_experts"):
+        _core.check_ht_dispatch_args(x, None, x, None, None, None)
+    with raises_invalid("topk_weights needs topk_idx"):
+        _core.check_ht_dispatch_args(x, None, None, x, x, None)
+    with raises_invalid("an .FP8 tensor, scales. pair"):
+        _core.check_ht_dispatch_args((x, x, x), None, x, None, None, 8)
+
+
+def test_stream_argument_rules():
+    check_stream_args(None, True, False)
+    check_stream_args(deep_ep.EventOverlap(), False, True)
+    with raises_invalid("allocate_on_comm_stream=True needs previous_event"):
+        check_stream_args(None, False, True)
+    with raises_invalid("previous_event must be an EventOverlap"):
+        check_stream_args(42, False, False)
+
+
+def unconstructed(cls):
+    """A Buffer object without a window (its checks run before any GPU use)."""
+    b = object.__new__(cls)
+    b.group_size, b.rank, b._gens, b._gen, b._comm = 2, 0, {}, None, None
+    return b
+
+
+def test_deep_ep_dispatch_rules_before_gpu_use():
+    b = unconstructed(deep_ep.Buffer)
+    x = object()
+    with raises_invalid("fresh dispatch needs num_tokens_per_rank, is_token_in_rank and num_tokens_per_expert"):
+        b.dispatch(x, topk_idx=x, topk_weights=x)
+    with raises_invalid("takes no topk_idx"):
+        b.dispatch(x, handle=fake_ht_handle(), topk_idx=x)
+    with raises_invalid("allocate_on_comm_stream=True needs previous_event"):
+        b.dispatch(x, handle=fake_ht_handle(), allocate_on_comm_stream=True)
+    with raises_invalid("handle must come from an HT dispatch"):
+        b.combine(x, handle=None)
+    with raises_invalid("handle must come from low_latency_dispatch"):
+        b.low_latency_combine(x, x, x, handle=fake_ht_handle())
+    with raises_invalid("async_finish and return_recv_hook"):
+        b.low_latency_dispatch(x, x, 128, 16, async_finish=True, return_recv_hook=True)
+    with pytest.raises(expertlink.Error, match="get_local_buffer_tensor"):
+        b.get_local_buffer_tensor(None)
+
+
+def test_simple_buffer_dispatch_rules_before_gpu_use():
+    b = unconstructed(expertlink.Buffer)
+    x = object()
+    with raises_invalid("needs num_experts"):
+        b.dispatch(x, x, x)
+    with raises_invalid("bias must be a tensor or a pair"):
+        b.combine(x, fake_ht_handle(), bias=(x, x, x))
+    with raises_invalid("num_max_dispatch_tokens_per_rank = -1"):
+        b.low_latency_dispatch(x, x, -1, 16)
+
+
+def test_handle_of_another_buffer_is_refused():
+    b = unconstructed(expertlink.Buffer)
+    with raises_invalid("made by another Buffer"):
+        b._buffer_of(fake_ht_handle())
+    h = fake_ht_handle()
+    h._owner = b
+    with raises_invalid("generation 0, freed since"):
+        b._buffer_of(h)
+
+
+def test_ll_handle_unpacks_like_deep_ep():
+    h = _core.LlHandle(_C.LlHandle(), None, 0, "src_info", "layout_range", 128, 7168, 288)
+    src_info, layout_range, n, hidden, experts = h
+    assert (src_info, layout_range, n, hidden, experts) == ("src_info", "layout_range", 128, 7168, 288)
+    assert len(h) == 5 and h[2] == 128 and h[-1] == 288
+
+
+def test_recv_hook_without_a_split_call_is_a_no_op():
+    hook = _core.RecvHook()
+    hook()
+    hook()
+
+
+# ---- Config, EventOverlap, topk_idx_t ----------------------------------------------------------------
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8, 16])
+def test_configs_for_any_rank_count(num_ranks):
+    deep_ep.Buffer.set_num_sms(24)
+    try:
+        for cfg in (deep_ep.Buffer.get_dispatch_config(num_ranks), deep_ep.Buffer.get_combine_config(num_ranks)):
+            assert isinstance(cfg, deep_ep.Config) and cfg.num_sms == 24
+            assert cfg.get_nvl_buffer_size_hint(7168 * 2, num_ranks) == _C.Buffer.ht_size_hint(num_ranks, 4096, 7168,
+                                                                                               32)
+            assert cfg.get_rdma_buffer_size_hint(7168 * 2, num_ranks) == 0
+            assert "num_sms=24" in repr(cfg)
+    finally:
+        deep_ep.Buffer.set_num_sms(0)
+    assert deep_ep.Buffer.get_dispatch_config(2).num_max_nvl_chunked_send_tokens == 24
+
+
+def test_set_num_sms_is_per_front_end_and_checked():
+    expertlink.Buffer.set_num_sms(16)
+    try:
+        assert expertlink.Buffer.num_sms == 16 and deep_ep.Buffer.num_sms == 0
+    finally:
+        expertlink.Buffer.set_num_sms(0)
+    with raises_invalid("num_sms = -2"):
+        deep_ep.Buffer.set_num_sms(-2)
+
+
+def test_event_overlap_without_event():
+    ev = deep_ep.EventOverlap(None, extra_tensors=("t",))
+    assert ev.extra_tensors == ("t",)
+    with ev as inner:
+        assert inner is ev
+    ev.current_stream_wait()
+
+
+def test_deep_ep_static_surface():
+    assert deep_ep.Buffer.is_sm90_compiled()
+    assert callable(deep_ep.Buffer.capture)
+    for name in ["get_dispatch_layout", "dispatch", "combine", "low_latency_dispatch", "low_latency_combine",
+                 "get_next_low_latency_combine_buffer", "clean_low_latency_buffer", "capture", "set_num_sms",
+                 "get_dispatch_config", "get_combine_config", "get_low_latency_rdma_size_hint", "get_comm_stream",
+                 "destroy"]:
+        assert callable(getattr(deep_ep.Buffer, name)), name
+    with pytest.raises(AttributeError):
+        deep_ep.no_such_name  # noqa: B018
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed: topk_idx_t is a torch dtype")
+def test_topk_idx_t_is_int64():
+    import torch
+
+    assert deep_ep.topk_idx_t == torch.int64
+    from expertlink.deep_ep import topk_idx_t  # noqa: F401 (from-import goes through the module __getattr__)
