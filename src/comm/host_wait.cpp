@@ -34,6 +34,7 @@ const char* wait_site_name(WaitSite site) {
     case WaitSite::kLlCombineFree: return "LL combine (receiver's buffer free)";
     case WaitSite::kLlCombineWeights: return "LL combine (weights arrival)";
     case WaitSite::kLlCombineData: return "LL combine (data arrival)";
+    case WaitSite::kBulkCopy: return "bulk copy (local, TMA)";
     case WaitSite::kMismatch: return "argument mismatch";
   }
   return "unknown site";

@@ -26,6 +26,7 @@ enum class WaitSite : int32_t {
   kLlCombineFree = 22,     // the peer has not finished reading its combine area of the previous use
   kLlCombineWeights = 23,  // the peer's combine weights of this use have not arrived
   kLlCombineData = 24,     // the peer's combine partial sums of this use have not arrived
+  kBulkCopy = 30,          // a local bulk (TMA) copy did not complete; peer = this rank
   // Not waits: errors found on the device, reported through the same record.
   kMismatch = 101,    // counter = which argument (0 hidden, 1 topk, 2 num_experts); expected = ours, seen = peer's
 };

@@ -6,8 +6,11 @@
 namespace expertlink::kernels {
 namespace {
 
+template <bool kBulk>
 __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombineParams p) {
-  __shared__ int abort_flag, send_abort, recv_abort;
+  __shared__ int abort_flag, send_abort, recv_abort, copy_abort;
+  __shared__ uint64_t stage_bar[kRoleWarps][2];
+  extern __shared__ __align__(128) char stage_smem[];
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk, H = p.hidden;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -18,7 +21,12 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
 
   if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me)
     st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kCombineReady, me), round);
-  if (threadIdx.x == 0) abort_flag = wait_aborted(ctx);
+  if (threadIdx.x == 0) {
+    abort_flag = wait_aborted(ctx);
+    copy_abort = 0;
+  }
+  WarpStages stages{};
+  if (kBulk && warp < kRoleWarps) stages = warp_stages(stage_smem, stage_bar, warp, lane);
   __syncthreads();
   if (abort_flag) return;
 
@@ -47,15 +55,26 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
           for (int r = r0 + warp; r < r1; r += kRoleWarps) {
             const int64_t row = row0 + r;
             char* rec = seg + int64_t(r) * p.record_bytes;
-            warp_copy_row<true>(
-                reinterpret_cast<const int4*>(static_cast<const char*>(p.x.data) + row * p.x.row_stride * 2),
-                reinterpret_cast<int4*>(rec), vecs, lane);
+            const char* src = static_cast<const char*>(p.x.data) + row * p.x.row_stride * 2;
+            if constexpr (kBulk) {
+              if (!warp_bulk_send(src, 2ll * H, 1, rec, nullptr, stages, lane, ctx)) {
+                copy_abort = 1;
+                break;
+              }
+            } else {
+              warp_copy_row<true>(reinterpret_cast<const int4*>(src), reinterpret_cast<int4*>(rec), vecs, lane);
+            }
             if (with_weights && lane < K)
               reinterpret_cast<float*>(rec + 2ll * H)[lane] = static_cast<const float*>(
                   p.topk_weights.data)[row * p.topk_weights.row_stride + lane * p.topk_weights.col_stride];
           }
         }
+        if (kBulk && lane == 0) bulk_wait_all();
         role_barrier(kSendBarrier);  // the chunk's rows from every sender warp, then one fenced release store
+        if (kBulk && copy_abort) {
+          stop = true;
+          break;
+        }
         if (threadIdx.x == 0) {
           __threadfence_system();
           st_release_sys(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
@@ -150,8 +169,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
 }  // namespace
 
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
-  ht_combine_kernel<<<num_sms, kHtThreads, 0, stream>>>(p);
-  EL_CUDA_CHECK(cudaGetLastError());
+  launch_ht_kernel(ht_combine_kernel<true>, ht_combine_kernel<false>, p, num_sms, stream);
 }
 
 }  // namespace expertlink::kernels

@@ -1,5 +1,8 @@
 // HT dispatch: every token row is read once and written straight to each destination. Protocol and
 // buffer layout: ht_protocol.cuh.
+#include <cstdlib>
+#include <cstring>
+
 #include "check.hpp"
 #include "kernels/ht_protocol.cuh"
 
@@ -14,8 +17,11 @@ __device__ __forceinline__ uint64_t warp_dest_mask(const int32_t* send_pos_row, 
          (static_cast<uint64_t>(__ballot_sync(~0u, pos_hi >= 0)) << 32);
 }
 
+template <bool kBulk>
 __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchParams p) {
-  __shared__ int abort_flag, recv_abort;
+  __shared__ int abort_flag, recv_abort, send_abort;
+  __shared__ uint64_t stage_bar[kRoleWarps][2];
+  extern __shared__ __align__(128) char stage_smem[];
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -28,7 +34,12 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   // Announce that this rank's receiving area is free for this round; then wait for every destination's.
   if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me)
     st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kDispatchReady, me), round);
-  if (threadIdx.x == 0) abort_flag = wait_aborted(ctx);  // e.g. ranks disagreed in notify
+  if (threadIdx.x == 0) {
+    abort_flag = wait_aborted(ctx);  // e.g. ranks disagreed in notify
+    send_abort = 0;
+  }
+  WarpStages stages{};
+  if (kBulk && warp < kRoleWarps) stages = warp_stages(stage_smem, stage_bar, warp, lane);
   __syncthreads();
   if (abort_flag) return;
   if (threadIdx.x < R && threadIdx.x != me && T > 0 &&
@@ -62,8 +73,12 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
         };
         char* const dst_lo = row_address(lane, pos_lo);
         char* const dst_hi = row_address(lane + 32, pos_hi);
+        if (kBulk && !warp_bulk_send(x_row, p.row_bytes, mask, dst_lo, dst_hi, stages, lane, ctx)) {
+          send_abort = 1;
+          break;  // to the chunk's barrier, then out
+        }
         const int4* src = reinterpret_cast<const int4*>(x_row);
-        for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kCopyUnroll) {
+        for (int64_t v0 = 0; v0 < (kBulk ? 0 : vecs); v0 += 32 * kCopyUnroll) {
           int4 val[kCopyUnroll];
 #pragma unroll
           for (int u = 0; u < kCopyUnroll; ++u)
@@ -126,9 +141,11 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
           }
         }
       }
-      // Publish chunk c to every other rank (also when it sent them nothing): every sender thread's rows,
-      // then (barrier, one system fence) the release stores of the chunk's round.
+      // Publish chunk c to every other rank (also when it sent them nothing): every sender thread's rows
+      // (bulk stores complete first), then (barrier, one system fence) the release stores of the round.
+      if (kBulk && lane == 0) bulk_wait_all();
       role_barrier(kSendBarrier);
+      if (kBulk && send_abort) break;
       if (threadIdx.x < R && threadIdx.x != me) {
         __threadfence_system();
         st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kDispatchChunk, me * kMaxChunks + c),
@@ -190,9 +207,13 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
 
 }  // namespace
 
+bool ht_bulk_send() {
+  const char* v = std::getenv("EXPERTLINK_HT_COPY");
+  return v == nullptr || std::strcmp(v, "warp") != 0;
+}
+
 void launch_ht_dispatch(const HtDispatchParams& p, int num_sms, cudaStream_t stream) {
-  ht_dispatch_kernel<<<num_sms, kHtThreads, 0, stream>>>(p);
-  EL_CUDA_CHECK(cudaGetLastError());
+  launch_ht_kernel(ht_dispatch_kernel<true>, ht_dispatch_kernel<false>, p, num_sms, stream);
 }
 
 }  // namespace expertlink::kernels

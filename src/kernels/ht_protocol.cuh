@@ -32,7 +32,10 @@
 
 #include <cstdint>
 
+#include "check.hpp"
+
 #include "comm/control_layout.hpp"
+#include "kernels/bulk_copy.cuh"
 #include "kernels/ht_kernels.hpp"
 #include "kernels/sync.cuh"
 #include "kernels/vector_io.cuh"
@@ -93,6 +96,71 @@ __device__ __forceinline__ void warp_copy_row(const int4* __restrict__ src, int4
     for (int u = 0; u < kCopyUnroll; ++u)
       if (v0 + u * 32 < vecs) dst[v0 + u * 32] = val[u];
   }
+}
+
+// Bulk-copy sending (dispatch and combine): each sending warp stages rows through shared memory in pieces
+// of kStageBytes, two stages per warp, so the load of piece n + 1 overlaps the stores of piece n; lane 0
+// issues the copies. The sending half's stages fill the dynamic shared memory of the block.
+inline constexpr int kStageBytes = 6144;
+inline constexpr size_t kBulkSmemBytes = size_t(kRoleWarps) * 2 * kStageBytes;
+
+struct WarpStages {
+  char* buf;       // 2 x kStageBytes
+  uint64_t* bar;   // 2 mbarriers
+  uint32_t piece;  // pieces staged so far: stage = piece & 1, phase = (piece >> 1) & 1
+};
+
+// Sets up sending warp `warp`'s stages (lane 0 initialises the mbarriers; a block barrier must follow
+// before first use).
+__device__ __forceinline__ WarpStages warp_stages(char* smem, uint64_t (*bars)[2], int warp, int lane) {
+  if (lane == 0) {
+    mbar_init(&bars[warp][0]);
+    mbar_init(&bars[warp][1]);
+  }
+  return WarpStages{smem + size_t(warp) * 2 * kStageBytes, bars[warp], 0};
+}
+
+// Copies `bytes` from `src` to every destination d in `mask` (lane d holds d's address in dst_lo, lane
+// d - 32 in dst_hi; null = skip) through the warp's stages. Called by the whole warp. The stores are only
+// issued: bulk_wait_all (lane 0) before publishing them. False (recorded) if a load timed out.
+__device__ __forceinline__ bool warp_bulk_send(const char* src, int64_t bytes, uint64_t mask, char* dst_lo,
+                                               char* dst_hi, WarpStages& st, int lane, const WaitContext& ctx) {
+  for (int64_t off = 0; off < bytes; off += kStageBytes, ++st.piece) {
+    const int stage = st.piece & 1;
+    const uint32_t n = static_cast<uint32_t>(min(int64_t(kStageBytes), bytes - off));
+    char* buf = st.buf + stage * kStageBytes;
+    bool ok = true;
+    if (lane == 0) {
+      bulk_wait_read<1>();  // the stores of piece - 2 (same stage) have read it
+      bulk_load(buf, src + off, n, &st.bar[stage]);
+      ok = mbar_wait(&st.bar[stage], (st.piece >> 1) & 1, ctx);
+    }
+    if (!__shfl_sync(~0u, ok, 0)) return false;
+    for (uint64_t m = mask; m != 0; m &= m - 1) {
+      const int d = __ffsll(m) - 1;
+      char* dst = reinterpret_cast<char*>(__shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? dst_lo : dst_hi), d & 31));
+      if (lane == 0 && dst != nullptr) bulk_store(dst + off, buf, n);
+    }
+    if (lane == 0) bulk_commit();
+  }
+  return true;
+}
+
+// Bulk (TMA) sending is the default; EXPERTLINK_HT_COPY=warp selects the warp-copy senders (A/B timing).
+bool ht_bulk_send();
+
+// Launches kernel<true> (bulk sending, kBulkSmemBytes of dynamic shared memory) or kernel<false>.
+template <class Params>
+void launch_ht_kernel(void (*bulk)(Params), void (*warp)(Params), const Params& p, int blocks, cudaStream_t stream) {
+  if (ht_bulk_send()) {
+    // Per device and cheap: set on every launch rather than remembered.
+    EL_CUDA_CHECK(cudaFuncSetAttribute(bulk, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(kBulkSmemBytes)));
+    bulk<<<blocks, kHtThreads, kBulkSmemBytes, stream>>>(p);
+  } else {
+    warp<<<blocks, kHtThreads, 0, stream>>>(p);
+  }
+  EL_CUDA_CHECK(cudaGetLastError());
 }
 
 // The last block of a kernel to finish advances the rank's round counter `which` (the next kernel on
