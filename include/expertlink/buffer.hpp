@@ -121,6 +121,14 @@ class Buffer {
   // ~46 GB/s to a peer; ~8 fill NV18) plus as many again for the local share and the copy-out.
   int default_ht_sms() const;
 
+  // Topology, found from the communicator's hosts at construction ($NCCL_HOSTID honoured, ranks
+  // node-major, the same number of ranks on every node). One node: the NVLink (symmetric window) path.
+  // Several: the hierarchical internode HT path (same calls; ht_notify always syncs the host once; no
+  // symmetric window, so window_bytes() is 0; LL calls raise kUnsupported for now). docs/internode.md.
+  int num_nodes() const;
+  int num_local_ranks() const;
+  size_t internode_staging_bytes() const;  // device staging of the internode path (0 intranode)
+
   void get_dispatch_layout(const TensorView& topk_idx, int num_experts, const TensorView& num_tokens_per_rank,
                            const TensorView& num_tokens_per_expert, const TensorView& is_token_in_rank,
                            cudaStream_t stream);

@@ -2,12 +2,17 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "expertlink/buffer.hpp"
 #include "kernels/ht_kernels.hpp"
 
 namespace expertlink {
+
+namespace internode {
+struct HandleExtra;
+}
 
 struct HtHandleState {
   const Buffer::State* owner = nullptr;  // the buffer that filled it
@@ -28,6 +33,7 @@ struct HtHandleState {
   int32_t* recv_src_token = nullptr;
   int32_t* host_counts = nullptr;      // pinned, mapped
   int32_t* host_counts_dev = nullptr;  // its device address
+  std::shared_ptr<internode::HandleExtra> internode;  // the plan and lists of an internode notify
 
   ~HtHandleState();
   // Grows the arrays to hold T tokens, R ranks, E_local experts (notify side).

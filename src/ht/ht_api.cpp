@@ -7,6 +7,7 @@
 #include "check.hpp"
 #include "comm/host_wait.hpp"
 #include "ht/handle.hpp"
+#include "internode/internode.hpp"
 #include "kernels/ht_kernels.hpp"
 
 namespace expertlink {
@@ -128,7 +129,7 @@ void Buffer::get_dispatch_layout(const TensorView& topk_idx, int num_experts,
              is_token_in_rank.describe().c_str());
     in_rank = is_token_in_rank.ptr<uint8_t>();
   }
-  s_->window->raise_if_device_error();
+  if (s_->window) s_->window->raise_if_device_error();  // none on the internode path
   kernels::launch_ht_layout(r.idx, r.idx_type, r.idx_rs, r.idx_cs, r.tokens, r.topk, num_experts, R,
                             num_tokens_per_rank.ptr<int32_t>(), num_tokens_per_expert.ptr<int32_t>(), in_rank,
                             stream);
@@ -158,6 +159,7 @@ void Buffer::ht_notify(const HtDispatchArgs& args, HtHandle& handle, Sizing sizi
   if (sizing == Sizing::kCapacity)
     EL_CHECK(capacity >= 0 && capacity <= INT_MAX, "capacity = %lld must be in [0, %d]",
              static_cast<long long>(capacity), INT_MAX);
+  if (s_->internode) return internode::ht_notify(*s_, args, handle.state_, sizing, capacity, stream);
   s_->window->raise_if_device_error();
 
   if (!handle.state_) handle.state_ = std::make_unique<HtHandleState>();
@@ -288,6 +290,7 @@ void Buffer::ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtD
              out.num_recv_tokens_per_expert.describe().c_str());
   }
 
+  if (s_->internode) return internode::ht_dispatch(*s_, args, h, out, stream);
   kernels::HtDispatchParams p{};
   p.kind = kind;
   p.row_bytes = H * dtype_size(args.x.dtype);
@@ -369,6 +372,7 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
              h.topk, out.combined_topk_weights.describe().c_str());
   }
 
+  if (s_->internode) return internode::ht_combine(*s_, args, h, out, stream);
   kernels::HtCombineParams p{};
   p.record_bytes = kernels::combine_record_bytes(static_cast<int>(H), h.topk);
   const Area area = plan_area(s_->ht_bytes, R, p.record_bytes, /*combine=*/true, T);

@@ -100,6 +100,9 @@ kernels::LlDeviceState device_state(const LlState& st) {
 void begin_call(Buffer::State& s, const char* what) {
   EL_CHECK(s.ll_bytes > 0,
            "%s: the buffer has no LL region (constructed with ll_bytes = 0; see Buffer::ll_size_hint)", what);
+  if (!s.window)
+    EL_FAIL(ErrorCode::kUnsupported, "%s: the low-latency path across nodes is not implemented yet (this "
+            "communicator spans %d nodes; docs/internode.md)", what, s.topology.num_nodes);
   s.window->raise_if_device_error();
   raise_bad_expert(s.ll);
   ll_init(s);
@@ -403,7 +406,7 @@ TensorView Buffer::get_next_ll_combine_buffer(const LlHandle& handle) {
 }
 
 void Buffer::ll_clean(cudaStream_t /*stream*/) {
-  s_->window->raise_if_device_error();
+  if (s_->window) s_->window->raise_if_device_error();
   const LlState& st = s_->ll;
   for (int p = 0; p < 2; ++p) {
     EL_CHECK(st.dispatch_pending[p] == nullptr,
