@@ -21,6 +21,13 @@ class Communicator {
 
   static ncclUniqueId make_unique_id();
 
+  // After a peer has failed (a call raised Error kTimeout naming it): releases this rank's NCCL resources
+  // without waiting for the other ranks (ncclCommAbort; a borrowed communicator is left to its owner).
+  // Call it before destroying the Buffers made on this communicator: they then skip the collective
+  // deregistration of their windows and free only local memory. Idempotent.
+  void abort();
+  bool aborted() const { return aborted_; }
+
   int rank() const { return rank_; }
   int num_ranks() const { return num_ranks_; }
   int device() const { return device_; }
@@ -32,6 +39,7 @@ class Communicator {
 
   ncclComm_t comm_ = nullptr;
   bool owned_ = false;
+  bool aborted_ = false;
   int rank_ = -1;
   int num_ranks_ = 0;
   int device_ = -1;

@@ -69,8 +69,17 @@ void Communicator::query() {
   EL_NCCL_CHECK(ncclCommCuDevice(comm_, &device_));
 }
 
+void Communicator::abort() {
+  if (aborted_) return;
+  aborted_ = true;
+  if (owned_ && comm_ != nullptr) {
+    ncclResult_t res = ncclCommAbort(comm_);
+    if (res != ncclSuccess) std::fprintf(stderr, "expertlink: ncclCommAbort: %s\n", ncclGetErrorString(res));
+  }
+}
+
 Communicator::~Communicator() {
-  if (owned_ && comm_ != nullptr) ncclCommDestroy(comm_);
+  if (owned_ && comm_ != nullptr && !aborted_) ncclCommDestroy(comm_);
 }
 
 }  // namespace expertlink

@@ -88,14 +88,16 @@ SymmetricMemory::SymmetricMemory(const Communicator& comm, size_t data_bytes, Ru
 
 SymmetricMemory::~SymmetricMemory() {
   // No throwing here: report and continue releasing. Deregistration is collective in NCCL; a peer that
-  // has died leaves its survivors to ncclCommAbort (the communicator's owner).
+  // has died leaves its survivors to Communicator::abort (ncclCommAbort releases the windows and the
+  // device communicator it still holds), after which only local memory is freed here.
   cudaDeviceSynchronize();
-  if (window_ != nullptr) {
+  const bool aborted = comm_.aborted();
+  if (window_ != nullptr && !aborted) {
     ncclResult_t res = ncclCommWindowDeregister(comm_.nccl(), window_);
     if (res != ncclSuccess) std::fprintf(stderr, "expertlink: ncclCommWindowDeregister: %s\n", ncclGetErrorString(res));
   }
   if (window_ptr_ != nullptr) ncclMemFree(window_ptr_);
-  if (dev_comm_created_) ncclDevCommDestroy(comm_.nccl(), &dev_comm_);
+  if (dev_comm_created_ && !aborted) ncclDevCommDestroy(comm_.nccl(), &dev_comm_);
   if (peer_base_dev_ != nullptr) cudaFree(peer_base_dev_);
   if (epoch_dev_ != nullptr) cudaFree(epoch_dev_);
   if (record_host_ != nullptr) cudaFreeHost(record_host_);

@@ -4,6 +4,7 @@
 #include <climits>
 
 #include "buffer_state.hpp"
+#include "api_checks.hpp"
 #include "check.hpp"
 #include "comm/host_wait.hpp"
 #include "ht/handle.hpp"
@@ -31,14 +32,7 @@ Routing check_topk(const TensorView& topk_idx, int64_t tokens, const char* name 
   Routing r;
   r.tokens = static_cast<int>(tokens);
   if (!topk_idx.defined()) return r;
-  check_2d(topk_idx, name);
-  EL_CHECK(topk_idx.dtype == DType::kI64 || topk_idx.dtype == DType::kI32, "%s must be i64 or i32, got %s",
-           name, dtype_name(topk_idx.dtype));
-  EL_CHECK(topk_idx.shape[0] == tokens, "%s has %lld rows but x has %lld tokens", name,
-           static_cast<long long>(topk_idx.shape[0]), static_cast<long long>(tokens));
-  EL_CHECK(topk_idx.shape[1] >= 1 && topk_idx.shape[1] <= kHtMaxTopk, "%s: top-k = %lld must be in [1, %d]",
-           name, static_cast<long long>(topk_idx.shape[1]), kHtMaxTopk);
-  r.topk = static_cast<int>(topk_idx.shape[1]);
+  r.topk = checks::topk_idx(topk_idx, tokens, kHtMaxTopk, name);
   r.idx = topk_idx.data;
   r.idx_type = topk_idx.dtype == DType::kI64 ? IdxType::kI64 : IdxType::kI32;
   r.idx_rs = topk_idx.stride[0];
@@ -47,10 +41,16 @@ Routing check_topk(const TensorView& topk_idx, int64_t tokens, const char* name 
 }
 
 void check_experts(int num_experts, int num_ranks) {
-  EL_CHECK(num_experts >= 1 && num_experts <= kHtMaxExperts, "num_experts = %d must be in [1, %d]",
-           num_experts, kHtMaxExperts);
-  EL_CHECK(num_experts % num_ranks == 0, "num_experts = %d is not divisible by the %d ranks", num_experts,
-           num_ranks);
+  checks::num_experts(num_experts, num_ranks, kHtMaxExperts);
+}
+
+// Bytes of one dispatch row of `x` in the receiving area: FP8 rows carry their scales (f32, or packed
+// UE8M0 when `x_scales` is i32 or not given yet: the smaller record, so notify never refuses a valid call).
+int64_t dispatch_record_of(const TensorView& x, const TensorView& x_scales, int topk) {
+  const int64_t H = x.shape[1];
+  if (x.dtype != DType::kFP8E4M3) return kernels::dispatch_record_bytes(H * dtype_size(x.dtype), 0, topk);
+  const bool f32 = x_scales.defined() && x_scales.dtype == DType::kF32;
+  return kernels::dispatch_record_bytes(H, static_cast<int>(f32 ? H / 128 : (H + 511) / 512), topk);
 }
 
 void check_weights(const TensorView& w, int64_t rows, int topk, const char* name) {
@@ -93,6 +93,21 @@ Area plan_area(size_t ht_bytes, int num_ranks, int64_t record, bool combine, int
   return a;
 }
 
+// What notify and dispatch both take: well-formed views on the buffer's device, x BF16 or FP8 token rows.
+void check_dispatch_inputs(const HtDispatchArgs& args, int device, cudaStream_t stream) {
+  checks::required(args.x, "x");
+  checks::tensors({{&args.x, "x"},
+                   {&args.x_scales, "x_scales"},
+                   {&args.topk_idx, "topk_idx"},
+                   {&args.topk_weights, "topk_weights"},
+                   {&args.is_token_in_rank, "is_token_in_rank"}},
+                  device, stream);
+  EL_CHECK(args.x.dtype == DType::kBF16 || args.x.dtype == DType::kFP8E4M3, "x must be bf16 or fp8_e4m3, got %s",
+           dtype_name(args.x.dtype));
+  checks::token_rows(args.x, "x");
+  EL_CHECK(args.x.shape[0] <= INT_MAX / 2, "x has %lld tokens: too many", static_cast<long long>(args.x.shape[0]));
+}
+
 }  // namespace
 
 size_t Buffer::ht_size_hint(int num_ranks, int64_t max_tokens_per_rank, int64_t hidden, int topk) {
@@ -109,7 +124,12 @@ void Buffer::get_dispatch_layout(const TensorView& topk_idx, int num_experts,
                                  const TensorView& num_tokens_per_expert, const TensorView& is_token_in_rank,
                                  cudaStream_t stream) {
   const int R = num_ranks();
-  EL_CHECK(topk_idx.defined(), "topk_idx is required");
+  checks::required(topk_idx, "topk_idx");
+  checks::tensors({{&topk_idx, "topk_idx"},
+                   {&num_tokens_per_rank, "num_tokens_per_rank"},
+                   {&num_tokens_per_expert, "num_tokens_per_expert"},
+                   {&is_token_in_rank, "is_token_in_rank"}},
+                  s_->comm.device(), stream);
   Routing r = check_topk(topk_idx, topk_idx.ndim == 2 ? topk_idx.shape[0] : 0);
   check_experts(num_experts, R);
   EL_CHECK(num_tokens_per_rank.dtype == DType::kI32 && num_tokens_per_rank.numel() == R &&
@@ -138,10 +158,8 @@ void Buffer::get_dispatch_layout(const TensorView& topk_idx, int num_experts,
 void Buffer::ht_notify(const HtDispatchArgs& args, HtHandle& handle, Sizing sizing, int64_t capacity,
                        cudaStream_t stream) {
   const int R = num_ranks();
-  EL_CHECK(args.x.defined(), "x is required");
-  check_2d(args.x, "x");
+  check_dispatch_inputs(args, s_->comm.device(), stream);
   const int64_t T = args.x.shape[0];
-  EL_CHECK(T <= INT_MAX / 2, "x has %lld tokens: too many", static_cast<long long>(T));
   Routing r = check_topk(args.topk_idx, T);
   if (r.idx != nullptr) {
     check_experts(args.num_experts, R);
@@ -159,6 +177,8 @@ void Buffer::ht_notify(const HtDispatchArgs& args, HtHandle& handle, Sizing sizi
   if (sizing == Sizing::kCapacity)
     EL_CHECK(capacity >= 0 && capacity <= INT_MAX, "capacity = %lld must be in [0, %d]",
              static_cast<long long>(capacity), INT_MAX);
+  // The dispatch that follows must fit: refuse here, before the notify kernel, rather than after it.
+  plan_area(s_->ht_bytes, R, dispatch_record_of(args.x, args.x_scales, r.topk), /*combine=*/false, T);
   if (s_->internode) return internode::ht_notify(*s_, args, handle.state_, sizing, capacity, stream);
   s_->window->raise_if_device_error();
 
@@ -208,18 +228,18 @@ void Buffer::ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtD
   EL_CHECK(handle.valid() && handle.state_->owner == s_.get(),
            "handle was not filled by this buffer's ht_notify (a handle belongs to one Buffer)");
   HtHandleState& h = *handle.state_;
-  EL_CHECK(args.x.defined(), "x is required");
-  check_2d(args.x, "x");
+  check_dispatch_inputs(args, s_->comm.device(), stream);
+  checks::tensors({{&out.recv_x, "recv_x"},
+                   {&out.recv_x_scales, "recv_x_scales"},
+                   {&out.recv_topk_idx, "recv_topk_idx"},
+                   {&out.recv_topk_weights, "recv_topk_weights"},
+                   {&out.num_recv_tokens_per_expert, "num_recv_tokens_per_expert"}},
+                  s_->comm.device(), stream);
   const int64_t T = args.x.shape[0], H = args.x.shape[1];
   EL_CHECK(T == h.num_tokens, "x has %lld tokens but the handle was made for %d", static_cast<long long>(T),
            h.num_tokens);
   EL_CHECK(H == h.hidden, "x has hidden = %lld but the handle was made with hidden = %d",
            static_cast<long long>(H), h.hidden);
-  EL_CHECK(args.x.dtype == DType::kBF16 || args.x.dtype == DType::kFP8E4M3,
-           "x must be bf16 or fp8_e4m3, got %s", dtype_name(args.x.dtype));
-  EL_CHECK(args.x.rows_are_dense_16b(),
-           "x rows must be contiguous, 16-byte aligned, a multiple of 16 bytes: %s",
-           args.x.describe().c_str());
   Routing r = check_topk(args.topk_idx, T);
   EL_CHECK(r.idx == nullptr || r.topk == h.topk, "topk_idx has top-k = %d but the handle was made with %d",
            r.topk, h.topk);
@@ -231,8 +251,6 @@ void Buffer::ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtD
   RowKind kind = RowKind::kBf16;
   int scale_cols = 0;
   if (args.x.dtype == DType::kFP8E4M3) {
-    EL_CHECK(H % 128 == 0, "x is fp8 with hidden = %lld, not a multiple of 128 (one scale per 128 channels)",
-             static_cast<long long>(H));
     EL_CHECK(args.x_scales.defined(), "x is fp8: x_scales is required");
     check_2d(args.x_scales, "x_scales");
     if (args.x_scales.dtype == DType::kF32) {
@@ -339,12 +357,16 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
            "handle was not filled by this buffer's ht_notify (a handle belongs to one Buffer)");
   const HtHandleState& h = *handle.state_;
   const int64_t rows = h.exact ? h.num_recv : h.capacity;
-  EL_CHECK(args.x.defined(), "x is required");
-  check_2d(args.x, "x");
+  checks::required(args.x, "x");
+  checks::tensors({{&args.x, "x"},
+                   {&args.topk_weights, "topk_weights"},
+                   {&args.bias0, "bias0"},
+                   {&args.bias1, "bias1"},
+                   {&out.combined_x, "combined_x"},
+                   {&out.combined_topk_weights, "combined_topk_weights"}},
+                  s_->comm.device(), stream);
   EL_CHECK(args.x.dtype == DType::kBF16, "combine x must be bf16, got %s", dtype_name(args.x.dtype));
-  EL_CHECK(args.x.rows_are_dense_16b(),
-           "x rows must be contiguous, 16-byte aligned, a multiple of 16 bytes: %s",
-           args.x.describe().c_str());
+  checks::token_rows(args.x, "x");
   // Exact sizing: the received rows; capacity sizing: the capacity (the count is on the device only).
   EL_CHECK(args.x.shape[0] >= rows, "x has %lld rows but the handle's %s is %lld",
            static_cast<long long>(args.x.shape[0]), h.exact ? "received row count" : "capacity",

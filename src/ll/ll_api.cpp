@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <climits>
 
+#include "api_checks.hpp"
 #include "buffer_state.hpp"
 #include "check.hpp"
 #include "kernels/ll_kernels.hpp"
@@ -26,20 +27,12 @@ long long ll(int64_t v) {
 }
 
 Routing check_routing(const TensorView& t, int64_t tokens, const char* name) {
-  EL_CHECK(t.defined(), "%s is required", name);
-  EL_CHECK(t.ndim == 2, "%s must be 2-D [T, K], got %s", name, t.describe().c_str());
-  EL_CHECK(t.dtype == DType::kI64 || t.dtype == DType::kI32, "%s must be i64 or i32, got %s", name,
-           dtype_name(t.dtype));
-  EL_CHECK(t.shape[0] == tokens, "%s has %lld rows but there are %lld tokens", name, ll(t.shape[0]),
-           ll(tokens));
-  EL_CHECK(t.shape[1] >= 1 && t.shape[1] <= kLlMaxTopk, "%s: top-k = %lld must be in [1, %d]", name,
-           ll(t.shape[1]), kLlMaxTopk);
   Routing r;
+  r.topk = checks::topk_idx(t, tokens, kLlMaxTopk, name);
   r.data = t.data;
   r.type = t.dtype == DType::kI64 ? IdxType::kI64 : IdxType::kI32;
   r.row_stride = t.stride[0];
   r.col_stride = t.stride[1];
-  r.topk = static_cast<int>(t.shape[1]);
   return r;
 }
 
@@ -163,13 +156,19 @@ LlRecvHook Buffer::ll_dispatch(const LlDispatchArgs& args, LlHandle& handle, con
   const int N = args.num_max_dispatch_tokens_per_rank, E = args.num_experts;
   EL_CHECK(N >= 1 && N <= kLlMaxTokens, "num_max_dispatch_tokens_per_rank = %d must be in [1, %d]", N,
            kLlMaxTokens);
-  EL_CHECK(E >= R && E <= kLlMaxExperts && E % R == 0,
-           "num_experts = %d must be a multiple of the %d ranks, at most %d", E, R, kLlMaxExperts);
-  EL_CHECK(args.x.defined() && args.x.ndim == 2 && args.x.dtype == DType::kBF16,
-           "x must be bf16 [T, H], got %s", args.x.defined() ? args.x.describe().c_str() : "nothing");
-  EL_CHECK(args.x.rows_are_dense_16b(),
-           "x rows must be contiguous, 16-byte aligned, a multiple of 16 bytes: %s",
+  checks::num_experts(E, R, kLlMaxExperts);
+  checks::required(args.x, "x");
+  checks::tensors({{&args.x, "x"},
+                   {&args.topk_idx, "topk_idx"},
+                   {&out.recv_x, "recv_x"},
+                   {&out.recv_scales, "recv_scales"},
+                   {&out.recv_count, "recv_count"},
+                   {&out.src_info, "src_info"},
+                   {&out.layout_range, "layout_range"}},
+                  s.comm.device(), stream);
+  EL_CHECK(args.x.ndim == 2 && args.x.dtype == DType::kBF16, "x must be bf16 [T, H], got %s",
            args.x.describe().c_str());
+  checks::token_rows(args.x, "x");
   const int64_t T = args.x.shape[0], H = args.x.shape[1];
   EL_CHECK(T <= N, "x has %lld tokens, more than num_max_dispatch_tokens_per_rank = %d", ll(T), N);
   EL_CHECK(H <= kLlMaxHidden, "x has hidden = %lld, more than the LL maximum %d", ll(H), kLlMaxHidden);
@@ -313,6 +312,11 @@ LlRecvHook Buffer::ll_combine(const LlCombineArgs& args, const LlHandle& handle,
            "handle: its dispatch was split (return_recv_hook) and its receive hook has not been called yet");
   const int N = h.capacity, H = h.hidden, K = h.topk, E = h.num_experts, EL = E / R, T = h.num_tokens;
   const int64_t slots = int64_t(R) * N;
+  checks::tensors({{&args.x, "x"},
+                   {&args.topk_idx, "topk_idx"},
+                   {&args.topk_weights, "topk_weights"},
+                   {&out.out, "out"}},
+                  s.comm.device(), stream);
   begin_call(s, "ll_combine");
   LlState& st = s.ll;
   const int parity = static_cast<int>(st.combine_calls & 1);

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "expertlink/error.hpp"
 #include "multiproc.hpp"
 
 namespace expertlink::test {
@@ -45,3 +46,25 @@ struct Registrar {
       return 1;                                                                                    \
     }                                                                                              \
   } while (0)
+
+namespace expertlink::test {
+
+// Runs `call` and expects an invalid-argument Error whose message contains `needle` (the argument or the
+// value it must name); 0 if so, else 1 with what came instead. Rank 0 prints the message.
+template <typename F>
+int expect_invalid(const RankContext& ctx, F&& call, const char* needle, const char* what) {
+  std::string msg = "no error";
+  bool right_code = false;
+  try {
+    call();
+  } catch (const Error& e) {
+    right_code = e.code() == ErrorCode::kInvalidArgument;
+    msg = e.what();
+  }
+  GPU_EXPECT(right_code && msg.find(needle) != std::string::npos,
+             "%s: expected an invalid-argument error containing '%s', got '%s'", what, needle, msg.c_str());
+  if (ctx.rank == 0) std::printf("ok: %s -> %s\n", what, msg.c_str());
+  return 0;
+}
+
+}  // namespace expertlink::test

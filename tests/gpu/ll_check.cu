@@ -332,4 +332,16 @@ int check_combine(const RankContext& ctx, const LlIo& io, const LlRound& r, uint
   return 0;
 }
 
+int run_fused(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& io, const LlRound& r,
+              uint64_t y_seed) {
+  io.load(r, stream);
+  buffer.ll_dispatch(io.dispatch_args(false), io.handle, io.dispatch_outputs(), stream);
+  buffer.synchronize(stream);
+  if (check_dispatch(ctx, io, r) != 0) return 1;
+  io.fill_expert_outputs(y_seed, stream);
+  buffer.ll_combine(io.combine_args(false), io.handle, io.combine_outputs(), stream);
+  buffer.synchronize(stream);
+  return check_combine(ctx, io, r, y_seed);
+}
+
 }  // namespace expertlink::test::llt

@@ -94,6 +94,10 @@ int check_dispatch(const RankContext& ctx, const LlIo& io, const LlRound& r);
 // Checks this rank's combine output against the oracle's combine of expert outputs made with `y_seed`.
 int check_combine(const RankContext& ctx, const LlIo& io, const LlRound& r, uint64_t y_seed);
 
+// Fused dispatch, check, fused combine (expert outputs made with `y_seed`), check. 0 when both match.
+int run_fused(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& io, const LlRound& r,
+              uint64_t y_seed);
+
 // Per-rank token counts: all N, or given.
 std::vector<int> full_tokens(const LlCase& c, int num_ranks);
 

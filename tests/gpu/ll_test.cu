@@ -34,16 +34,8 @@ struct Env {
   ~Env() { cudaStreamDestroy(stream); }
 };
 
-// Fused dispatch, check, fused combine, check.
 int run_fused(const RankContext& ctx, Env& env, LlIo& io, const LlRound& r, uint64_t y_seed) {
-  io.load(r, env.stream);
-  env.buffer.ll_dispatch(io.dispatch_args(false), io.handle, io.dispatch_outputs(), env.stream);
-  env.buffer.synchronize(env.stream);
-  if (llt::check_dispatch(ctx, io, r) != 0) return 1;
-  io.fill_expert_outputs(y_seed, env.stream);
-  env.buffer.ll_combine(io.combine_args(false), io.handle, io.combine_outputs(), env.stream);
-  env.buffer.synchronize(env.stream);
-  return llt::check_combine(ctx, io, r, y_seed);
+  return llt::run_fused(ctx, env.buffer, env.stream, io, r, y_seed);
 }
 
 int run_cases(const RankContext& ctx, std::initializer_list<LlCase> cases, int rounds = 1) {
@@ -58,22 +50,6 @@ int run_cases(const RankContext& ctx, std::initializer_list<LlCase> cases, int r
     }
     if (ctx.rank == 0) std::printf("ok: %s\n", c.name);
   }
-  return 0;
-}
-
-template <typename F>
-int expect_invalid(const RankContext& ctx, F&& call, const char* needle, const char* what) {
-  std::string msg = "no error";
-  bool right_code = false;
-  try {
-    call();
-  } catch (const Error& e) {
-    right_code = e.code() == ErrorCode::kInvalidArgument;
-    msg = e.what();
-  }
-  GPU_EXPECT(right_code && msg.find(needle) != std::string::npos,
-             "%s: expected an invalid-argument error containing '%s', got '%s'", what, needle, msg.c_str());
-  if (ctx.rank == 0) std::printf("ok: %s -> %s\n", what, msg.c_str());
   return 0;
 }
 

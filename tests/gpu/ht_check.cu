@@ -1,0 +1,225 @@
+// Machinery of the HT GPU tests; see ht_check.hpp.
+#include "ht_check.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
+namespace expertlink::test::htt {
+namespace {
+
+struct RankInputs {
+  ref::HtDispatchInput in;
+  std::vector<uint16_t> y;  // expert outputs for combine, made once N is known
+  std::vector<uint16_t> bias0, bias1;
+};
+
+std::vector<RankInputs> make_inputs(const HtCase& c, int R, uint64_t seed) {
+  std::vector<RankInputs> all(R);
+  for (int s = 0; s < R; ++s) {
+    const int T = tokens_of(c, s);
+    auto x = workload::make_bf16(size_t(T) * c.hidden, seed, s);
+    all[s].in.x = c.fmt == Fmt::kBf16 ? ref::bf16_rows(T, c.hidden, x)
+                                     : ref::cast_to_fp8(x.data(), T, c.hidden, c.fmt == Fmt::kFp8Ue8m0, c.fmt == Fmt::kFp8Ue8m0);
+    all[s].in.topk_idx = workload::make_topk_idx(T, c.topk, c.experts, R, c.routing, seed + 1, s, c.masked_slots);
+    all[s].in.topk_weights = workload::make_topk_weights(all[s].in.topk_idx, c.topk, seed + 2, s);
+    if (c.with_bias) {
+      all[s].bias0 = workload::make_bf16(size_t(T) * c.hidden, seed + 3, s);
+      all[s].bias1 = workload::make_bf16(size_t(T) * c.hidden, seed + 4, s);
+    }
+  }
+  return all;
+}
+
+}  // namespace
+
+int tokens_of(const HtCase& c, int rank) { return rank == c.zero_tokens_rank ? 0 : c.tokens + (rank % 2) * 3; }
+
+// One notify + dispatch + (cached dispatch) + combine round, checked. Returns 0 on success.
+int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle& handle, uint64_t seed,
+              cudaStream_t stream, bool also_cached) {
+  const int R = ctx.num_ranks, me = ctx.rank, H = c.hidden, K = c.topk;
+  auto all = make_inputs(c, R, seed);
+  std::vector<ref::HtDispatchInput> ins;
+  for (auto& a : all) ins.push_back(a.in);
+  ref::HtDispatchParams rp;
+  rp.num_experts = c.experts;
+  rp.topk = K;
+  rp.expert_alignment = c.expert_alignment;
+  auto want = ref::ht_dispatch(rp, ins);
+  const ref::HtDispatchOutput& mine_ref = want[me];
+  const RankInputs& mine = all[me];
+  const int T = tokens_of(c, me);
+  const int64_t N = mine_ref.handle.num_recv();
+
+  // Device inputs.
+  const auto& xr = mine.in.x;
+  DeviceArray<uint8_t> x_dev(xr.is_fp8() ? xr.fp8 : std::vector<uint8_t>(reinterpret_cast<const uint8_t*>(xr.bf16.data()),
+                                                                         reinterpret_cast<const uint8_t*>(xr.bf16.data() + xr.bf16.size())));
+  DeviceArray<float> scales_dev(xr.scales);
+  DeviceArray<int32_t> packed_dev(xr.packed_scales);
+  std::vector<int32_t> idx32(mine.in.topk_idx.begin(), mine.in.topk_idx.end());
+  DeviceArray<int64_t> idx64_dev(mine.in.topk_idx);
+  DeviceArray<int32_t> idx32_dev(idx32);
+  DeviceArray<float> w_dev(mine.in.topk_weights);
+
+  HtDispatchArgs args;
+  args.x = TensorView(x_dev.get(), x_dtype(c.fmt), {T, H});
+  if (c.fmt == Fmt::kFp8) args.x_scales = TensorView(scales_dev.get(), DType::kF32, {T, H / 128});
+  if (c.fmt == Fmt::kFp8Ue8m0) args.x_scales = TensorView(packed_dev.get(), DType::kI32, {T, (H + 511) / 512});
+  args.topk_idx = c.idx_i32 ? TensorView(idx32_dev.get(), DType::kI32, {T, K}) : TensorView(idx64_dev.get(), DType::kI64, {T, K});
+  args.topk_weights = TensorView(w_dev.get(), DType::kF32, {T, K});
+  args.num_experts = c.experts;
+  args.expert_alignment = c.expert_alignment;
+  args.num_sms = c.num_sms;
+
+  const int64_t capacity = c.sizing == Sizing::kExact ? N : N + 17;
+  buffer.ht_notify(args, handle, c.sizing, capacity, stream);
+  if (c.sizing == Sizing::kExact) GPU_EXPECT(handle.num_recv_tokens() == N, "num_recv %lld, oracle %lld", (long long)handle.num_recv_tokens(), (long long)N);
+
+  const int64_t rows = std::max<int64_t>(capacity, 1);
+  const int scale_cols = c.fmt == Fmt::kFp8 ? H / 128 : (H + 511) / 512;
+  const size_t row_bytes = size_t(H) * (c.fmt == Fmt::kBf16 ? 2 : 1);
+  DeviceArray<uint8_t> rx(rows * row_bytes);
+  DeviceArray<int32_t> rs(rows * scale_cols);
+  DeviceArray<int64_t> ridx64(rows * K);
+  DeviceArray<int32_t> ridx32(rows * K);
+  DeviceArray<float> rw(rows * K);
+  const int E_local = c.experts / R;
+  DeviceArray<int32_t> rcount(E_local);
+  for (auto* p : {&rx}) p->poison();
+  rs.poison(), ridx64.poison(), ridx32.poison(), rw.poison(), rcount.poison();
+
+  HtDispatchOutputs out;
+  out.recv_x = TensorView(rx.get(), x_dtype(c.fmt), {rows, H});
+  if (c.fmt != Fmt::kBf16) out.recv_x_scales = TensorView(rs.get(), c.fmt == Fmt::kFp8 ? DType::kF32 : DType::kI32, {rows, scale_cols});
+  out.recv_topk_idx = c.idx_i32 ? TensorView(ridx32.get(), DType::kI32, {rows, K}) : TensorView(ridx64.get(), DType::kI64, {rows, K});
+  out.recv_topk_weights = TensorView(rw.get(), DType::kF32, {rows, K});
+  out.num_recv_tokens_per_expert = TensorView(rcount.get(), DType::kI32, {E_local});
+  buffer.ht_dispatch(args, handle, out, stream);
+  buffer.synchronize(stream);
+  handle.check_capacity();
+
+  // ---- dispatch, bitwise ----
+  auto got_x = rx.download(N * row_bytes);
+  const auto& wx = mine_ref.x;
+  const uint8_t* want_x = wx.is_fp8() ? wx.fp8.data() : reinterpret_cast<const uint8_t*>(wx.bf16.data());
+  for (int64_t i = 0; i < int64_t(N * row_bytes); ++i) {
+    if (got_x[i] != want_x[i]) {
+      GPU_EXPECT(false, "[%s] recv_x row %lld byte %lld: expected 0x%02x, got 0x%02x (source rank %d token %d)", c.name,
+                 (long long)(i / row_bytes), (long long)(i % row_bytes), want_x[i], got_x[i],
+                 mine_ref.handle.recv_src_rank[i / row_bytes], mine_ref.handle.recv_src_token[i / row_bytes]);
+    }
+  }
+  if (c.fmt != Fmt::kBf16) {
+    auto got_s = rs.download(N * scale_cols);
+    const int32_t* want_s = c.fmt == Fmt::kFp8 ? reinterpret_cast<const int32_t*>(wx.scales.data()) : wx.packed_scales.data();
+    for (int64_t i = 0; i < N * scale_cols; ++i)
+      GPU_EXPECT(got_s[i] == want_s[i], "[%s] recv_x_scales row %lld col %lld: expected 0x%08x, got 0x%08x", c.name,
+                 (long long)(i / scale_cols), (long long)(i % scale_cols), want_s[i], got_s[i]);
+  }
+  {
+    std::vector<int64_t> got_idx(N * K);
+    if (c.idx_i32) {
+      auto g = ridx32.download(N * K);
+      std::copy(g.begin(), g.end(), got_idx.begin());
+    } else {
+      got_idx = ridx64.download(N * K);
+    }
+    auto got_w = rw.download(N * K);
+    for (int64_t i = 0; i < N * K; ++i) {
+      GPU_EXPECT(got_idx[i] == mine_ref.topk_idx[i], "[%s] recv_topk_idx[%lld][%lld]: expected %lld, got %lld", c.name,
+                 (long long)(i / K), (long long)(i % K), (long long)mine_ref.topk_idx[i], (long long)got_idx[i]);
+      GPU_EXPECT(got_w[i] == mine_ref.topk_weights[i], "[%s] recv_topk_weights[%lld][%lld]: expected %g, got %g", c.name,
+                 (long long)(i / K), (long long)(i % K), mine_ref.topk_weights[i], got_w[i]);
+    }
+    DeviceArray<int32_t> src_tok_copy(0);
+    std::vector<int32_t> got_src(N);
+    if (N) cudaMemcpy(got_src.data(), handle.recv_src_token(), N * 4, cudaMemcpyDeviceToHost);
+    for (int64_t i = 0; i < N; ++i)
+      GPU_EXPECT(got_src[i] == mine_ref.handle.recv_src_token[i], "[%s] recv_src_token[%lld]: expected %d, got %d", c.name,
+                 (long long)i, mine_ref.handle.recv_src_token[i], got_src[i]);
+    auto got_count = rcount.download();
+    auto host_count = handle.num_recv_tokens_per_expert();
+    for (int j = 0; j < E_local; ++j) {
+      GPU_EXPECT(got_count[j] == mine_ref.num_recv_tokens_per_expert[j], "[%s] num_recv_tokens_per_expert[%d]: expected %d, got %d",
+                 c.name, j, mine_ref.num_recv_tokens_per_expert[j], got_count[j]);
+      GPU_EXPECT(host_count[j] == mine_ref.num_recv_tokens_per_expert[j], "[%s] host per-expert count [%d]: expected %d, got %d",
+                 c.name, j, mine_ref.num_recv_tokens_per_expert[j], host_count[j]);
+    }
+  }
+
+  // ---- cached dispatch: new data along the same handle, no notify ----
+  if (also_cached && c.fmt == Fmt::kBf16) {
+    std::vector<ref::TokenRows> xs;
+    std::vector<ref::HtHandle> handles;
+    for (int s = 0; s < R; ++s) {
+      xs.push_back(ref::bf16_rows(tokens_of(c, s), H, workload::make_bf16(size_t(tokens_of(c, s)) * H, seed + 9, s)));
+      handles.push_back(want[s].handle);
+    }
+    auto want_cached = ref::ht_dispatch_cached(handles, xs);
+    DeviceArray<uint16_t> x2(xs[me].bf16);
+    HtDispatchArgs a2;
+    a2.x = TensorView(x2.get(), DType::kBF16, {T, H});
+    a2.num_sms = c.num_sms;
+    rx.poison();
+    HtDispatchOutputs o2;
+    o2.recv_x = out.recv_x;
+    buffer.ht_dispatch(a2, handle, o2, stream);
+    buffer.synchronize(stream);
+    auto g2 = rx.download(N * row_bytes);
+    int64_t d = first_diff(g2, std::vector<uint8_t>(reinterpret_cast<const uint8_t*>(want_cached[me].bf16.data()),
+                                                    reinterpret_cast<const uint8_t*>(want_cached[me].bf16.data()) + N * row_bytes), N * row_bytes);
+    GPU_EXPECT(d < 0, "[%s] cached dispatch recv_x row %lld differs", c.name, (long long)(d / row_bytes));
+  }
+
+  // ---- combine: random expert outputs per received row, back to the sources ----
+  std::vector<ref::HtCombineInput> cins(R);
+  for (int d = 0; d < R; ++d) {
+    cins[d].x = workload::make_bf16(size_t(want[d].handle.num_recv()) * H, seed + 5, d);
+    cins[d].topk_weights = want[d].topk_weights;
+    cins[d].bias0 = all[d].bias0;
+    cins[d].bias1 = all[d].bias1;
+  }
+  std::vector<ref::HtHandle> handles;
+  for (auto& w : want) handles.push_back(w.handle);
+  auto want_comb = ref::ht_combine(handles, cins, H);
+  // In capacity sizing the expert outputs have the capacity's rows (only the first N are read).
+  DeviceArray<uint16_t> y(size_t(rows) * H), b0(all[me].bias0), b1(all[me].bias1);
+  y.poison();
+  y.upload(cins[me].x);
+  DeviceArray<uint16_t> comb(size_t(T) * H);
+  DeviceArray<float> comb_w(size_t(T) * K);
+  comb.poison(), comb_w.poison();
+  HtCombineArgs ca;
+  const int64_t y_rows = c.sizing == Sizing::kExact ? N : rows;
+  ca.x = TensorView(y.get(), DType::kBF16, {y_rows, H});
+  ca.topk_weights = TensorView(rw.get(), DType::kF32, {y_rows, K});
+  if (c.with_bias) {
+    ca.bias0 = TensorView(b0.get(), DType::kBF16, {T, H});
+    ca.bias1 = TensorView(b1.get(), DType::kBF16, {T, H});
+  }
+  ca.num_sms = c.num_sms;
+  HtCombineOutputs co;
+  co.combined_x = TensorView(comb.get(), DType::kBF16, {T, H});
+  co.combined_topk_weights = TensorView(comb_w.get(), DType::kF32, {T, K});
+  buffer.ht_combine(ca, handle, co, stream);
+  buffer.synchronize(stream);
+  auto got_c = comb.download();
+  auto got_cw = comb_w.download();
+  int64_t inexact = 0;
+  for (int64_t i = 0; i < int64_t(T) * H; ++i) {
+    float g = ref::bf16_to_float(got_c[i]), w = ref::bf16_to_float(want_comb[me].x[i]);
+    if (got_c[i] != want_comb[me].x[i]) ++inexact;
+    GPU_EXPECT(std::fabs(g - w) <= 1e-2f * std::fabs(w) + 1e-3f, "[%s] combined_x[%lld][%lld]: expected %g, got %g", c.name,
+               (long long)(i / H), (long long)(i % H), w, g);
+  }
+  for (int64_t i = 0; i < int64_t(T) * K; ++i)
+    GPU_EXPECT(std::fabs(got_cw[i] - want_comb[me].topk_weights[i]) <= 1e-6f, "[%s] combined_topk_weights[%lld][%lld]: expected %g, got %g",
+               c.name, (long long)(i / K), (long long)(i % K), want_comb[me].topk_weights[i], got_cw[i]);
+  GPU_EXPECT(inexact == 0, "[%s] combine: %lld of %lld values within tolerance but not bitwise equal to the oracle's "
+             "(same summation order expected)", c.name, (long long)inexact, (long long)T * H);
+  return 0;
+}
+
+}  // namespace expertlink::test::htt
