@@ -65,6 +65,12 @@ else
 fi
 
 [ -n "${OUT:-}" ] && cp "$LOG_DIR"/{gpu_tests,pytest,bench}.log "$OUT"/ 2>/dev/null
+# compute-sanitizer over the GPU cases (slow: minutes per tool), only when asked: EL_SANITIZE=1.
+if [ "${EL_SANITIZE:-0}" = 1 ]; then
+  LOG_DIR="$LOG_DIR" scripts/sanitize.sh "$BUILD_DIR" 2>&1 | tee "$LOG_DIR/sanitize.log" | tail -n 40
+  while read -r line; do note "$line"; done < <(grep '^SANITIZE' "$LOG_DIR/sanitize.log")
+fi
+
 echo
 echo "================ SUMMARY ================"
 printf '%s\n' "${summary[@]}"
