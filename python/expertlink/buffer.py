@@ -30,7 +30,7 @@ import logging
 
 from . import _sizing
 from ._core import BufferCore, HtHandle, LlHandle, RecvHook  # noqa: F401 (re-exported)
-from ._torch import EventOverlap, invalid_argument, require_torch, split_x  # noqa: F401
+from ._torch import EventOverlap, invalid_argument, require_torch  # noqa: F401 (EventOverlap re-exported)
 
 log = logging.getLogger("expertlink")
 
