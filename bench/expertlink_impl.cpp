@@ -26,7 +26,8 @@ ExpertLinkImpl::~ExpertLinkImpl() = default;
 
 std::optional<int64_t> ExpertLinkImpl::buffer_bytes(Op) const {
   if (!buffer_) return std::nullopt;
-  return static_cast<int64_t>(buffer_->window_bytes());
+  // Intranode: the symmetric window; internode: the staging buffers (no window).
+  return static_cast<int64_t>(buffer_->window_bytes() + buffer_->internode_staging_bytes());
 }
 
 void ExpertLinkImpl::setup(const CaseData& data, ncclComm_t comm, cudaStream_t stream) {
@@ -64,8 +65,11 @@ void ExpertLinkImpl::setup(const CaseData& data, ncclComm_t comm, cudaStream_t s
 std::vector<Variant> ExpertLinkImpl::variants(Op op) const {
   std::vector<Variant> v;
   for (int i = 0; i < static_cast<int>(sms_list_.size()); ++i) {
-    v.push_back(Variant{2 * i, ""});
-    if (op_has_dispatch(op)) v.push_back(Variant{2 * i + kExactBit, "_exact"});
+    // Internode records say so in their name: "_internode2n" for 2 nodes.
+    const std::string inter =
+        buffer_ && buffer_->num_nodes() > 1 ? "_internode" + std::to_string(buffer_->num_nodes()) + "n" : "";
+    v.push_back(Variant{2 * i, inter});
+    if (op_has_dispatch(op)) v.push_back(Variant{2 * i + kExactBit, inter + "_exact"});
   }
   return v;
 }

@@ -47,6 +47,10 @@ int parse_options(int argc, const char* const* argv, const char* commit_env, Opt
                "smoke run: 10 iterations, 2 warm-up, uniform routing unless given; nothing recorded");
   bool no_plot = false;
   app.add_flag("--no-plot", no_plot, "do not run bench/plot.py on the JSON");
+  app.add_option("--emulate-nodes", o.emulate_nodes,
+                 "split the GPUs into this many emulated nodes (NCCL_HOSTID per rank, NET transport): the "
+                 "internode path on one host; use another --out than the intranode run")
+      ->check(CLI::Range(1, 64));
   app.add_option("--timeout", o.timeout_s, "seconds the whole run may take before every rank is killed")
       ->check(CLI::Range(10.0, 86400.0));
 

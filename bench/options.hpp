@@ -25,6 +25,9 @@ struct Options {
   bool quick = false;
   bool plot = true;
   double timeout_s = 600.0;
+  // > 1: each rank gets NCCL_HOSTID of node rank / (R / n) and NCCL's P2P/SHM transports are off, so the
+  // communicator spans n "nodes" of this host (ExpertLink then takes its internode path; docs/internode.md).
+  int emulate_nodes = 1;
 
   // Derived from the above by parse_options.
   std::vector<Op> ops;

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 
 #include "check.hpp"
 #include "expertlink/communicator.hpp"
@@ -100,6 +102,15 @@ std::vector<std::unique_ptr<Impl>> make_impls(const std::vector<std::string>& na
 
 RankOutput run_rank(const Options& options, std::optional<double> peer_gbps,
                     const multiproc::RankContext& ctx) {
+  if (options.emulate_nodes > 1) {
+    EL_CHECK(ctx.num_ranks % options.emulate_nodes == 0, "--emulate-nodes %d does not divide the %d GPUs",
+             options.emulate_nodes, ctx.num_ranks);
+    const int node = ctx.rank / (ctx.num_ranks / options.emulate_nodes);
+    setenv("NCCL_HOSTID", ("el-bench-emulated-node-" + std::to_string(node)).c_str(), 1);
+    setenv("NCCL_P2P_DISABLE", "1", 0);
+    setenv("NCCL_SHM_DISABLE", "1", 0);
+    setenv("NCCL_SOCKET_IFNAME", "lo", 0);
+  }
   Communicator comm(ctx.id, ctx.rank, ctx.num_ranks, ctx.device);
   RankOutput out;
   cudaDeviceProp prop{};
