@@ -1,6 +1,10 @@
 #include "buffer_state.hpp"
 
 #include <algorithm>
+#include <vector>
+
+#include "comm/control_layout.hpp"
+#include "kernels/ll_kernels.hpp"
 
 #include "check.hpp"
 #include "internode/internode.hpp"
@@ -55,6 +59,52 @@ void Buffer::synchronize(cudaStream_t stream) {
   if (s_->internode) return internode::synchronize(*s_->internode, stream);
   s_->window->synchronize(stream);
 }
+void Buffer::mask_rank(int rank) {
+  EL_CHECK(s_->window != nullptr, "mask_rank: the internode path has no rank masking yet");
+  const int R = num_ranks();
+  // Calls already issued end first (one waiting for the masked rank ends at the timeout, recorded).
+  EL_CUDA_CHECK(cudaDeviceSynchronize());
+  s_->window->mask_rank(rank);  // checks `rank`; clears the record; barrier epoch + 1
+  // HT: every round one up (stale signals of an aborted round stay below the next one) and no kernel
+  // half-finished. Equal on every live rank, as they all mask at the same point of their call sequence.
+  uint64_t rounds[3];
+  EL_CUDA_CHECK(cudaMemcpy(rounds, s_->ht.rounds, sizeof(rounds), cudaMemcpyDeviceToHost));
+  for (uint64_t& r : rounds) ++r;
+  EL_CUDA_CHECK(cudaMemcpy(s_->ht.rounds, rounds, sizeof(rounds), cudaMemcpyHostToDevice));
+  EL_CUDA_CHECK(cudaMemset(s_->ht.done_blocks, 0, 3 * sizeof(uint32_t)));
+  if (!s_->ll.ready()) return;
+  // LL: per (kind, parity), send and receive counts move to one past the larger, and this rank records
+  // that every peer has freed its areas up to that use (the device is idle: nothing reads them now).
+  uint64_t seq[8];
+  EL_CUDA_CHECK(cudaMemcpy(seq, s_->ll.seq, sizeof(seq), cudaMemcpyDeviceToHost));
+  const size_t free_array[2] = {control::ll::kDispatchFree, control::ll::kCombineFree};
+  const int send_index[2] = {kernels::kLlSeqDispatchSend, kernels::kLlSeqCombineSend};
+  const int recv_index[2] = {kernels::kLlSeqDispatchRecv, kernels::kLlSeqCombineRecv};
+  char* local = s_->window->view().local_base;
+  for (int kind = 0; kind < 2; ++kind) {
+    for (int parity = 0; parity < 2; ++parity) {
+      uint64_t& send = seq[send_index[kind] + parity];
+      uint64_t& recv = seq[recv_index[kind] + parity];
+      send = recv = std::max(send, recv) + 1;
+      std::vector<uint64_t> freed(R, send);
+      EL_CUDA_CHECK(cudaMemcpy(local + free_array[kind] + sizeof(uint64_t) * parity * kMaxRanks, freed.data(),
+                               sizeof(uint64_t) * R, cudaMemcpyHostToDevice));
+    }
+  }
+  EL_CUDA_CHECK(cudaMemcpy(s_->ll.seq, seq, sizeof(seq), cudaMemcpyHostToDevice));
+  EL_CUDA_CHECK(cudaMemset(s_->ll.done, 0, kernels::kLlDoneCount * sizeof(uint32_t)));
+  for (int parity = 0; parity < 2; ++parity) {
+    s_->ll.dispatch_pending[parity] = nullptr;
+    s_->ll.combine_pending[parity] = nullptr;
+  }
+}
+
+bool Buffer::is_rank_masked(int rank) const {
+  EL_CHECK(rank >= 0 && rank < num_ranks(), "is_rank_masked(rank = %d): rank must be in [0, %d)", rank,
+           num_ranks());
+  return s_->window != nullptr && !rank_live(s_->window->view(), rank);
+}
+
 void Buffer::barrier(cudaStream_t stream) {
   if (s_->internode) return internode::barrier(*s_->internode, stream);
   s_->window->barrier(stream);

@@ -144,6 +144,19 @@ class Buffer {
   // Stream-ordered barrier across all ranks.
   void barrier(cudaStream_t stream);
 
+  // ---- rank masking (fault tolerance) ----
+  // Marks `rank` dead for every later call on this buffer (HT, LL, barrier): nothing is sent to it,
+  // waited for from it or read from its writes, and top-k picks of its experts count as -1 - so tokens
+  // routed only there are dropped from dispatch and contribute nothing to combine (LL: its experts'
+  // weighted outputs are left out of the sum; HT: its rows are left out). Every live rank must mask the
+  // same ranks between the same two calls. Host-synchronous: waits for the device (a call stuck on the
+  // dead rank ends at the timeout), clears the recorded timeout and moves the live ranks' round counters
+  // past anything the aborted call left behind, so this buffer can go on after `synchronize` reported the
+  // rank. Handles and hooks made before masking must not be reused (make new ones); CUDA graphs captured
+  // before must be captured again. Single node only (the internode path raises kUnsupported).
+  void mask_rank(int rank);
+  bool is_rank_masked(int rank) const;
+
   // ---- low-latency (LL) path: declared in this section, implemented in src/ll/ ----
   // Arguments, outputs, handle and hook: low_latency.hpp. One kernel per call (or per half in split
   // mode) on all SMs; no host synchronisation, no allocation (except get_next_ll_combine_buffer's first

@@ -114,4 +114,18 @@ void SymmetricMemory::synchronize(cudaStream_t stream) {
 
 void SymmetricMemory::raise_if_device_error() const { raise_if_recorded(record_host_); }
 
+void SymmetricMemory::mask_rank(int rank) {
+  EL_CHECK(rank >= 0 && rank < view_.num_ranks, "mask_rank(rank = %d): rank must be in [0, %d)", rank,
+           view_.num_ranks);
+  EL_CHECK(rank != view_.rank, "mask_rank(rank = %d): a rank cannot mask itself", rank);
+  view_.masked |= uint64_t{1} << rank;
+  // Barriers the live ranks entered before (and a barrier that timed out on the masked rank) are over:
+  // one epoch up on every live rank keeps their epochs equal and above every signal already written.
+  uint64_t epoch = 0;
+  EL_CUDA_CHECK(cudaMemcpy(&epoch, epoch_dev_, sizeof(epoch), cudaMemcpyDeviceToHost));
+  ++epoch;
+  EL_CUDA_CHECK(cudaMemcpy(epoch_dev_, &epoch, sizeof(epoch), cudaMemcpyHostToDevice));
+  std::memset(record_host_, 0, sizeof(WaitRecord));
+}
+
 }  // namespace expertlink

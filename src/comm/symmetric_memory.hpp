@@ -34,7 +34,13 @@ struct SymmetricView {
   uint64_t timeout_ns;
   int rank;
   int num_ranks;
+  // Bit r: rank r is masked (dead). Kernels neither write to, wait for nor read from a masked rank, and
+  // treat top-k picks of its experts as -1. Taken by value at each launch.
+  uint64_t masked;
 };
+
+// Rank r is live (not masked) in view v. Host and device.
+__host__ __device__ inline bool rank_live(const SymmetricView& v, int r) { return ((v.masked >> r) & 1u) == 0; }
 
 class SymmetricMemory {
  public:
@@ -61,6 +67,11 @@ class SymmetricMemory {
   void synchronize(cudaStream_t stream);
   // Raises expertlink::Error(kTimeout) if a device wait of this window has timed out.
   void raise_if_device_error() const;
+
+  // Rank masking: `rank` is dead for every later launch on this window (see SymmetricView::masked). Also
+  // clears a recorded timeout (the usual reason to mask), so that calls can go on.
+  void mask_rank(int rank);
+  void unmask_all() { view_.masked = 0; }
 
  private:
   const Communicator& comm_;

@@ -19,7 +19,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
   const int64_t vecs = 2ll * H / 16;
   const bool with_weights = p.topk_weights.data != nullptr;
 
-  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me)
+  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
     st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kCombineReady, me), round);
   if (threadIdx.x == 0) {
     abort_flag = wait_aborted(ctx);
@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
     bool stop = false;
     int item = 0;
     for (int s = 0; s < R && !stop; ++s) {
-      if (s == me) continue;
+      if (s == me || !rank_live(w, s)) continue;
       const int n = ht_num_chunks(p.handle.src_tokens[s]);
       const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
       const int64_t row0 = p.handle.rank_prefix[s];
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
     if (rtid == 0) recv_abort = 0;
     role_barrier(kRecvBarrier);
     for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-      if (rtid < R && rtid != me &&
+      if (rtid < R && rtid != me && rank_live(w, rtid) &&
           !wait_geq(control_u64(w.local_base, control::kCombineChunk, rtid * kMaxChunks + c), round, ctx,
                     WaitSite::kHtCombineChunk, rtid, c))
         recv_abort = 1;
@@ -99,8 +99,9 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
       for (int t = c * chunk_tokens + rwarp; t < t_end; t += kRoleWarps) {
         const int32_t* pos_row = p.handle.send_pos + int64_t(t) * R;
         const int pos_lo = lane < R ? pos_row[lane] : -1, pos_hi = lane + 32 < R ? pos_row[lane + 32] : -1;
-        const uint64_t mask = static_cast<uint64_t>(__ballot_sync(~0u, pos_lo >= 0)) |
-                              (static_cast<uint64_t>(__ballot_sync(~0u, pos_hi >= 0)) << 32);
+        const uint64_t mask = (static_cast<uint64_t>(__ballot_sync(~0u, pos_lo >= 0)) |
+                               (static_cast<uint64_t>(__ballot_sync(~0u, pos_hi >= 0)) << 32)) &
+                              ~w.masked;
         // Rows of token t, rank ascending: the local one in place, the others from the combine area.
         auto row_of = [&](int d, int pos) -> const char* {
           if (d == me) return static_cast<const char*>(p.x.data) + (local_row0 + pos) * p.x.row_stride * 2;

@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   const int elem_bytes = p.kind == RowKind::kBf16 ? 2 : 1;
 
   // Announce that this rank's receiving area is free for this round; then wait for every destination's.
-  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me)
+  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
     st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kDispatchReady, me), round);
   if (threadIdx.x == 0) {
     abort_flag = wait_aborted(ctx);  // e.g. ranks disagreed in notify
@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   if (kBulk && warp < kRoleWarps) stages = warp_stages(stage_smem, stage_bar, warp, lane);
   __syncthreads();
   if (abort_flag) return;
-  if (threadIdx.x < R && threadIdx.x != me && T > 0 &&
+  if (threadIdx.x < R && threadIdx.x != me && T > 0 && rank_live(w, threadIdx.x) &&
       !wait_geq(control_u64(w.local_base, control::kDispatchReady, threadIdx.x), round, ctx,
                 WaitSite::kHtDispatchReady, threadIdx.x, 0))
     abort_flag = 1;
@@ -57,7 +57,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       const int t_end = min(T, (c + 1) * chunk_tokens);
       for (int t = c * chunk_tokens + warp; t < t_end; t += kRoleWarps) {
         int pos_lo, pos_hi;
-        uint64_t mask = warp_dest_mask(p.handle.send_pos + int64_t(t) * R, R, lane, pos_lo, pos_hi);
+        // A handle made before a rank was masked still names it: it gets nothing.
+        uint64_t mask = warp_dest_mask(p.handle.send_pos + int64_t(t) * R, R, lane, pos_lo, pos_hi) & ~w.masked;
         const char* x_row = static_cast<const char*>(p.x.data) + t * p.x.row_stride * elem_bytes;
         // Row data first: each 16-byte vector of x is loaded once and stored to every destination. Lane
         // d (and d + 32) holds destination d's row address; null for a local row past the capacity.
@@ -146,7 +147,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       if (kBulk && lane == 0) bulk_wait_all();
       role_barrier(kSendBarrier);
       if (kBulk && send_abort) break;
-      if (threadIdx.x < R && threadIdx.x != me) {
+      if (threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
         __threadfence_system();
         st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kDispatchChunk, me * kMaxChunks + c),
                        round);
@@ -158,7 +159,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
     bool stop = false;
     int item = 0;
     for (int s = 0; s < R && !stop; ++s) {
-      if (s == me) continue;
+      if (s == me || !rank_live(w, s)) continue;
       const int n = ht_num_chunks(p.handle.src_tokens[s]);
       const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
       const int64_t row0 = p.handle.rank_prefix[s];

@@ -91,6 +91,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
           }
           continue;
         }
+        if (!rank_live(w, static_cast<int>(e / experts_per_rank))) continue;  // masked: as if -1
         mask |= 1ull << (e / experts_per_rank);
         bool first = true;
         for (int j = 0; j < k && first; ++j) first = ids[j] != e;
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
       }
     } else {
       for (int d = 0; d < R; ++d)
-        if (p.is_token_in_rank[t * p.in_rank_row_stride + d] != 0) mask |= 1ull << d;
+        if (p.is_token_in_rank[t * p.in_rank_row_stride + d] != 0 && rank_live(w, d)) mask |= 1ull << d;
     }
     p.handle.token_mask[t] = mask;
   }
@@ -123,6 +124,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     }
     __syncthreads();
     int32_t* meta = meta_record(w.peer_base[d], round, me);
+    if (!rank_live(w, d)) continue;  // uniform over the block: no barrier skipped by some threads only
     if (tid == 0) {
       meta[0] = T;
       meta[1] = total;
@@ -140,24 +142,25 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   // Publish: every thread's meta writes (block barrier), then per destination one system fence and a
   // release store. A fence in every thread would wait for the block's host-mapped writes 1024 times.
   __syncthreads();
-  if (tid < R) {
+  if (tid < R && rank_live(w, tid)) {
     __threadfence_system();
     st_release_sys(control_u64(w.peer_base[tid], control::kNotifyTag, me), round);
   }
 
   const WaitContext ctx{w.record, w.timeout_ns, me};
-  if (tid < R && !wait_geq(control_u64(w.local_base, control::kNotifyTag, tid), round, ctx,
-                           WaitSite::kHtNotify, tid, tid))
+  if (tid < R && rank_live(w, tid) &&
+      !wait_geq(control_u64(w.local_base, control::kNotifyTag, tid), round, ctx, WaitSite::kHtNotify, tid, tid))
     failed = 1;
   __syncthreads();
   if (failed) return;
 
-  // Every source's record has arrived: derive the receiving layout.
+  // Every live source's record has arrived: derive the receiving layout (a masked source sends nothing).
   // Chunk prefixes of every source: one block-wide scan per source (thread c holds chunk c's count).
   // A serial loop over the counts would wait on each load of the peer-written record in turn.
   for (int s = 0; s < R; ++s) {
     const int32_t* meta = meta_record(w.local_base, round, s);
-    const int src_T = meta[0], n = ht_num_chunks(src_T);
+    const bool live = rank_live(w, s);
+    const int src_T = live ? meta[0] : 0, n = ht_num_chunks(src_T);
     const int count = tid < n ? meta[control::kMetaHeader + tid] : 0;
     int prefix = 0, total = 0;
     BlockScan(scan_storage).ExclusiveSum(count, prefix, total);
@@ -167,7 +170,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
       out[n] = total;
       p.handle.src_tokens[s] = src_T;
     }
-    if (tid < 3) {
+    if (live && tid < 3) {
       const int64_t ours[3] = {p.hidden, p.topk, by_topk ? p.num_experts : 0};
       if (meta[2 + tid] != ours[tid])
         record_timeout(ctx, WaitSite::kMismatch, s, tid, ours[tid], meta[2 + tid], 0);
@@ -178,7 +181,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     int acc = 0;
     for (int s = 0; s < R; ++s) {
       p.handle.rank_prefix[s] = acc;
-      acc += meta_record(w.local_base, round, s)[1];
+      acc += rank_live(w, s) ? meta_record(w.local_base, round, s)[1] : 0;
     }
     p.handle.rank_prefix[R] = acc;
     p.handle.host_counts[kHostTotal] = acc;
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     for (int j = tid; j < experts_per_rank; j += kNotifyThreads) {
       int sum = 0;
       for (int s = 0; s < R; ++s)
-        sum += meta_record(w.local_base, round, s)[control::kMetaHeader + kMaxChunks + j];
+        if (rank_live(w, s)) sum += meta_record(w.local_base, round, s)[control::kMetaHeader + kMaxChunks + j];
       sum = (sum + p.expert_alignment - 1) / p.expert_alignment * p.expert_alignment;
       p.handle.expert_count[j] = sum;
       p.handle.host_counts[kHostHeader + j] = sum;

@@ -48,7 +48,7 @@ __device__ __forceinline__ bool warp_wait_free(const LlCombineParams& p, uint64_
   ws.free_checked = true;
   bool ok = true;
   for (int d = threadIdx.x & 31; d < p.g.num_ranks; d += 32)
-    ok = ok && ll_wait_free(p.win, control::ll::kCombineFree, p.parity, n, WaitSite::kLlCombineFree, d);
+    ok = ok && (!rank_live(p.win, d) || ll_wait_free(p.win, control::ll::kCombineFree, p.parity, n, WaitSite::kLlCombineFree, d));
   __syncwarp();  // the acquires before any lane's stores into the peers
   return __all_sync(~0u, ok);
 }
@@ -67,7 +67,7 @@ __device__ __forceinline__ void flush_flags(WarpSendState& ws, uint64_t n) {
 __device__ bool push_weights(const LlCombineParams& p, uint64_t n, int t, WarpSendState& ws) {
   const LlGeometry& g = p.g;
   const int lane = threadIdx.x & 31, K = g.topk;
-  const uint64_t mask = p.handle.dst_mask[t];
+  const uint64_t mask = p.handle.dst_mask[t] & ~p.win.masked;
   int64_t e = -1;
   float wt = 0.f;
   if (lane < K) {
@@ -93,7 +93,7 @@ __device__ bool holder_unit(const LlCombineParams& p, uint64_t n, int s, int t, 
   const LlGeometry& g = p.g;
   const int lane = threadIdx.x & 31, K = g.topk, N = g.capacity, RN = g.num_ranks * N;
   // Loads first (both in flight together): s's token count, t's slots here (dispatch handle).
-  const int Ts = p.handle.src_tokens[s];
+  const int Ts = rank_live(w, s) ? p.handle.src_tokens[s] : 0;  // a masked source gets nothing
   const int32_t slot = lane < K ? p.handle.tok_slots[(static_cast<int64_t>(s) * N + t) * K + lane] : -1;
   if (t >= Ts) return true;  // warp-uniform
   const uint32_t cmask = __ballot_sync(~0u, slot >= 0);
@@ -199,7 +199,7 @@ __device__ bool combine_recv(const LlCombineParams& p, uint64_t n, int64_t gw, i
   const int64_t units = static_cast<int64_t>(p.num_tokens) * nseg;
   for (int64_t u = GW - 1 - gw; u < units; u += GW) {
     const int t = static_cast<int>(u / nseg), q = static_cast<int>(u - static_cast<int64_t>(t) * nseg);
-    const uint64_t mask = p.handle.dst_mask[t];
+    const uint64_t mask = p.handle.dst_mask[t] & ~w.masked;  // masked holders contribute nothing
     bool ok = true;
     for (int d = lane; d < R; d += 32)
       if ((mask >> d) & 1)
@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(kLlThreads, 1)
   if (failed) return;
   // Every block has read this use's area and its use counts: free the area, advance the counts.
   if (ll_block_done(&p.st.done[(recv ? kLlDoneCombineRecv : kLlDoneCombineSend) + p.parity])) {
-    if (recv && threadIdx.x < p.g.num_ranks)
+    if (recv && threadIdx.x < p.g.num_ranks && rank_live(p.win, threadIdx.x))
       st_release_sys(ll_signal(p.win.peer_base[threadIdx.x], control::ll::kCombineFree, p.parity, p.win.rank),
                      n_recv);
     if (threadIdx.x == 0) {

@@ -48,7 +48,8 @@ __device__ __forceinline__ void load_picks(const LlDispatchParams& p, int t_end,
 #pragma unroll
     for (int k = 0; k < kLlMaxTopk; ++k) {
       const int64_t v = t < t_end && k < K ? pick(p, t, k) : -1;
-      e[i][k] = v >= 0 && v < E ? static_cast<int>(v) : -1;
+      e[i][k] = v >= 0 && v < E && rank_live(p.win, static_cast<int>(v / p.g.local_experts)) ? static_cast<int>(v)
+                                                                                             : -1;
     }
   }
 }
@@ -74,7 +75,7 @@ __device__ void token_header(const LlDispatchParams& p, int t, int64_t v, SendSh
   int e = -1;
   if (lane < K) {
     if (v >= 0 && v < E)
-      e = static_cast<int>(v);
+      e = rank_live(p.win, static_cast<int>(v / EL)) ? static_cast<int>(v) : -1;  // masked rank: as -1
     else if (v != -1)
       ll_flag_bad_expert(p.st, t, lane, v);
   }
@@ -220,7 +221,8 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
   load_picks(p, meta_block ? T : t0, e);
   for (int i = threadIdx.x; i < E; i += kLlThreads) sh.hist[i] = 0;
   const int fd = static_cast<int>(threadIdx.x) - (kLlThreads - R);  // receiver d of the last R threads
-  if (fd >= 0 && !ll_wait_free(w, control::ll::kDispatchFree, p.parity, n, WaitSite::kLlDispatchFree, fd))
+  if (fd >= 0 && rank_live(w, fd) &&
+      !ll_wait_free(w, control::ll::kDispatchFree, p.parity, n, WaitSite::kLlDispatchFree, fd))
     *failed = 1;
   __syncthreads();
   count_picks(e, sh.hist);
@@ -233,6 +235,7 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
     const int words = 4 + EL;
     for (int i = threadIdx.x; i < R * words; i += kLlThreads) {
       const int d = i / words, f = i - d * words;
+      if (!rank_live(w, d)) continue;
       const int v = f == 0 ? T : f == 1 ? g.hidden : f == 2 ? K : f == 3 ? E : sh.hist[d * EL + f - 4];
       ll_st_relaxed_sys(
           ll_meta_word(ll_area(w.peer_base[d], g, p.parity), g, me, f < 4 ? f : kLlMetaHeader + f - 4),
@@ -255,6 +258,7 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
       send_row_bf16(p, t, mask, xr);
     for (int i = threadIdx.x; i < R * K; i += kLlThreads) {  // every rank gets the header
       const int d = i / K, k = i - d * K, ek = sh.expert[k];
+      if (!rank_live(w, d)) continue;
       reinterpret_cast<int32_t*>(message(p, d, t) + g.header_offset)[k] =
           ek >= 0 && ek / EL == d ? sh.word[k] : -1;
     }
@@ -268,7 +272,7 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
   // Publish: every thread's stores before the flags of this range, one per (receiver, token).
   __threadfence_system();
   __syncthreads();
-  if (fd >= 0) {
+  if (fd >= 0 && rank_live(w, fd)) {
     char* area = ll_area(w.peer_base[fd], g, p.parity);
     for (int t = t0; t < t1; ++t) st_release_sys(ll_dflag(area, g, me, t), n);
   }
@@ -289,6 +293,11 @@ __device__ bool dispatch_recv(const LlDispatchParams& p, uint64_t n, RecvShared&
   const int words = 4 + EL;
   for (int i = threadIdx.x; i < R * words; i += kLlThreads) {
     const int s = i / words, f = i - s * words;
+    if (!rank_live(w, s)) {  // a masked source sends nothing
+      if (f == 0) sh.tokens[s + 1] = 0;
+      if (f >= 4) sh.begin[(f - 4) * R + s] = 0;
+      continue;
+    }
     uint64_t word;
     if (!ll_wait_tag(ll_meta_word(area, g, s, f < 4 ? f : kLlMetaHeader + f - 4), tag, ~0u, ctx,
                      WaitSite::kLlDispatchData, s, p.parity, word)) {
@@ -422,7 +431,7 @@ __global__ void __launch_bounds__(kLlThreads, 1)
   if (recv && !dispatch_recv(p, n_recv, recv_sh, &failed)) return;
   // Every block has read this use's area (receive) and its use counts: free the area, advance the counts.
   if (ll_block_done(&p.st.done[(recv ? kLlDoneDispatchRecv : kLlDoneDispatchSend) + p.parity])) {
-    if (recv && threadIdx.x < p.g.num_ranks)
+    if (recv && threadIdx.x < p.g.num_ranks && rank_live(p.win, threadIdx.x))
       st_release_sys(
           ll_signal(p.win.peer_base[threadIdx.x], control::ll::kDispatchFree, p.parity, p.win.rank), n_recv);
     if (threadIdx.x == 0) {

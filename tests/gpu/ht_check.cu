@@ -40,8 +40,19 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
               cudaStream_t stream, bool also_cached) {
   const int R = ctx.num_ranks, me = ctx.rank, H = c.hidden, K = c.topk;
   auto all = make_inputs(c, R, seed);
+  // With a masked rank the oracle runs as if that rank had no tokens and picks of its experts were -1
+  // (the live ranks' device inputs keep those picks: the kernels must drop them).
+  std::vector<RankInputs> oracle_all = all;
+  if (c.dead_rank >= 0) {
+    HtCase without = c;
+    without.zero_tokens_rank = c.dead_rank;
+    oracle_all = make_inputs(without, R, seed);
+    for (auto& a : oracle_all)
+      for (int64_t& e : a.in.topk_idx)
+        if (e >= 0 && e / (c.experts / R) == c.dead_rank) e = -1;
+  }
   std::vector<ref::HtDispatchInput> ins;
-  for (auto& a : all) ins.push_back(a.in);
+  for (auto& a : oracle_all) ins.push_back(a.in);
   ref::HtDispatchParams rp;
   rp.num_experts = c.experts;
   rp.topk = K;
@@ -178,8 +189,8 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   for (int d = 0; d < R; ++d) {
     cins[d].x = workload::make_bf16(size_t(want[d].handle.num_recv()) * H, seed + 5, d);
     cins[d].topk_weights = want[d].topk_weights;
-    cins[d].bias0 = all[d].bias0;
-    cins[d].bias1 = all[d].bias1;
+    cins[d].bias0 = oracle_all[d].bias0;
+    cins[d].bias1 = oracle_all[d].bias1;
   }
   std::vector<ref::HtHandle> handles;
   for (auto& w : want) handles.push_back(w.handle);

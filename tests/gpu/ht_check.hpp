@@ -32,6 +32,7 @@ struct HtCase {
   int expert_alignment = 1;
   Sizing sizing = Sizing::kExact;
   int zero_tokens_rank = -1;  // this rank has no tokens
+  int dead_rank = -1;         // masked (Buffer::mask_rank): the oracle runs without its tokens and picks
   bool with_bias = true;
   int num_sms = 0;
 };

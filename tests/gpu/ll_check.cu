@@ -39,7 +39,7 @@ int64_t scale_offset(const LlCase& c, int64_t slots, int j, int64_t slot, int co
 
 }  // namespace
 
-LlRound make_round(const LlCase& c, int num_ranks, uint64_t seed, const std::vector<int>& tokens) {
+LlRound make_round(const LlCase& c, int num_ranks, uint64_t seed, const std::vector<int>& tokens, int dead_rank) {
   LlRound r;
   r.seed = seed;
   r.in.resize(num_ranks);
@@ -55,6 +55,13 @@ LlRound make_round(const LlCase& c, int num_ranks, uint64_t seed, const std::vec
         if (r.in[s].topk_idx[size_t(t) * c.topk] >= 0)
           r.in[s].topk_idx[size_t(t) * c.topk + 1] = r.in[s].topk_idx[size_t(t) * c.topk];
     r.weights[s] = workload::make_topk_weights(r.in[s].topk_idx, c.topk, seed + 2, s);
+  }
+  if (dead_rank >= 0) {
+    for (auto& in : r.in) {
+      r.device_topk_idx.push_back(in.topk_idx);
+      for (int64_t& e : in.topk_idx)
+        if (e >= 0 && e / (c.experts / num_ranks) == dead_rank) e = -1;
+    }
   }
   ref::LlDispatchParams p;
   p.num_experts = c.experts;
@@ -100,8 +107,9 @@ void LlIo::load(const LlRound& r, cudaStream_t stream) {
   const ref::LlDispatchInput& in = r.in[rank];
   tokens = static_cast<int>(in.num_tokens);
   upload_async(x, in.x, stream);
-  upload_async(idx64, in.topk_idx, stream);
-  std::vector<int32_t> i32(in.topk_idx.begin(), in.topk_idx.end());
+  const std::vector<int64_t>& idx = r.device_topk_idx.empty() ? in.topk_idx : r.device_topk_idx[rank];
+  upload_async(idx64, idx, stream);
+  std::vector<int32_t> i32(idx.begin(), idx.end());
   upload_async(idx32, i32, stream);
   upload_async(weights, r.weights[rank], stream);
   poison_async(recv_x, stream);

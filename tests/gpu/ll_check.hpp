@@ -56,9 +56,14 @@ struct LlRound {
   std::vector<ref::LlDispatchInput> in;     // per rank
   std::vector<std::vector<float>> weights;  // per rank, [T, K]
   std::vector<ref::LlDispatchOutput> want;  // per rank
+  // With a masked rank: the device inputs' top-k ids (picks of the masked rank's experts kept, for the
+  // kernels to drop), while `in` holds them as -1 for the oracle. Empty: in[s].topk_idx.
+  std::vector<std::vector<int64_t>> device_topk_idx;
 };
 
-LlRound make_round(const LlCase& c, int num_ranks, uint64_t seed, const std::vector<int>& tokens);
+// `dead_rank` >= 0: that rank is masked (Buffer::mask_rank); give it 0 tokens.
+LlRound make_round(const LlCase& c, int num_ranks, uint64_t seed, const std::vector<int>& tokens,
+                   int dead_rank = -1);
 
 // One rank's device tensors for the LL calls of a case (inputs sized for N tokens) and the handle.
 class LlIo {
