@@ -109,6 +109,7 @@ RankOutput run_rank(const Options& options, std::optional<double> peer_gbps,
     setenv("NCCL_HOSTID", ("el-bench-emulated-node-" + std::to_string(node)).c_str(), 1);
     setenv("NCCL_P2P_DISABLE", "1", 0);
     setenv("NCCL_SHM_DISABLE", "1", 0);
+    setenv("NCCL_IB_DISABLE", "1", 0);  // sockets: the same NET transport on every host
     setenv("NCCL_SOCKET_IFNAME", "lo", 0);
   }
   Communicator comm(ctx.id, ctx.rank, ctx.num_ranks, ctx.device);

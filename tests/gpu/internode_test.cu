@@ -238,6 +238,7 @@ void emulate_nodes(int rank, int local) {
   setenv("NCCL_HOSTID", id.c_str(), 1);
   setenv("NCCL_P2P_DISABLE", "1", 0);
   setenv("NCCL_SHM_DISABLE", "1", 0);
+  setenv("NCCL_IB_DISABLE", "1", 0);  // the socket NET transport, whatever NICs the host has
   setenv("NCCL_NVLS_ENABLE", "0", 0);
   setenv("NCCL_SOCKET_IFNAME", "lo", 0);  // one host: loopback reaches every "node"
 }
