@@ -35,6 +35,16 @@ from ._torch import (
 )
 
 
+def _give_back(handle, kind):
+    """A dead handle's C++ state goes back to its Buffer's pool (see BufferCore._take_handle)."""
+    owner = getattr(handle, "_owner", None)
+    if owner is not None:
+        try:
+            owner._give_back_handle(kind, handle.generation, handle._h)
+        except Exception:  # noqa: BLE001 - never raise from a finalizer (interpreter shutdown, destroyed Buffer)
+            pass
+
+
 class HtHandle:
     """What an HT dispatch leaves for its combine, its cached dispatch and autograd's backward: opaque.
 
@@ -52,6 +62,9 @@ class HtHandle:
         self.topk = topk
         self.num_experts = num_experts
         self.capacity_mode = capacity_mode
+
+    def __del__(self):
+        _give_back(self, "ht")
 
     def num_recv_tokens(self):
         return self._h.num_recv_tokens()
@@ -80,6 +93,9 @@ class LlHandle:
         self.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank
         self.hidden = hidden
         self.num_experts = num_experts
+
+    def __del__(self):
+        _give_back(self, "ll")
 
     def _fields(self):
         return (self.src_info, self.layout_range, self.num_max_dispatch_tokens_per_rank, self.hidden,
@@ -171,6 +187,7 @@ class BufferCore:
         self._comm = make_communicator(group, adopt)
         self._comm_stream = torch.cuda.Stream()
         self._gens = {}
+        self._pools = {}
         self._next_gen = itertools.count()
         self._gen = None
         self.num_nvl_bytes = int(num_nvl_bytes)
@@ -185,6 +202,7 @@ class BufferCore:
         gen = next(self._next_gen)
         self._gens[gen] = buf
         self._gen = gen
+        self._pools.clear()
         self.num_nvl_bytes, self.num_rdma_bytes = buf.ht_bytes, buf.ll_bytes
         return buf
 
@@ -206,6 +224,23 @@ class BufferCore:
                                    f"release_retired() or destroy()")
         return buf
 
+    # The C++ handles own small device arrays, allocated on first use and reused when large enough. A handle
+    # whose Python object died goes back to a pool and the next dispatch takes it, so calls made after a
+    # warm-up allocate nothing: that is what lets them be captured in a CUDA graph (cudaMalloc cannot be).
+    _POOL_LIMIT = 8
+
+    def _take_handle(self, kind):
+        pool = self._pools.get((kind, self._gen))
+        if pool:
+            return pool.pop()
+        return _C.HtHandle() if kind == "ht" else _C.LlHandle()
+
+    def _give_back_handle(self, kind, generation, handle):
+        if generation == self._gen and self._comm is not None:
+            pool = self._pools.setdefault((kind, generation), [])
+            if len(pool) < self._POOL_LIMIT:
+                pool.append(handle)
+
     @property
     def num_retired(self):
         """Windows kept after a grow for the handles made on them (freed by release_retired())."""
@@ -221,6 +256,7 @@ class BufferCore:
     def destroy(self):
         """Collective: frees every window (after synchronizing the device). The Buffer is unusable afterwards."""
         require_torch().cuda.synchronize()
+        self._pools.clear()
         self._gens.clear()
         self._gen = None
         self._comm = None
@@ -297,7 +333,7 @@ class BufferCore:
             args.num_experts = int(num_experts or 0)
             args.expert_alignment = int(expert_alignment)
             plan = StreamPlan(self._comm_stream, previous_event, async_finish, allocate_on_comm_stream)
-            h = _C.HtHandle()
+            h = self._take_handle("ht")
             if num_worst_tokens > 0:
                 buf.ht_notify(args, h, _C.Sizing.capacity, int(num_worst_tokens), plan.handle)
             else:  # host wait on plan.stream: the exact received row count sizes the outputs
@@ -418,7 +454,7 @@ class BufferCore:
         opts.use_fp8, opts.round_scale, opts.use_ue8m0 = bool(use_fp8), bool(round_scale), bool(use_ue8m0)
         opts.return_recv_hook = bool(return_recv_hook)
         args.options = opts
-        h = _C.LlHandle()
+        h = self._take_handle("ll")
         c_hook = buf.ll_dispatch(args, h, out, plan.handle)
         stats = cumulative_local_expert_recv_stats
 
@@ -430,7 +466,8 @@ class BufferCore:
                 add_stats()
         handle = LlHandle(h, self, self._gen, src_info, layout_range, N, H, int(num_experts))
         keep = (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, stats)
-        hook = RecvHook(c_hook if return_recv_hook else None, keep,
+        # The hook keeps the handle too: its receive half still writes the handle's arrays.
+        hook = RecvHook(c_hook if return_recv_hook else None, keep + (handle,),
                         add_stats if (stats is not None and return_recv_hook) else None)
         recv = (recv_x, recv_scales) if use_fp8 else recv_x
         return recv, recv_count, handle, plan.finish(keep, keep_in_event=True), hook
@@ -462,7 +499,7 @@ class BufferCore:
         outs.out = view(out, "out")
         c_hook = buf.ll_combine(args, handle._h, outs, plan.handle)
         keep = (x, topk_idx, topk_weights, handle.src_info, handle.layout_range, out)
-        hook = RecvHook(c_hook if return_recv_hook else None, keep)
+        hook = RecvHook(c_hook if return_recv_hook else None, keep + (handle,))
         return out, plan.finish(keep, keep_in_event=True), hook
 
     def get_next_low_latency_combine_buffer(self, handle):

@@ -256,3 +256,23 @@ def test_topk_idx_t_is_int64():
 
     assert deep_ep.topk_idx_t == torch.int64
     from expertlink.deep_ep import topk_idx_t  # noqa: F401 (from-import goes through the module __getattr__)
+
+
+def test_dead_handles_go_back_to_the_pool_of_their_window():
+    b = unconstructed(expertlink.Buffer)
+    b._pools, b._gen, b._comm = {}, 3, object()
+    c_handle = _C.HtHandle()
+    h = _core.HtHandle(c_handle, owner=b, generation=3, num_tokens=4, hidden=128, topk=2, num_experts=8,
+                       capacity_mode=False)
+    del h
+    assert b._take_handle("ht") is c_handle  # reused: its device arrays are already there
+    assert b._take_handle("ht") is not c_handle  # pool empty: a fresh one
+    old = _core.LlHandle(_C.LlHandle(), b, 2, None, None, 1, 128, 8)  # a retired window's handle
+    del old
+    assert not b._pools.get(("ll", 2))
+    for _ in range(20):
+        _core.LlHandle(_C.LlHandle(), b, 3, None, None, 1, 128, 8)
+    assert len(b._pools[("ll", 3)]) == b._POOL_LIMIT
+    b._comm = None  # destroyed: nothing is kept
+    _core.LlHandle(_C.LlHandle(), b, 3, None, None, 1, 128, 8)
+    assert len(b._pools[("ll", 3)]) == b._POOL_LIMIT

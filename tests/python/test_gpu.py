@@ -569,6 +569,60 @@ def deep_ep_low_latency_hooks_async_zero_copy_out(c):
 
 
 @check
+def cuda_graph_capture_ht_worst_tokens_and_ll(c):
+    """HT (num_worst_tokens: no host sync) and LL dispatch + combine captured once after a warm-up (which
+    leaves the handles' device arrays allocated), replayed on fresh inputs, checked against the oracle."""
+    buf = deep(c)
+    x, idx, w = c.mine(c.ht)
+    layout = deep_layout(buf, idx)
+    static_x = x.clone()
+    worst = R * T_HT
+
+    def ht_step():
+        rx, _, _, _, handle, _ = buf.dispatch(static_x, topk_idx=idx, topk_weights=w, num_worst_tokens=worst,
+                                              **layout)
+        cx, _, _ = buf.combine(rx, handle)
+        return rx, cx, handle
+
+    xl, idxl, wl = c.mine(c.ll)
+    static_xl = xl.clone()
+
+    def ll_step():
+        recv, count, handle, _, _ = buf.low_latency_dispatch(static_xl, idxl, N_LL, E, use_fp8=False)
+        out, _, _ = buf.low_latency_combine(recv, idxl, wl, handle)
+        return recv, count, handle, out
+
+    ht_step()
+    ll_step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        rx, cx, handle = ht_step()
+        recv, count, lhandle, out = ll_step()
+    for round_ in range(2):  # fresh inputs each replay (same routing)
+        ht_data = [(routing(r, T_HT, seed=700 + round_)[0], c.ht[r][1], c.ht[r][2]) for r in range(R)]
+        ll_data = [(routing(r, T_LL, seed=900 + round_)[0], c.ll[r][1], c.ll[r][2]) for r in range(R)]
+        static_x.copy_(ht_data[c.rank][0].to(c.dev))
+        static_xl.copy_(ll_data[c.rank][0].to(c.dev))
+        graph.replay()
+        torch.cuda.synchronize()
+        exp = ht_oracle(*zip(*ht_data))[c.rank]
+        n = exp.handle.num_recv()
+        handle.check_capacity()
+        np.testing.assert_array_equal(bits(rx[:n]).reshape(-1), exp.x.bf16)
+        xr, idxr = ht_data[c.rank][0], c.ht[c.rank][1]
+        times = sum(((idxr >= r * EL) & (idxr < (r + 1) * EL)).any(dim=1).float() for r in range(R))
+        # Each token comes back once per rank it went to: x * that count, exactly (0 for a token sent nowhere).
+        torch.testing.assert_close(cx.float().cpu(), (xr.float() * times[:, None]).to(torch.bfloat16).float(),
+                                   rtol=0, atol=0)
+        outs = ll_oracle([d[0] for d in ll_data], [d[1] for d in ll_data], use_fp8=False)
+        check_ll_recv(recv, count, lhandle, outs[c.rank], use_fp8=False)
+        want = ll_combine_oracle(outs, [ll_oracle_recv(o, False) for o in outs], [d[1] for d in ll_data],
+                                 [d[2] for d in ll_data])
+        assert_close_bf16(out, want[c.rank])
+
+
+@check
 def deep_ep_fixed_sizes_fail_with_the_bytes_needed(c):
     small = deep_ep.Buffer(c.group, 1024, 4096)
     x, idx, w = c.mine(c.ht)
