@@ -13,8 +13,8 @@ window generations: _core.py's docstring.
 The buffer grows itself. ``num_nvl_bytes`` (high-throughput region) and ``num_rdma_bytes`` (low-latency
 region) are a starting size; a call that needs more builds a larger window first:
 - dispatch: the bytes depend on the largest token count over the ranks, so every fresh dispatch does one
-  all-reduce (max) of (tokens, hidden, top-k) over `group` (24 bytes, torch's NCCL) and reads it on the host
-  (one host sync; the exact-size dispatch syncs once anyway). If the region is too small every rank sees it
+  all-reduce (max) of (tokens, hidden, top-k, -hidden, -top-k) over `group` (40 bytes, torch's NCCL), read
+  on the host (one host sync; the exact-size dispatch syncs once anyway). If the region is too small every rank sees it
   and rebuilds with ``Buffer.ht_size_hint(R, T', H, K)``, T' = the largest token count rounded up to a power
   of two (at least 64).
 - low_latency_dispatch: N, H and E are the same on every rank, so no communication: if the region is below
