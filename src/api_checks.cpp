@@ -88,18 +88,20 @@ void stream_device(int stream_device, int device) {
 
 void tensors(std::initializer_list<Named> views, int device, cudaStream_t stream) {
   for (const Named& n : views) view(*n.view, n.name);
-  int stream_dev = -1;
-  if (cudaStreamGetDevice(stream, &stream_dev) != cudaSuccess) {
-    cudaGetLastError();
-    return;  // no runtime to ask (or a stream it does not know: the launch will say so)
-  }
-  stream_device(stream_dev, device);
+  // While a stream captures a graph, asking the runtime about it (cudaStreamGetDevice) or about pointers
+  // invalidates the capture (seen on CUDA 13 with thread-local capture): only the view checks run then.
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) {
     cudaGetLastError();
-    return;
+    return;  // no runtime to ask (or a stream it does not know: the launch will say so)
   }
   if (capture != cudaStreamCaptureStatusNone) return;
+  int stream_dev = -1;
+  if (cudaStreamGetDevice(stream, &stream_dev) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  stream_device(stream_dev, device);
   for (const Named& n : views) {
     if (!n.view->defined() || n.view->data == nullptr) continue;
     Memory memory;

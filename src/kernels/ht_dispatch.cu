@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
 
 bool ht_bulk_send() {
   const char* v = std::getenv("EXPERTLINK_HT_COPY");
-  return v == nullptr || std::strcmp(v, "warp") != 0;
+  return v != nullptr && std::strcmp(v, "bulk") == 0;
 }
 
 void launch_ht_dispatch(const HtDispatchParams& p, int num_sms, cudaStream_t stream) {

@@ -1,4 +1,7 @@
 // HT layout (DeepEP's get_dispatch_layout) and notify (count exchange). Protocol: ht_protocol.cuh.
+#include <cstdio>
+#include <cstdlib>
+
 #include <cub/block/block_scan.cuh>
 
 #include "check.hpp"
@@ -62,6 +65,12 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   const int per_thread = (T + kNotifyThreads - 1) / kNotifyThreads;
   const int t_begin = min(T, tid * per_thread), t_end = min(T, t_begin + per_thread);
 
+  // Phase stamps (tracing only): start, ids scanned, records written, published, peers' records in,
+  // layout derived, end.
+  auto stamp = [&](int i) {
+    if (p.trace != nullptr && tid == 0) p.trace[i] = global_timer_ns();
+  };
+  stamp(0);
   if (tid == 0) {
     failed = 0;
     p.handle.host_counts[kHostBadExpert] = 0;
@@ -104,6 +113,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     p.handle.token_mask[t] = mask;
   }
   __syncthreads();
+  stamp(1);
 
   // Per destination: positions in token order, per-chunk counts, then the meta record into d's window.
   for (int d = 0; d < R; ++d) {
@@ -142,17 +152,20 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   // Publish: every thread's meta writes (block barrier), then per destination one system fence and a
   // release store. A fence in every thread would wait for the block's host-mapped writes 1024 times.
   __syncthreads();
+  stamp(2);
   if (tid < R && rank_live(w, tid)) {
     __threadfence_system();
     st_release_sys(control_u64(w.peer_base[tid], control::kNotifyTag, me), round);
   }
 
+  stamp(3);
   const WaitContext ctx{w.record, w.timeout_ns, me};
   if (tid < R && rank_live(w, tid) &&
       !wait_geq(control_u64(w.local_base, control::kNotifyTag, tid), round, ctx, WaitSite::kHtNotify, tid, tid))
     failed = 1;
   __syncthreads();
   if (failed) return;
+  stamp(4);
 
   // Every live source's record has arrived: derive the receiving layout (a masked source sends nothing).
   // Chunk prefixes of every source: one block-wide scan per source (thread c holds chunk c's count).
@@ -177,6 +190,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     }
     __syncthreads();  // scan_storage is reused
   }
+  stamp(5);
   if (tid == 0) {
     int acc = 0;
     for (int s = 0; s < R; ++s) {
@@ -204,6 +218,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     __threadfence_system();
     p.state.rounds[0] = round;
   }
+  stamp(6);
 }
 
 }  // namespace
@@ -221,8 +236,32 @@ void launch_ht_layout(const void* topk_idx, IdxType idx_type, int64_t idx_row_st
   EL_CUDA_CHECK(cudaGetLastError());
 }
 
+// EXPERTLINK_HT_NOTIFY_TRACE=1 (diagnostics only): the kernel stamps its phases with the GPU clock and
+// the next notify prints the previous one's phase durations (synchronizing the device to read them).
+uint64_t* notify_trace() {
+  static const bool on = std::getenv("EXPERTLINK_HT_NOTIFY_TRACE") != nullptr;
+  static uint64_t* trace = nullptr;
+  if (!on) return nullptr;
+  if (trace == nullptr) {
+    EL_CUDA_CHECK(cudaMalloc(&trace, sizeof(uint64_t) * kNotifyTracePoints));
+    EL_CUDA_CHECK(cudaMemset(trace, 0, sizeof(uint64_t) * kNotifyTracePoints));
+    return trace;
+  }
+  uint64_t t[kNotifyTracePoints];
+  EL_CUDA_CHECK(cudaMemcpy(t, trace, sizeof(t), cudaMemcpyDeviceToHost));
+  if (t[0] != 0 && t[6] >= t[0])
+    std::fprintf(stderr,
+                 "notify trace (us): scan %.1f, records %.1f, publish %.1f, wait %.1f, derive %.1f, counts %.1f, "
+                 "total %.1f\n",
+                 (t[1] - t[0]) / 1e3, (t[2] - t[1]) / 1e3, (t[3] - t[2]) / 1e3, (t[4] - t[3]) / 1e3,
+                 (t[5] - t[4]) / 1e3, (t[6] - t[5]) / 1e3, (t[6] - t[0]) / 1e3);
+  return trace;
+}
+
 void launch_ht_notify(const HtNotifyParams& p, cudaStream_t stream) {
-  ht_notify_kernel<<<1, kNotifyThreads, 0, stream>>>(p);
+  HtNotifyParams q = p;
+  q.trace = notify_trace();
+  ht_notify_kernel<<<1, kNotifyThreads, 0, stream>>>(q);
   EL_CUDA_CHECK(cudaGetLastError());
 }
 

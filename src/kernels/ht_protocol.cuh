@@ -146,14 +146,16 @@ __device__ __forceinline__ bool warp_bulk_send(const char* src, int64_t bytes, u
   return true;
 }
 
-// Bulk (TMA) sending is the default; EXPERTLINK_HT_COPY=warp selects the warp-copy senders (A/B timing).
+// Warp-copy sending is the default; EXPERTLINK_HT_COPY=bulk selects bulk (TMA) sending. Measured on 2x H200
+// (2026-11-28, BF16 T=4096 H=7168, 24 SMs): bulk dispatch 321-327 us vs warp 286-288, combine 369-370 vs
+// 355-357, so bulk stays an option (docs/ht_performance.md).
 bool ht_bulk_send();
 
 // Launches kernel<true> (bulk sending, kBulkSmemBytes of dynamic shared memory) or kernel<false>.
 template <class Params>
 void launch_ht_kernel(void (*bulk)(Params), void (*warp)(Params), const Params& p, int blocks, cudaStream_t stream) {
   if (ht_bulk_send()) {
-    // Per device and cheap: set on every launch rather than remembered.
+    // Per device; not a stream operation, so legal during graph capture.
     EL_CUDA_CHECK(cudaFuncSetAttribute(bulk, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(kBulkSmemBytes)));
     bulk<<<blocks, kHtThreads, kBulkSmemBytes, stream>>>(p);

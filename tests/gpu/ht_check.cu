@@ -165,7 +165,8 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
     std::vector<ref::TokenRows> xs;
     std::vector<ref::HtHandle> handles;
     for (int s = 0; s < R; ++s) {
-      xs.push_back(ref::bf16_rows(tokens_of(c, s), H, workload::make_bf16(size_t(tokens_of(c, s)) * H, seed + 9, s)));
+      const int Ts = s == c.dead_rank ? 0 : tokens_of(c, s);
+      xs.push_back(ref::bf16_rows(Ts, H, workload::make_bf16(size_t(Ts) * H, seed + 9, s)));
       handles.push_back(want[s].handle);
     }
     auto want_cached = ref::ht_dispatch_cached(handles, xs);

@@ -128,10 +128,12 @@ GPU_CASE(ht_timing_breakdown, 2, 300) {
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
   HtHandle handle;
+  // The notify kernel's phases on stderr ("notify trace"), read before each following notify.
+  setenv("EXPERTLINK_HT_NOTIFY_TRACE", "1", 1);
   for (int variant = 0; variant < 3; ++variant) {
-    // Dispatch's sender: bulk (TMA) copies, the default, at 24 and 8 SMs; then warp copies at 24 (A/B).
+    // Senders: warp copies, the default, at 24 and 8 SMs; then bulk (TMA) copies at 24 (A/B).
     const int sms = variant == 1 ? 8 : 24;
-    const char* copy = variant == 2 ? "warp" : "bulk";
+    const char* copy = variant == 2 ? "bulk" : "warp";
     setenv("EXPERTLINK_HT_COPY", copy, 1);
     HtDispatchArgs a;
     a.x = TensorView(x.get(), DType::kBF16, {T, H});

@@ -1,5 +1,6 @@
 #include "multiproc.hpp"
 
+#include <execinfo.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -31,9 +32,26 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
+int crash_rank = -1;
+
+// A rank that crashes prints its stack (function names: executables link with -rdynamic) before dying
+// of the same signal, so a crash on the GPU machine can be read from the log alone.
+void on_fatal_signal(int sig) {
+  char line[96];
+  const int n = std::snprintf(line, sizeof(line), "[rank %d] fatal signal %d (%s); stack:\n", crash_rank, sig,
+                              strsignal(sig));
+  if (n > 0) (void)!write(STDERR_FILENO, line, static_cast<size_t>(n));
+  void* frames[64];
+  backtrace_symbols_fd(frames, backtrace(frames, 64), STDERR_FILENO);
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+
 int child_main(SharedId* shared, int rank, int num_ranks, double timeout_s,
                const std::function<int(const RankContext&)>& body) {
   prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the launcher
+  crash_rank = rank;
+  for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT}) signal(sig, on_fatal_signal);
   try {
     RankContext ctx{};
     ctx.rank = rank;
