@@ -27,6 +27,28 @@ bool query_pointer(const void* p, Memory& memory, int& device) {
   return false;
 }
 
+// Device pointers already found on a device: the hot path (LL decode calls are ~25 us) asks the runtime
+// about a pointer once, not on every call (torch's caching allocator hands the same blocks back).
+// Per thread, the last kSeen answers; an address freed and reused by another device's allocation is
+// asked again only once it has left the ring.
+constexpr int kSeen = 64;
+struct SeenPointers {
+  const void* ptr[kSeen] = {};
+  int device[kSeen] = {};
+  int next = 0;
+  bool has(const void* p, int d) const {
+    for (int i = 0; i < kSeen; ++i)
+      if (ptr[i] == p && device[i] == d) return true;
+    return false;
+  }
+  void add(const void* p, int d) {
+    ptr[next] = p;
+    device[next] = d;
+    next = (next + 1) % kSeen;
+  }
+};
+thread_local SeenPointers seen_pointers;
+
 }  // namespace
 
 void view(const TensorView& t, const char* name) {
@@ -103,11 +125,13 @@ void tensors(std::initializer_list<Named> views, int device, cudaStream_t stream
   }
   stream_device(stream_dev, device);
   for (const Named& n : views) {
-    if (!n.view->defined() || n.view->data == nullptr) continue;
+    if (!n.view->defined() || n.view->data == nullptr || seen_pointers.has(n.view->data, device)) continue;
     Memory memory;
     int pointer_device = -1;
-    if (query_pointer(n.view->data, memory, pointer_device))
+    if (query_pointer(n.view->data, memory, pointer_device)) {
       location(n.name, n.view->data, memory, pointer_device, device);
+      if (memory == Memory::kDevice) seen_pointers.add(n.view->data, device);
+    }
   }
 }
 

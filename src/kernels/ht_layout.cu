@@ -87,30 +87,43 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     // array, took 26 us for T = 4096, K = 8: half of the notify.)
     int G = 1;
     while (G < p.topk) G <<= 1;
-    const int lane = tid & 31, group = lane / G, k = lane % G, step = (kNotifyThreads / G);
-    for (int t0 = (tid >> 5) * (32 / G); t0 < T; t0 += step) {  // uniform over the warp
-      const int t = t0 + group;
-      int64_t e = t < T && k < p.topk
-                      ? load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride)
-                      : -1;
-      if (e < -1 || e >= p.num_experts) {
-        if (atomicCAS(&p.handle.host_counts[kHostBadExpert], 0, 1) == 0) {
-          p.handle.host_counts[3] = t;
-          p.handle.host_counts[4] = k;
-          p.handle.host_counts[5] = static_cast<int32_t>(e);
+    const int lane = tid & 31, group = lane / G, k = lane % G, step = kNotifyThreads / G;
+    // kScanUnroll steps' loads in flight per lane before any is used (latency, not bandwidth, bounds this
+    // one block: one step at a time took 48 us).
+    constexpr int kScanUnroll = 8;
+    for (int t0 = (tid >> 5) * (32 / G); t0 < T; t0 += step * kScanUnroll) {  // uniform over the warp
+      int64_t picks[kScanUnroll];
+#pragma unroll
+      for (int u = 0; u < kScanUnroll; ++u) {
+        const int t = t0 + u * step + group;
+        picks[u] = t < T && k < p.topk
+                       ? load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride)
+                       : -1;
+      }
+#pragma unroll
+      for (int u = 0; u < kScanUnroll; ++u) {
+        const int t = t0 + u * step + group;
+        int64_t e = picks[u];
+        if (e < -1 || e >= p.num_experts) {
+          if (atomicCAS(&p.handle.host_counts[kHostBadExpert], 0, 1) == 0) {
+            p.handle.host_counts[3] = t;
+            p.handle.host_counts[4] = k;
+            p.handle.host_counts[5] = static_cast<int32_t>(e);
+          }
+          e = -1;
         }
-        e = -1;
+        const int dest = e >= 0 ? static_cast<int>(e) / experts_per_rank : 0;  // e < num_experts <= 1024
+        if (e >= 0 && !rank_live(w, dest)) e = -1;
+        bool first = e >= 0;
+        for (int j = 1; j < G; ++j) {
+          const int64_t earlier = __shfl_up_sync(~0u, e, j, G);
+          if (k >= j && earlier == e) first = false;
+        }
+        if (first) atomicAdd(&expert_count[e], 1);
+        uint64_t mask = e >= 0 ? 1ull << dest : 0;
+        for (int off = G / 2; off > 0; off >>= 1) mask |= __shfl_xor_sync(~0u, mask, off, G);
+        if (k == 0 && t < T) p.handle.token_mask[t] = mask;
       }
-      if (e >= 0 && !rank_live(w, static_cast<int>(e / experts_per_rank))) e = -1;
-      bool first = e >= 0;
-      for (int j = 1; j < G; ++j) {
-        const int64_t earlier = __shfl_up_sync(~0u, e, j, G);
-        if (k >= j && earlier == e) first = false;
-      }
-      if (first) atomicAdd(&expert_count[e], 1);
-      uint64_t mask = e >= 0 ? 1ull << (e / experts_per_rank) : 0;
-      for (int off = G / 2; off > 0; off >>= 1) mask |= __shfl_xor_sync(~0u, mask, off, G);
-      if (k == 0 && t < T) p.handle.token_mask[t] = mask;
     }
   } else {
     for (int t = tid; t < T; t += kNotifyThreads) {
