@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One round of work on the GPU machine: configure, build (all cores), run every GPU test, run the bench,
 # print a short summary last. Usage (from the repo root): scripts/gpu_check.sh [extra el_bench args]
-# Env: BUILD_DIR (default build-gpu), EL_COMMIT (recorded in the bench JSON), OUT (results are copied there).
+# Env: BUILD_DIR (default build-gpu), EL_COMMIT (recorded in the bench JSON), OUT (results are copied there),
+#      EL_PYTHON=0 (skip the Python package's tests), EL_SANITIZE=1 (also scripts/sanitize.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
@@ -21,7 +22,7 @@ command -v ninja >/dev/null && gen=(-G Ninja)
 # The Python binding is built in the same tree where torch, nanobind and pytest are importable (the GPU
 # machine has them and no network, so no `pip install .`: the package is staged from the build instead).
 py=()
-python3 -c "import torch, nanobind, pytest" 2>/dev/null && py=(-DEXPERTLINK_BUILD_PYTHON=ON)
+[ "${EL_PYTHON:-1}" = 1 ] && python3 -c "import torch, nanobind, pytest" 2>/dev/null && py=(-DEXPERTLINK_BUILD_PYTHON=ON)
 if cmake -S . -B "$BUILD_DIR" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release "${deps[@]}" "${py[@]}" ${CMAKE_ARGS:-} >"$LOG_DIR/configure.log" 2>&1 &&
    cmake --build "$BUILD_DIR" -j "$(nproc)" >"$LOG_DIR/build.log" 2>&1; then
   note "build: ok ($(grep -m1 'ExpertLink: NCCL' "$LOG_DIR/configure.log" | sed 's/.*ExpertLink: //'))"
@@ -48,7 +49,7 @@ if [ ${#py[@]} -gt 0 ]; then
   grep -E '^(E  |FAILED|ERROR|SKIPPED)' "$LOG_DIR/pytest.log" | head -40
   note "python tests: $(grep -E '(passed|failed|error|skipped)' "$LOG_DIR/pytest.log" | tail -1)"
 else
-  note "python tests: not run (torch, nanobind or pytest missing)"
+  note "python tests: not run (EL_PYTHON=0, or torch, nanobind or pytest missing)"
 fi
 
 if [ -x "$BUILD_DIR/bench/el_bench" ]; then

@@ -1,4 +1,6 @@
 // HT layout (DeepEP's get_dispatch_layout) and notify (count exchange). Protocol: ht_protocol.cuh.
+#include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 
@@ -47,6 +49,52 @@ __global__ void ht_layout_kernel(const void* idx, IdxType type, int64_t rs, int6
   }
 }
 
+static_assert(kScanBad == kMaxExpertsTotal, "the scan's bad-id record follows its counts");
+
+// Notify's routing scan, on many blocks (one block scanning T = 4096 x 8 picks took 26-48 us, bound by
+// one SM's shared-memory atomics and load latency): each thread takes tokens, loads their picks, writes
+// the destination mask (handle.token_mask) and counts each expert once per token in the block's
+// histogram; blocks then add their histograms into state.scan. Bad ids (outside [-1, E)) go to the scan's
+// bad record (first one wins) and count as -1, as do picks of a masked rank.
+constexpr int kScanThreads = 256;
+
+__global__ void __launch_bounds__(kScanThreads) ht_scan_kernel(HtNotifyParams p) {
+  __shared__ int count[kMaxExpertsTotal];
+  const SymmetricView& w = p.win;
+  const int T = p.num_tokens, E = p.num_experts, experts_per_rank = E / w.num_ranks;
+  for (int e = threadIdx.x; e < E; e += kScanThreads) count[e] = 0;
+  __syncthreads();
+  for (int t = blockIdx.x * kScanThreads + threadIdx.x; t < T; t += gridDim.x * kScanThreads) {
+    // Runtime-indexed (local memory, L1-resident): all loads issued before any is used.
+    int64_t ids[kMaxTopkDevice];
+    for (int k = 0; k < p.topk; ++k)
+      ids[k] = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
+    uint64_t mask = 0;
+    for (int k = 0; k < p.topk; ++k) {
+      const int64_t e = ids[k];
+      if (e == -1) continue;
+      if (e < -1 || e >= E) {
+        if (atomicCAS(&p.state.scan[kScanBad], 0, 1) == 0) {
+          p.state.scan[kScanBad + 1] = t;
+          p.state.scan[kScanBad + 2] = k;
+          p.state.scan[kScanBad + 3] = static_cast<int32_t>(e < INT32_MIN ? INT32_MIN : e > INT32_MAX ? INT32_MAX : e);
+        }
+        continue;
+      }
+      const int dest = static_cast<int>(e) / experts_per_rank;
+      if (!rank_live(w, dest)) continue;  // masked: as if -1
+      mask |= 1ull << dest;
+      bool first = true;
+      for (int j = 0; j < k && first; ++j) first = ids[j] != e;
+      if (first) atomicAdd(&count[e], 1);
+    }
+    p.handle.token_mask[t] = mask;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += kScanThreads)
+    if (count[e] != 0) atomicAdd(&p.state.scan[e], count[e]);
+}
+
 constexpr int kNotifyThreads = 1024;
 
 __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyParams p) {
@@ -78,52 +126,20 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   for (int e = tid; e < kMaxExpertsTotal; e += kNotifyThreads) expert_count[e] = 0;
   __syncthreads();
 
-  // Pass 1. Bad ids are reported on the handle (the host raises them naming token, slot and value) and
-  // treated as -1, so that every rank still runs the whole protocol; picks of a masked rank count as -1.
+  // Pass 1: the routing scan (ht_scan_kernel, just before on the stream) has written token_mask and
+  // left the per-expert counts and the first bad id in state.scan; take them and zero them for the next
+  // call. Without top-k ids, the destination masks come from is_token_in_rank here.
   if (by_topk) {
-    // Lanes in groups of G (top-k rounded up to a power of two): lane k of a group holds pick k of one
-    // token, so a warp loads 32 / G tokens' rows at once (coalesced), and the duplicate test and the
-    // destination mask are shuffles within the group. (One thread per token, with the picks in a local
-    // array, took 26 us for T = 4096, K = 8: half of the notify.)
-    int G = 1;
-    while (G < p.topk) G <<= 1;
-    const int lane = tid & 31, group = lane / G, k = lane % G, step = kNotifyThreads / G;
-    // kScanUnroll steps' loads in flight per lane before any is used (latency, not bandwidth, bounds this
-    // one block: one step at a time took 48 us).
-    constexpr int kScanUnroll = 8;
-    for (int t0 = (tid >> 5) * (32 / G); t0 < T; t0 += step * kScanUnroll) {  // uniform over the warp
-      int64_t picks[kScanUnroll];
-#pragma unroll
-      for (int u = 0; u < kScanUnroll; ++u) {
-        const int t = t0 + u * step + group;
-        picks[u] = t < T && k < p.topk
-                       ? load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride)
-                       : -1;
-      }
-#pragma unroll
-      for (int u = 0; u < kScanUnroll; ++u) {
-        const int t = t0 + u * step + group;
-        int64_t e = picks[u];
-        if (e < -1 || e >= p.num_experts) {
-          if (atomicCAS(&p.handle.host_counts[kHostBadExpert], 0, 1) == 0) {
-            p.handle.host_counts[3] = t;
-            p.handle.host_counts[4] = k;
-            p.handle.host_counts[5] = static_cast<int32_t>(e);
-          }
-          e = -1;
-        }
-        const int dest = e >= 0 ? static_cast<int>(e) / experts_per_rank : 0;  // e < num_experts <= 1024
-        if (e >= 0 && !rank_live(w, dest)) e = -1;
-        bool first = e >= 0;
-        for (int j = 1; j < G; ++j) {
-          const int64_t earlier = __shfl_up_sync(~0u, e, j, G);
-          if (k >= j && earlier == e) first = false;
-        }
-        if (first) atomicAdd(&expert_count[e], 1);
-        uint64_t mask = e >= 0 ? 1ull << dest : 0;
-        for (int off = G / 2; off > 0; off >>= 1) mask |= __shfl_xor_sync(~0u, mask, off, G);
-        if (k == 0 && t < T) p.handle.token_mask[t] = mask;
-      }
+    for (int e = tid; e < p.num_experts; e += kNotifyThreads) {
+      expert_count[e] = p.state.scan[e];
+      p.state.scan[e] = 0;
+    }
+    if (tid == 0 && p.state.scan[kScanBad] != 0) {
+      p.handle.host_counts[3] = p.state.scan[kScanBad + 1];
+      p.handle.host_counts[4] = p.state.scan[kScanBad + 2];
+      p.handle.host_counts[5] = p.state.scan[kScanBad + 3];
+      p.handle.host_counts[kHostBadExpert] = 1;
+      p.state.scan[kScanBad] = 0;
     }
   } else {
     for (int t = tid; t < T; t += kNotifyThreads) {
@@ -282,6 +298,12 @@ uint64_t* notify_trace() {
 void launch_ht_notify(const HtNotifyParams& p, cudaStream_t stream) {
   HtNotifyParams q = p;
   q.trace = notify_trace();
+  if (q.topk_idx != nullptr && q.num_tokens > 0) {
+    // One token per thread, at most 2 blocks per SM's worth (more only adds histogram merges).
+    const int blocks = std::min((q.num_tokens + kScanThreads - 1) / kScanThreads, 264);
+    ht_scan_kernel<<<blocks, kScanThreads, 0, stream>>>(q);
+    EL_CUDA_CHECK(cudaGetLastError());
+  }
   ht_notify_kernel<<<1, kNotifyThreads, 0, stream>>>(q);
   EL_CUDA_CHECK(cudaGetLastError());
 }
