@@ -33,8 +33,14 @@ class DeviceArray {
     if (cudaMalloc(&ptr_, std::max<size_t>(n, 1) * sizeof(T)) != cudaSuccess)
       throw Error(ErrorCode::kCuda, "test allocation of " + std::to_string(n * sizeof(T)) + " bytes failed");
   }
+  // Both complete before returning. A plain cudaMemcpy from pageable memory may return before its DMA
+  // lands, and cudaMemset runs on the legacy stream, which the tests' non-blocking streams do not wait
+  // for: a poison could land after the kernel wrote the array (the likely cause of one unwritten
+  // per-expert count in a 300-round stress run on 2x H200, 2026-11-28). So both end with a device
+  // synchronization.
   void upload(const std::vector<T>& host) {
     if (!host.empty()) cudaMemcpy(ptr_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
+    cudaDeviceSynchronize();
   }
   std::vector<T> download(size_t n) const {
     std::vector<T> out(n);
@@ -43,7 +49,10 @@ class DeviceArray {
   }
   std::vector<T> download() const { return download(size_); }
   // Fills every byte with `byte` (0xFF: BF16/F32 NaN, FP8 NaN, -1 for integers).
-  void poison(unsigned char byte = 0xFF) { cudaMemset(ptr_, byte, std::max<size_t>(size_, 1) * sizeof(T)); }
+  void poison(unsigned char byte = 0xFF) {
+    cudaMemset(ptr_, byte, std::max<size_t>(size_, 1) * sizeof(T));
+    cudaDeviceSynchronize();
+  }
   T* get() const { return ptr_; }
   size_t size() const { return size_; }
 
