@@ -226,10 +226,7 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
     GPU_EXPECT(std::fabs(g - w) <= 1e-2f * std::fabs(w) + 1e-3f, "[%s] combined_x[%lld][%lld]: expected %g, got %g", c.name,
                (long long)(i / H), (long long)(i % H), w, g);
   }
-  // No rank received a row (every slot -1): the oracle has no weights to sum and returns none; the
-  // kernel's sums over nothing are 0.
-  const std::vector<float>& want_cw =
-      want_comb[me].topk_weights.empty() ? std::vector<float>(size_t(T) * K, 0.f) : want_comb[me].topk_weights;
+  const std::vector<float> want_cw = want_combined_weights(want_comb[me], T, K);
   for (int64_t i = 0; i < int64_t(T) * K; ++i)
     GPU_EXPECT(std::fabs(got_cw[i] - want_cw[i]) <= 1e-6f, "[%s] combined_topk_weights[%lld][%lld]: expected %g, got %g",
                c.name, (long long)(i / K), (long long)(i % K), want_cw[i], got_cw[i]);

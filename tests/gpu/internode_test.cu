@@ -15,6 +15,7 @@
 #include "expertlink/reference.hpp"
 #include "expertlink/workload.hpp"
 #include "harness.hpp"
+#include "ht_check.hpp"
 
 namespace expertlink::test {
 namespace {
@@ -222,9 +223,7 @@ int run_round(const RankContext& ctx, Buffer& buffer, const InterCase& c, uint64
                "[%s] combined_x[%lld][%lld]: expected bits 0x%04x (%g), got 0x%04x (%g): one GPU per node must sum "
                "in the oracle's order", c.name, (long long)(i / H), (long long)(i % H), want_comb[me].x[i], w, got_c[i], g);
   }
-  // No rank received a row (every slot -1): the oracle returns no weights; the sums over nothing are 0.
-  const std::vector<float>& want_cw =
-      want_comb[me].topk_weights.empty() ? std::vector<float>(size_t(T) * K, 0.f) : want_comb[me].topk_weights;
+  const std::vector<float> want_cw = htt::want_combined_weights(want_comb[me], T, K);
   for (int64_t i = 0; i < int64_t(T) * K; ++i)
     GPU_EXPECT(combine_bitwise ? std::memcmp(&got_cw[i], &want_cw[i], 4) == 0 : std::fabs(got_cw[i] - want_cw[i]) <= 1e-6f,
                "[%s] combined_topk_weights[%lld][%lld]: expected %g, got %g", c.name, (long long)(i / K),

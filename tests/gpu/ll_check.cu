@@ -352,4 +352,23 @@ int run_fused(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo&
   return check_combine(ctx, io, r, y_seed);
 }
 
+int run_two_split(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& a, const LlRound& ra,
+                  uint64_t y_seed_a, LlIo& b, const LlRound& rb, uint64_t y_seed_b) {
+  a.load(ra, stream);
+  b.load(rb, stream);
+  LlRecvHook ha = buffer.ll_dispatch(a.dispatch_args(true), a.handle, a.dispatch_outputs(), stream);
+  LlRecvHook hb = buffer.ll_dispatch(b.dispatch_args(true), b.handle, b.dispatch_outputs(), stream);
+  ha(stream);
+  hb(stream);
+  a.fill_expert_outputs(y_seed_a, stream);
+  b.fill_expert_outputs(y_seed_b, stream);
+  LlRecvHook ca = buffer.ll_combine(a.combine_args(true), a.handle, a.combine_outputs(), stream);
+  LlRecvHook cb = buffer.ll_combine(b.combine_args(true), b.handle, b.combine_outputs(), stream);
+  cb(stream);
+  ca(stream);
+  buffer.synchronize(stream);
+  return check_dispatch(ctx, a, ra) != 0 || check_dispatch(ctx, b, rb) != 0 ||
+         check_combine(ctx, a, ra, y_seed_a) != 0 || check_combine(ctx, b, rb, y_seed_b) != 0;
+}
+
 }  // namespace expertlink::test::llt

@@ -103,6 +103,12 @@ int check_combine(const RankContext& ctx, const LlIo& io, const LlRound& r, uint
 int run_fused(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& io, const LlRound& r,
               uint64_t y_seed);
 
+// Two split calls in flight: dispatches of a and b (hooks called in call order), then their combines
+// (expert outputs made with y_seed_a / y_seed_b) with the receive hooks called in the other order; every
+// output checked. 0 when all match.
+int run_two_split(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& a, const LlRound& ra,
+                  uint64_t y_seed_a, LlIo& b, const LlRound& rb, uint64_t y_seed_b);
+
 // Per-rank token counts: all N, or given.
 std::vector<int> full_tokens(const LlCase& c, int num_ranks);
 

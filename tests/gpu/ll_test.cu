@@ -321,22 +321,7 @@ GPU_CASE(ll_1000_rounds_one_buffer_mixed_with_ht, 2, 600) {
       default: {  // split, two in flight
         LlRound r1 = llt::make_round(a, R, seed, tokens(a, seed));
         LlRound r2 = llt::make_round(a, R, seed + 1, tokens(a, seed + 977));
-        a1.load(r1, st);
-        a2.load(r2, st);
-        LlRecvHook h1 = buf.ll_dispatch(a1.dispatch_args(true), a1.handle, a1.dispatch_outputs(), st);
-        LlRecvHook h2 = buf.ll_dispatch(a2.dispatch_args(true), a2.handle, a2.dispatch_outputs(), st);
-        h1(st);
-        h2(st);
-        a1.fill_expert_outputs(seed + 3, st);
-        a2.fill_expert_outputs(seed + 4, st);
-        LlRecvHook c1 = buf.ll_combine(a1.combine_args(true), a1.handle, a1.combine_outputs(), st);
-        LlRecvHook c2 = buf.ll_combine(a2.combine_args(true), a2.handle, a2.combine_outputs(), st);
-        c2(st);
-        c1(st);
-        buf.synchronize(st);
-        if (llt::check_dispatch(ctx, a1, r1) != 0 || llt::check_dispatch(ctx, a2, r2) != 0 ||
-            llt::check_combine(ctx, a1, r1, seed + 3) != 0 || llt::check_combine(ctx, a2, r2, seed + 4) != 0)
-          return 1;
+        if (llt::run_two_split(ctx, buf, st, a1, r1, seed + 3, a2, r2, seed + 4) != 0) return 1;
         calls += 2;
         break;
       }

@@ -160,21 +160,7 @@ int ll_round(const RankContext& ctx, Buffer& buf, cudaStream_t st, const LlCase&
   }
   LlIo b(c, R, ctx.rank);
   const LlRound rb = llt::make_round(c, R, seed + 1, random_tokens(rng, c, R));
-  a.load(ra, st);
-  b.load(rb, st);
-  LlRecvHook ha = buf.ll_dispatch(a.dispatch_args(true), a.handle, a.dispatch_outputs(), st);
-  LlRecvHook hb = buf.ll_dispatch(b.dispatch_args(true), b.handle, b.dispatch_outputs(), st);
-  ha(st);
-  hb(st);
-  a.fill_expert_outputs(seed + 3, st);
-  b.fill_expert_outputs(seed + 4, st);
-  LlRecvHook ca = buf.ll_combine(a.combine_args(true), a.handle, a.combine_outputs(), st);
-  LlRecvHook cb = buf.ll_combine(b.combine_args(true), b.handle, b.combine_outputs(), st);
-  cb(st);  // combine hooks in the other order
-  ca(st);
-  buf.synchronize(st);
-  return llt::check_dispatch(ctx, a, ra) != 0 || llt::check_dispatch(ctx, b, rb) != 0 ||
-         llt::check_combine(ctx, a, ra, seed + 3) != 0 || llt::check_combine(ctx, b, rb, seed + 4) != 0;
+  return llt::run_two_split(ctx, buf, st, a, ra, seed + 3, b, rb, seed + 4) != 0;
 }
 
 GPU_CASE(reliability_stress_mixed_ht_ll_one_buffer, 2, stress_timeout_s()) {
