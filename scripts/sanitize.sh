@@ -2,6 +2,7 @@
 # compute-sanitizer memcheck, racecheck and synccheck over the GPU test cases (issue 6), on the GPU machine.
 # Usage (repo root, after a build): scripts/sanitize.sh [BUILD_DIR]   (default build-gpu)
 # Env: SANITIZE_TOOLS (default "memcheck racecheck synccheck"), SANITIZE_CASES (default: the list below),
+#      SANITIZE_CASE_TIMEOUT (seconds per case and tool, default 1500),
 #      OUT or LOG_DIR (logs go to $LOG_DIR/sanitize/<tool>.<case>.log).
 # Every rank is a forked process: --target-processes all. NCCL makes calls that fail on purpose (probing),
 # hence --report-api-errors no. The cases are the correctness ones with small shapes (the timing, 1000-round
@@ -33,12 +34,13 @@ cases=(${SANITIZE_CASES:-
   reliability_bad_arguments_refused_buffer_still_correct
   reliability_stress_mixed_ht_ll_one_buffer})
 
-lines=()
-for tool in "${tools[@]}"; do
-  findings=0 failed=()
+# The tools run side by side (each its own processes on the same GPUs), one case after another per tool.
+run_tool() {
+  local tool=$1 findings=0 failed=() c log rc n
   for c in "${cases[@]}"; do
     log="$LOG_DIR/$tool.$c.log"
-    timeout 1500 "$SAN" --tool "$tool" --target-processes all --report-api-errors no "$BIN" "$c" >"$log" 2>&1
+    timeout "${SANITIZE_CASE_TIMEOUT:-1500}" "$SAN" --tool "$tool" --target-processes all --report-api-errors no \
+      "$BIN" "$c" >"$log" 2>&1
     rc=$?
     # One "ERROR SUMMARY: N error(s)" per process the tool followed (launcher and ranks).
     n=$(grep -oE 'ERROR SUMMARY: [0-9]+' "$log" | awk '{s += $3} END {print s + 0}')
@@ -46,6 +48,9 @@ for tool in "${tools[@]}"; do
     grep -qE '^PASS ' "$log" || failed+=("$c(rc=$rc)")
     echo "$tool $c: $n findings, $(grep -oE '^(PASS|FAIL|SKIP) .*' "$log" | tail -1)"
   done
-  lines+=("SANITIZE $tool: $findings findings over ${#cases[@]} cases${failed:+; not passing under the tool: ${failed[*]}}")
-done
-printf '%s\n' "${lines[@]}"
+  echo "SANITIZE $tool: $findings findings over ${#cases[@]} cases${failed:+; not passing under the tool: ${failed[*]}}" \
+    >"$LOG_DIR/$tool.summary"
+}
+for tool in "${tools[@]}"; do run_tool "$tool" & done
+wait
+for tool in "${tools[@]}"; do cat "$LOG_DIR/$tool.summary" 2>/dev/null || echo "SANITIZE $tool: no summary"; done
