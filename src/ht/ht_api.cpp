@@ -81,7 +81,7 @@ struct Area {
 };
 
 Area plan_area(size_t ht_bytes, int num_ranks, int64_t record, bool combine, int64_t tokens) {
-  const size_t half = ht_bytes / 2 / 16 * 16;
+  const size_t half = ht_bytes / 2 / 128 * 128;  // the combine area starts on a 128-byte line
   Area a;
   a.rows = num_ranks <= 1 ? INT_MAX : static_cast<int64_t>(half / (size_t(num_ranks - 1) * record));
   a.offset = combine ? static_cast<int64_t>(half) : 0;

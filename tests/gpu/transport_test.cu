@@ -71,7 +71,7 @@ __global__ void check_pattern_kernel(SymmetricView v, size_t slot_words, uint64_
   }
 }
 
-// One round: poison, barrier, push, barrier, check. Returns 0 on success.
+// One round: poison, barrier, push, barrier, check, barrier. Returns 0 on success.
 int pattern_round(const RankContext& ctx, SymmetricMemory& mem, cudaStream_t stream, uint64_t seed,
                   Mismatch* m_dev) {
   const size_t words = mem.data_bytes() / 4;
@@ -83,6 +83,9 @@ int pattern_round(const RankContext& ctx, SymmetricMemory& mem, cudaStream_t str
   push_pattern_kernel<<<132, 512, 0, stream>>>(mem.view(), slot_words, seed);
   mem.barrier(stream);
   check_pattern_kernel<<<132, 512, 0, stream>>>(mem.view(), slot_words, seed, m_dev, m_dev + 1);
+  // The check reads peers' regions: no peer may poison its region for the next round before that is done
+  // (seen under compute-sanitizer, which slowed one rank enough).
+  mem.barrier(stream);
   cudaError_t err = cudaGetLastError();
   GPU_EXPECT(err == cudaSuccess, "%s", cudaGetErrorString(err));
   mem.synchronize(stream);
