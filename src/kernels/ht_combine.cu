@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
         // At most two rows and no bias (every token with 2 ranks): both rows' loads in flight together,
         // summed straight into the output vector (no accumulator array to hold: the loads get the
         // registers). The reduce is bound by loads in flight (64 registers per thread at 1024 threads).
-        const bool pair = __popcll(mask) <= 2 && p.bias0.data == nullptr && p.bias1.data == nullptr;
+        const bool pair = p.pair_reduce && __popcll(mask) <= 2 && p.bias0.data == nullptr && p.bias1.data == nullptr;
         if (pair) {
           constexpr int kPairUnroll = 4;
           uint64_t m = mask;

@@ -106,6 +106,7 @@ struct HtCombineParams {
   int64_t record_bytes;
   int64_t area_rows;
   int64_t area_offset;  // of the combine area within the data region
+  bool pair_reduce;     // sum tokens of at most two rows with both rows' loads in flight (EXPERTLINK_HT_PAIR_REDUCE)
 };
 
 void launch_ht_layout(const void* topk_idx, IdxType idx_type, int64_t idx_row_stride, int64_t idx_col_stride,
@@ -135,12 +136,16 @@ __host__ __device__ inline int64_t combine_record_bytes(int hidden, int topk) {
   return align128(2ll * hidden + 4ll * topk);
 }
 
-// Chunking of a source rank's tokens: both sides derive it from T alone. Chunks are dealt to the blocks
-// round robin, so finer chunks even out the blocks' shares (T = 4096 on 24 blocks: 16-token chunks give
-// 11 vs 10.7 per block, 32-token chunks 6 vs 5.3), at one fenced flag per chunk.
+// Chunking of a source rank's tokens: both sides derive it from T alone. Each chunk costs the sending
+// half a role barrier and a system fence, which drains the block's NVLink writes: 16-token chunks made
+// dispatch and combine slower than 32-token ones (2x H200, 2026-11-28), although they even out the blocks'
+// shares. EXPERTLINK_HT_MIN_CHUNK (a build option) sets the floor for experiments.
+#ifndef EXPERTLINK_HT_MIN_CHUNK
+#define EXPERTLINK_HT_MIN_CHUNK 32
+#endif
 __host__ __device__ inline int ht_chunk_tokens(int num_tokens) {
   int c = (num_tokens + kMaxChunks - 1) / kMaxChunks;
-  return c < 16 ? 16 : c;
+  return c < EXPERTLINK_HT_MIN_CHUNK ? EXPERTLINK_HT_MIN_CHUNK : c;
 }
 __host__ __device__ inline int ht_num_chunks(int num_tokens) {
   int c = ht_chunk_tokens(num_tokens);
