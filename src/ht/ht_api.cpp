@@ -2,8 +2,6 @@
 // and value), then the launches. Kernels: src/kernels/ht_*.cu; protocol: src/kernels/ht_protocol.cuh.
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
-#include <cstring>
 
 #include "buffer_state.hpp"
 #include "api_checks.hpp"
@@ -66,15 +64,6 @@ void check_weights(const TensorView& w, int64_t rows, int topk, const char* name
 void check_output_rows(const TensorView& t, int64_t rows, const char* name) {
   EL_CHECK(t.shape[0] >= rows, "%s holds %lld rows but %lld arrive", name, static_cast<long long>(t.shape[0]),
            static_cast<long long>(rows));
-}
-
-// EXPERTLINK_HT_PAIR_REDUCE=0 turns off combine's two-rows-in-flight sum (for A/B timing), read once.
-bool pair_reduce() {
-  static const bool on = [] {
-    const char* v = std::getenv("EXPERTLINK_HT_PAIR_REDUCE");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return on;
 }
 
 int pick_sms(int requested, int fallback, int device_sms, const char* name) {
@@ -411,7 +400,6 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
   const Area area = plan_area(s_->ht_bytes, R, p.record_bytes, /*combine=*/true, T);
   p.area_rows = area.rows;
   p.area_offset = area.offset;
-  p.pair_reduce = pair_reduce();
   s_->window->raise_if_device_error();
   p.win = s_->window->view();
   p.state = s_->ht;

@@ -109,43 +109,10 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
                  int64_t(pos) * p.record_bytes;
         };
         char* out_row = static_cast<char*>(p.out) + int64_t(t) * p.out_row_stride * 2;
-        // At most two rows and no bias (every token with 2 ranks): both rows' loads in flight together,
-        // summed straight into the output vector (no accumulator array to hold: the loads get the
-        // registers). The reduce is bound by loads in flight (64 registers per thread at 1024 threads).
-        const bool pair = p.pair_reduce && __popcll(mask) <= 2 && p.bias0.data == nullptr && p.bias1.data == nullptr;
-        if (pair) {
-          constexpr int kPairUnroll = 4;
-          uint64_t m = mask;
-          const int d0 = m != 0 ? __ffsll(m) - 1 : -1;
-          if (m != 0) m &= m - 1;
-          const int d1 = m != 0 ? __ffsll(m) - 1 : -1;
-          const int pos0 = d0 >= 0 ? __shfl_sync(~0u, d0 < 32 ? pos_lo : pos_hi, d0 & 31) : 0;
-          const int pos1 = d1 >= 0 ? __shfl_sync(~0u, d1 < 32 ? pos_lo : pos_hi, d1 & 31) : 0;
-          const int4* a = d0 >= 0 ? reinterpret_cast<const int4*>(row_of(d0, pos0)) : nullptr;
-          const int4* b = d1 >= 0 ? reinterpret_cast<const int4*>(row_of(d1, pos1)) : nullptr;
-          for (int64_t v0 = lane; v0 < vecs; v0 += 32 * kPairUnroll) {
-            int4 va[kPairUnroll], vb[kPairUnroll];
-#pragma unroll
-            for (int u = 0; u < kPairUnroll; ++u) {
-              const int64_t v = v0 + u * 32;
-              if (v < vecs && a != nullptr) va[u] = d0 == me ? ld_nc_v4(a + v) : __ldcg(a + v);
-              if (v < vecs && b != nullptr) vb[u] = d1 == me ? ld_nc_v4(b + v) : __ldcg(b + v);
-            }
-#pragma unroll
-            for (int u = 0; u < kPairUnroll; ++u) {
-              const int64_t v = v0 + u * 32;
-              if (v >= vecs) continue;
-              float acc[8] = {};  // 0 + a + b in rank order: the oracle's sum, signed zeros included
-              if (a != nullptr) add_bf16x8(acc, va[u]);
-              if (b != nullptr) add_bf16x8(acc, vb[u]);
-              reinterpret_cast<int4*>(out_row)[v] = to_bf16x8(acc);
-            }
-          }
-        }
-        // Otherwise kUnroll vectors per lane in flight from every source row before any is summed; the
-        // trip count is uniform over the warp (the shuffles need every lane).
+        // kUnroll vectors per lane in flight from every source row before any is summed; the trip count
+        // is uniform over the warp (the shuffles need every lane).
         constexpr int kUnroll = 4;
-        for (int64_t v0 = 0; v0 < (pair ? 0 : vecs); v0 += 32 * kUnroll) {
+        for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kUnroll) {
           float acc[kUnroll][8] = {};
           auto accumulate = [&](const int4* base, bool local) {
             int4 val[kUnroll];

@@ -52,19 +52,23 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   if (warp < kRoleWarps) {
     // ---- send (first half of the warps): chunk c of this rank's tokens, each row to every destination ----
     const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
+    const int64_t local_row0 = p.handle.rank_prefix[me];
     for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
       const int t_end = min(T, (c + 1) * chunk_tokens);
       for (int t = c * chunk_tokens + warp; t < t_end; t += kRoleWarps) {
         int pos_lo, pos_hi;
         // A handle made before a rank was masked still names it: it gets nothing.
-        // This rank's own rows are the receiving half's (copy_local_chunk): the senders only cross NVLink.
-        uint64_t mask = warp_dest_mask(p.handle.send_pos + int64_t(t) * R, R, lane, pos_lo, pos_hi) & ~w.masked &
-                        ~(1ull << me);
+        uint64_t mask = warp_dest_mask(p.handle.send_pos + int64_t(t) * R, R, lane, pos_lo, pos_hi) & ~w.masked;
         const char* x_row = static_cast<const char*>(p.x.data) + t * p.x.row_stride * elem_bytes;
         // Row data first: each 16-byte vector of x is loaded once and stored to every destination. Lane
-        // d (and d + 32) holds destination d's row address.
+        // d (and d + 32) holds destination d's row address; null for a local row past the capacity.
         auto row_address = [&](int d, int pos) -> char* {
-          if (d >= R || d == me || pos < 0) return nullptr;
+          if (d >= R || pos < 0) return nullptr;
+          if (d == me) {
+            const int64_t row = local_row0 + pos;
+            return row < capacity ? static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * elem_bytes
+                                  : nullptr;
+          }
           return area_segment(w.peer_base[d], p.area_offset, me, d, p.area_rows, p.record_bytes) +
                  pos * p.record_bytes;
         };
@@ -95,24 +99,47 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
           const int d = __ffsll(mask) - 1;
           mask &= mask - 1;
           const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
-          char* rec = area_segment(w.peer_base[d], p.area_offset, me, d, p.area_rows, p.record_bytes) +
-                      pos * p.record_bytes;
-          int32_t* tail = reinterpret_cast<int32_t*>(rec + p.row_bytes);
-          for (int g = lane; g < p.scale_cols; g += 32)
-            tail[g] = static_cast<const int32_t*>(
-                p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
-          tail += p.scale_cols;
-          if (lane < K && p.topk_idx != nullptr) {
-            int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
-            bool there = e >= 0 && e / experts_per_rank == d;
-            tail[lane] = there ? static_cast<int32_t>(e - int64_t(d) * experts_per_rank) : -1;
-            reinterpret_cast<float*>(tail)[K + lane] =
-                there && p.topk_weights.data != nullptr
-                    ? static_cast<const float*>(p.topk_weights.data)[t * p.topk_weights.row_stride +
-                                                                     lane * p.topk_weights.col_stride]
-                    : 0.f;
+          if (d == me) {
+            const int64_t row = local_row0 + pos;
+            if (row >= capacity) continue;
+            for (int g = lane; g < p.scale_cols; g += 32) {
+              const int32_t v = static_cast<const int32_t*>(
+                  p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
+              static_cast<int32_t*>(
+                  p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] = v;
+            }
+            if (lane < K && p.recv_topk_idx != nullptr) {
+              int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
+              bool here = e >= 0 && e / experts_per_rank == d;
+              store_index(p.recv_topk_idx, p.idx_type, row * K + lane,
+                          here ? e - int64_t(d) * experts_per_rank : -1);
+              if (p.recv_topk_weights != nullptr)
+                p.recv_topk_weights[row * K + lane] =
+                    here ? static_cast<const float*>(p.topk_weights.data)[t * p.topk_weights.row_stride +
+                                                                          lane * p.topk_weights.col_stride]
+                         : 0.f;
+            }
+            if (lane == 0) p.handle.recv_src_token[row] = t;
+          } else {
+            char* rec = area_segment(w.peer_base[d], p.area_offset, me, d, p.area_rows, p.record_bytes) +
+                        pos * p.record_bytes;
+            int32_t* tail = reinterpret_cast<int32_t*>(rec + p.row_bytes);
+            for (int g = lane; g < p.scale_cols; g += 32)
+              tail[g] = static_cast<const int32_t*>(
+                  p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
+            tail += p.scale_cols;
+            if (lane < K && p.topk_idx != nullptr) {
+              int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
+              bool there = e >= 0 && e / experts_per_rank == d;
+              tail[lane] = there ? static_cast<int32_t>(e - int64_t(d) * experts_per_rank) : -1;
+              reinterpret_cast<float*>(tail)[K + lane] =
+                  there && p.topk_weights.data != nullptr
+                      ? static_cast<const float*>(p.topk_weights.data)[t * p.topk_weights.row_stride +
+                                                                       lane * p.topk_weights.col_stride]
+                      : 0.f;
+            }
+            if (lane == 0) tail[2 * K] = t;
           }
-          if (lane == 0) tail[2 * K] = t;
         }
       }
       // Publish chunk c to every other rank (also when it sent them nothing): every sender thread's rows
@@ -127,40 +154,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       }
     }
   } else {
-    // ---- receive (second half): this rank's own rows of the chunks this block sends (straight from x),
-    // and the (source, chunk) blocks of rows out of the area as they arrive, one own chunk before each ----
+    // ---- receive (second half): copy (source, chunk) blocks of rows out of the area as they arrive ----
     const int rwarp = warp - kRoleWarps, rtid = threadIdx.x - kRoleThreads;
-    const int chunk_tokens = ht_chunk_tokens(T), own_chunks = rank_live(w, me) ? ht_num_chunks(T) : 0;
-    const int64_t local_row0 = p.handle.rank_prefix[me];
-    int next_own = blockIdx.x;
-    auto copy_own_chunk = [&]() {
-      if (next_own >= own_chunks) return;
-      const int t_end = min(T, (next_own + 1) * chunk_tokens);
-      for (int t = next_own * chunk_tokens + rwarp; t < t_end; t += kRoleWarps) {
-        const int pos = p.handle.send_pos[int64_t(t) * R + me];
-        const int64_t row = local_row0 + pos;
-        if (pos < 0 || row >= capacity) continue;
-        warp_copy_row<true>(
-            reinterpret_cast<const int4*>(static_cast<const char*>(p.x.data) + t * p.x.row_stride * elem_bytes),
-            reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * elem_bytes), vecs,
-            lane);
-        for (int g = lane; g < p.scale_cols; g += 32)
-          static_cast<int32_t*>(p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] =
-              static_cast<const int32_t*>(p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
-        if (lane < K && p.recv_topk_idx != nullptr) {
-          const int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
-          const bool here = e >= 0 && e / experts_per_rank == me;
-          store_index(p.recv_topk_idx, p.idx_type, row * K + lane, here ? e - int64_t(me) * experts_per_rank : -1);
-          if (p.recv_topk_weights != nullptr)
-            p.recv_topk_weights[row * K + lane] =
-                here ? static_cast<const float*>(
-                           p.topk_weights.data)[t * p.topk_weights.row_stride + lane * p.topk_weights.col_stride]
-                     : 0.f;
-        }
-        if (lane == 0) p.handle.recv_src_token[row] = t;
-      }
-      next_own += gridDim.x;
-    };
     bool stop = false;
     int item = 0;
     for (int s = 0; s < R && !stop; ++s) {
@@ -171,7 +166,6 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       const char* seg = area_segment(w.local_base, p.area_offset, s, me, p.area_rows, p.record_bytes);
       for (int c = 0; c < n; ++c, ++item) {
         if (item % gridDim.x != blockIdx.x) continue;
-        copy_own_chunk();  // while the peers' chunk is on its way
         const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
         if (r0 == r1) continue;
         if (rtid == 0)
@@ -205,7 +199,6 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
         role_barrier(kRecvBarrier);  // recv_abort is rewritten for the next item
       }
     }
-    while (!stop && next_own < own_chunks) copy_own_chunk();
   }
   if (blockIdx.x == 0 && p.recv_expert_count != nullptr)
     for (int j = threadIdx.x; j < experts_per_rank && p.num_experts > 0; j += blockDim.x)

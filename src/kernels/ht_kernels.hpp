@@ -106,7 +106,6 @@ struct HtCombineParams {
   int64_t record_bytes;
   int64_t area_rows;
   int64_t area_offset;  // of the combine area within the data region
-  bool pair_reduce;     // sum tokens of at most two rows with both rows' loads in flight (EXPERTLINK_HT_PAIR_REDUCE)
 };
 
 void launch_ht_layout(const void* topk_idx, IdxType idx_type, int64_t idx_row_stride, int64_t idx_col_stride,

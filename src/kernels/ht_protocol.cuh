@@ -8,15 +8,13 @@
 //
 // Dispatch (S blocks, each split into a sending and a receiving half): a rank's tokens are cut into
 // chunks (ht_chunk_tokens(T)). The sending half of the block owning chunk c reads each token row once and
-// writes it straight into every other destination's receiving area (one segment per source rank, rows at
-// send_pos). When the chunk is written, it publishes round r in the destination's kDispatchChunk[src][c]
-// slot (role barrier, system fence, release store). Meanwhile the receiving halves wait for each
-// (source, chunk) slot and copy those rows out to recv_x at rank_prefix[src] + position; before each, the
-// receiving half copies one of its block's own chunks from x to recv_x (the rows a rank sends itself).
-// So the senders only cross NVLink (the link is the bound: el_nvlink_probe) and the local stores, which
-// need no waiting, fill the receivers' wait for the peers. Before a sender writes into rank d's area it
-// waits for d's kDispatchReady >= r: d has started round r, so its round r - 1 copy-out is over (stream
-// order).
+// writes it straight into every destination: into its own recv_x at its final row when the destination
+// is itself, else into the destination's receiving area (one segment per source rank, rows at send_pos).
+// When the chunk is written, it publishes round r in the destination's kDispatchChunk[src][c] slot (role
+// barrier, system fence, release store). Meanwhile the receiving halves wait for each (source, chunk)
+// slot and copy those rows out to recv_x at rank_prefix[src] + position. Before a sender writes into rank
+// d's area it waits for d's kDispatchReady >= r: d has started round r, so its round r - 1 copy-out is
+// over (stream order).
 //
 // Combine (S blocks, same split) reverses it: the sending halves write the expert outputs of source s,
 // chunk c into s's combine area (same positions) and publish kCombineChunk[me][c]; the receiving halves
