@@ -12,22 +12,29 @@
 namespace expertlink::kernels {
 namespace {
 
-// Bit d set when token t has an expert on rank d. Ranks <= 64.
-__device__ __forceinline__ uint64_t dest_mask(const void* idx, IdxType type, int64_t rs, int64_t cs, int t,
-                                              int topk, int experts_per_rank) {
-  uint64_t mask = 0;
-  for (int k = 0; k < topk; ++k) {
-    int64_t e = load_index(idx, type, t * rs + k * cs);
-    if (e >= 0 && e < int64_t(experts_per_rank) * 64) mask |= 1ull << (e / experts_per_rank);
-  }
-  return mask;
+__device__ __forceinline__ int expert_rank(int64_t e, int experts_per_rank) {
+  return static_cast<int>(e) / experts_per_rank;
 }
 
-__device__ __forceinline__ bool first_occurrence(const void* idx, IdxType type, int64_t rs, int64_t cs, int t,
-                                                 int k, int64_t e) {
-  for (int j = 0; j < k; ++j)
-    if (load_index(idx, type, t * rs + j * cs) == e) return false;
-  return true;
+// One token's routing, shared by get_dispatch_layout and notify's scan: the mask of destination ranks
+// (bit d: a pick lives on rank d; ranks <= 64) and each expert counted once per token, at its first pick.
+// `id(k)` reads pick k; `rank_of(k, e)` is the rank pick k (= e) goes to, or -1 where it goes nowhere
+// (each kernel's rule: ids out of range, the bad-id record, masked ranks); it is called once per pick.
+// `count(e)` counts expert e. The first-pick test compares raw ids: rank_of only maps an id to -1 or
+// keeps it, so a pick equal to a routed one is routed too.
+template <typename Id, typename RankOf, typename Count>
+__device__ __forceinline__ uint64_t route_token(int topk, Id id, RankOf rank_of, Count count) {
+  uint64_t mask = 0;
+  for (int k = 0; k < topk; ++k) {
+    const int64_t e = id(k);
+    const int dest = rank_of(k, e);
+    if (dest < 0) continue;
+    mask |= 1ull << dest;
+    bool first = true;
+    for (int j = 0; j < k && first; ++j) first = id(j) != e;
+    if (first) count(e);
+  }
+  return mask;
 }
 
 __global__ void ht_layout_kernel(const void* idx, IdxType type, int64_t rs, int64_t cs, int num_tokens,
@@ -35,16 +42,18 @@ __global__ void ht_layout_kernel(const void* idx, IdxType type, int64_t rs, int6
                                  int32_t* tokens_per_expert, uint8_t* is_token_in_rank) {
   const int experts_per_rank = num_experts / num_ranks;
   for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < num_tokens; t += gridDim.x * blockDim.x) {
-    uint64_t mask = dest_mask(idx, type, rs, cs, t, topk, experts_per_rank);
-    for (int d = 0; d < num_ranks; ++d) {  // ids >= num_experts set bits >= num_ranks: ignored
-      bool in = (mask >> d) & 1;
+    // Ids straight from global memory (L1 serves the first-pick test's repeats). Ids outside
+    // [0, num_experts) are ignored (no bad-id record on this path); no rank is masked.
+    auto id = [&](int k) { return load_index(idx, type, t * rs + k * cs); };
+    auto rank_of = [&](int, int64_t e) {
+      return e >= 0 && e < num_experts ? expert_rank(e, experts_per_rank) : -1;
+    };
+    auto count = [&](int64_t e) { atomicAdd(&tokens_per_expert[e], 1); };
+    const uint64_t mask = route_token(topk, id, rank_of, count);
+    for (int d = 0; d < num_ranks; ++d) {
+      const bool in = (mask >> d) & 1;
       if (is_token_in_rank != nullptr) is_token_in_rank[int64_t(t) * num_ranks + d] = in;
       if (in) atomicAdd(&tokens_per_rank[d], 1);
-    }
-    for (int k = 0; k < topk; ++k) {
-      int64_t e = load_index(idx, type, t * rs + k * cs);
-      if (e >= 0 && e < num_experts && first_occurrence(idx, type, rs, cs, t, k, e))
-        atomicAdd(&tokens_per_expert[e], 1);
     }
   }
 }
@@ -69,26 +78,22 @@ __global__ void __launch_bounds__(kScanThreads) ht_scan_kernel(HtNotifyParams p)
     int64_t ids[kMaxTopkDevice];
     for (int k = 0; k < p.topk; ++k)
       ids[k] = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
-    uint64_t mask = 0;
-    for (int k = 0; k < p.topk; ++k) {
-      const int64_t e = ids[k];
-      if (e == -1) continue;
+    // The first bad id goes to the bad record; bad ids and picks of a masked rank route nowhere.
+    auto rank_of = [&](int k, int64_t e) {
+      if (e == -1) return -1;
       if (e < -1 || e >= E) {
         if (atomicCAS(&p.state.scan[kScanBad], 0, 1) == 0) {
           p.state.scan[kScanBad + 1] = t;
           p.state.scan[kScanBad + 2] = k;
           p.state.scan[kScanBad + 3] = static_cast<int32_t>(e < INT32_MIN ? INT32_MIN : e > INT32_MAX ? INT32_MAX : e);
         }
-        continue;
+        return -1;
       }
-      const int dest = static_cast<int>(e) / experts_per_rank;
-      if (!rank_live(w, dest)) continue;  // masked: as if -1
-      mask |= 1ull << dest;
-      bool first = true;
-      for (int j = 0; j < k && first; ++j) first = ids[j] != e;
-      if (first) atomicAdd(&count[e], 1);
-    }
-    p.handle.token_mask[t] = mask;
+      const int dest = expert_rank(e, experts_per_rank);
+      return rank_live(w, dest) ? dest : -1;
+    };
+    p.handle.token_mask[t] = route_token(
+        p.topk, [&](int k) { return ids[k]; }, rank_of, [&](int64_t e) { atomicAdd(&count[e], 1); });
   }
   __syncthreads();
   for (int e = threadIdx.x; e < E; e += kScanThreads)
