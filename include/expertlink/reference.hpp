@@ -187,24 +187,33 @@ std::vector<HtDispatchOutput> ht_dispatch(const HtDispatchParams& params,
 std::vector<TokenRows> ht_dispatch_cached(const std::vector<HtHandle>& handles,
                                           const std::vector<TokenRows>& x);
 
-// Combine: rank d passes its N_d expert-output rows (row i belongs to received row i), optionally the
-// received top-k weights to reduce, and optionally up to two biases of its own T_d tokens.
+// Combine: rank d passes its N_d expert-output rows (row i belongs to received row i), the received top-k
+// weights when they are to be summed, and optionally up to two biases of its own T_d tokens.
 struct HtCombineInput {
   std::vector<uint16_t> x;             // BF16 [N_d, H]
-  std::vector<float> topk_weights;     // [N_d, K] or empty (all ranks alike)
+  std::vector<float> topk_weights;     // [N_d, K] with sum_topk_weights, else empty
   std::vector<uint16_t> bias0, bias1;  // BF16 [T_d, H] or empty
 };
 
 struct HtCombineOutput {            // one source rank s
   std::vector<uint16_t> x;          // BF16 [T_s, H]
-  std::vector<float> topk_weights;  // [T_s, K] (empty when no weights were passed)
+  std::vector<float> topk_weights;  // [T_s, K] with sum_topk_weights, else empty
 };
 
 // out_s[t][h] = float_to_bf16(acc), with acc a float32 that starts at 0, adds float(y_d[row][h]) for every
 // received row of (s, t), receiving rank d ascending, then adds bias0[t][h], then bias1[t][h]. A token that
-// went nowhere gives the biases (or zeros). topk_weights out [t][k] = float32 sum, same order, of the rows'
-// weights [k]: as each expert lives on one rank, this restores the original weight of every valid slot
-// (and gives 0 for -1 slots). GPU kernels may sum in another order: compare with a tolerance.
+// went nowhere gives the biases (or zeros). With sum_topk_weights (which needs a dispatch with topk_idx),
+// every rank passes its received weights and topk_weights out [t][k] = float32 sum, same order, of the
+// rows' weights [k]: as each expert lives on one rank, this restores the original weight of every valid
+// slot, and gives 0 for -1 slots and for tokens that went nowhere (also where no rank received a row).
+// Without it no rank passes weights and none come out. GPU kernels may sum in another order: compare with
+// a tolerance.
+std::vector<HtCombineOutput> ht_combine_explicit(const std::vector<HtHandle>& handles,
+                                                 const std::vector<HtCombineInput>& inputs, int64_t hidden,
+                                                 bool sum_topk_weights);
+// Shorthand (and the Python binding's form): sum_topk_weights = some rank passes topk_weights. Where no
+// rank received a row, every rank's weights are empty, so that group gets no weights out: callers that
+// want the [T_s, K] zeros there say so with ht_combine_explicit.
 std::vector<HtCombineOutput> ht_combine(const std::vector<HtHandle>& handles,
                                         const std::vector<HtCombineInput>& inputs, int64_t hidden);
 

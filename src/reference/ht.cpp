@@ -194,16 +194,17 @@ std::vector<TokenRows> ht_dispatch_cached(const std::vector<HtHandle>& handles,
   return out;
 }
 
-std::vector<HtCombineOutput> ht_combine(const std::vector<HtHandle>& handles,
-                                        const std::vector<HtCombineInput>& inputs, int64_t hidden) {
+std::vector<HtCombineOutput> ht_combine_explicit(const std::vector<HtHandle>& handles,
+                                                 const std::vector<HtCombineInput>& inputs, int64_t hidden,
+                                                 bool sum_topk_weights) {
   check_ht_handles(handles);
   const int num_ranks = static_cast<int>(handles.size());
   EL_CHECK(static_cast<int>(inputs.size()) == num_ranks, "inputs has %lld ranks, expected num_ranks = %d",
            ll(static_cast<int64_t>(inputs.size())), num_ranks);
   EL_CHECK(hidden > 0, "hidden = %lld is not positive", ll(hidden));
   const int topk = handles[0].topk;
-  bool has_weights = false;
-  for (const HtCombineInput& in : inputs) has_weights = has_weights || !in.topk_weights.empty();
+  EL_CHECK(!sum_topk_weights || topk > 0,
+           "topk_weights to sum (sum_topk_weights), but the dispatch had no topk_idx (handle topk = 0)");
   for (int r = 0; r < num_ranks; ++r) {
     const HtCombineInput& in = inputs[r];
     const HtHandle& h = handles[r];
@@ -211,12 +212,14 @@ std::vector<HtCombineOutput> ht_combine(const std::vector<HtHandle>& handles,
     EL_CHECK(static_cast<int64_t>(in.x.size()) == h.num_recv() * hidden,
              "rank %d: x has %lld elements, expected num_recv * hidden = %lld * %lld", r,
              ll(static_cast<int64_t>(in.x.size())), ll(h.num_recv()), ll(hidden));
-    if (has_weights) {
-      EL_CHECK(topk > 0, "rank %d: topk_weights given, but the dispatch had no topk_idx (handle topk = 0)",
-               r);
+    if (sum_topk_weights) {
       EL_CHECK(static_cast<int64_t>(in.topk_weights.size()) == h.num_recv() * topk,
                "rank %d: topk_weights has %lld elements, expected num_recv * topk = %lld * %d", r,
                ll(static_cast<int64_t>(in.topk_weights.size())), ll(h.num_recv()), topk);
+    } else {
+      EL_CHECK(in.topk_weights.empty(),
+               "rank %d: topk_weights has %lld elements, but sum_topk_weights is off", r,
+               ll(static_cast<int64_t>(in.topk_weights.size())));
     }
     for (const auto* bias : {&in.bias0, &in.bias1}) {
       EL_CHECK(bias->empty() || static_cast<int64_t>(bias->size()) == h.num_tokens * hidden,
@@ -230,7 +233,8 @@ std::vector<HtCombineOutput> ht_combine(const std::vector<HtHandle>& handles,
   std::vector<HtCombineOutput> outputs(static_cast<size_t>(num_ranks));
   for (int s = 0; s < num_ranks; ++s) {
     acc[s].assign(static_cast<size_t>(handles[s].num_tokens * hidden), 0.0f);
-    if (has_weights) outputs[s].topk_weights.assign(static_cast<size_t>(handles[s].num_tokens * topk), 0.0f);
+    if (sum_topk_weights)
+      outputs[s].topk_weights.assign(static_cast<size_t>(handles[s].num_tokens * topk), 0.0f);
   }
   // Receiving rank ascending: each token meets its rows in that order (at most one row per rank).
   for (int d = 0; d < num_ranks; ++d) {
@@ -241,7 +245,7 @@ std::vector<HtCombineOutput> ht_combine(const std::vector<HtHandle>& handles,
       float* dst = &acc[s][t * hidden];
       const uint16_t* y = &inputs[d].x[i * hidden];
       for (int64_t c = 0; c < hidden; ++c) dst[c] += bf16_to_float(y[c]);
-      if (has_weights)
+      if (sum_topk_weights)
         for (int k = 0; k < topk; ++k)
           outputs[s].topk_weights[t * topk + k] += inputs[d].topk_weights[i * topk + k];
     }
@@ -255,6 +259,13 @@ std::vector<HtCombineOutput> ht_combine(const std::vector<HtHandle>& handles,
     for (size_t i = 0; i < acc[s].size(); ++i) outputs[s].x[i] = float_to_bf16(acc[s][i]);
   }
   return outputs;
+}
+
+std::vector<HtCombineOutput> ht_combine(const std::vector<HtHandle>& handles,
+                                        const std::vector<HtCombineInput>& inputs, int64_t hidden) {
+  bool some_weights = false;
+  for (const HtCombineInput& in : inputs) some_weights = some_weights || !in.topk_weights.empty();
+  return ht_combine_explicit(handles, inputs, hidden, some_weights);
 }
 
 }  // namespace expertlink::reference

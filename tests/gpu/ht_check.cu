@@ -195,7 +195,7 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   }
   std::vector<ref::HtHandle> handles;
   for (auto& w : want) handles.push_back(w.handle);
-  auto want_comb = ref::ht_combine(handles, cins, H);
+  auto want_comb = ref::ht_combine_explicit(handles, cins, H, /*sum_topk_weights=*/true);
   // In capacity sizing the expert outputs have the capacity's rows (only the first N are read).
   DeviceArray<uint16_t> y(size_t(rows) * H), b0(all[me].bias0), b1(all[me].bias1);
   y.poison();
@@ -226,7 +226,7 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
     GPU_EXPECT(std::fabs(g - w) <= 1e-2f * std::fabs(w) + 1e-3f, "[%s] combined_x[%lld][%lld]: expected %g, got %g", c.name,
                (long long)(i / H), (long long)(i % H), w, g);
   }
-  const std::vector<float> want_cw = want_combined_weights(want_comb[me], T, K);
+  const std::vector<float>& want_cw = want_comb[me].topk_weights;
   for (int64_t i = 0; i < int64_t(T) * K; ++i)
     GPU_EXPECT(std::fabs(got_cw[i] - want_cw[i]) <= 1e-6f, "[%s] combined_topk_weights[%lld][%lld]: expected %g, got %g",
                c.name, (long long)(i / K), (long long)(i % K), want_cw[i], got_cw[i]);

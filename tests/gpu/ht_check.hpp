@@ -47,12 +47,6 @@ int64_t first_diff(const std::vector<A>& got, const std::vector<B>& want, size_t
   return -1;
 }
 
-// One rank's expected combined top-k weights, [T, K]. Where no rank received a row (every slot -1) the
-// oracle has no weights to sum and returns none; the kernels' sums over nothing are 0.
-inline std::vector<float> want_combined_weights(const ref::HtCombineOutput& want, int64_t T, int K) {
-  return want.topk_weights.empty() ? std::vector<float>(size_t(T) * K, 0.f) : want.topk_weights;
-}
-
 // T of `rank` in case `c`: c.tokens, 3 more on odd ranks, none on c.zero_tokens_rank.
 int tokens_of(const HtCase& c, int rank);
 

@@ -193,7 +193,7 @@ int run_round(const RankContext& ctx, Buffer& buffer, const InterCase& c, uint64
     cins[d].bias1 = bias1[d];
     handles.push_back(want[d].handle);
   }
-  const auto want_comb = ref::ht_combine(handles, cins, H);
+  const auto want_comb = ref::ht_combine_explicit(handles, cins, H, /*sum_topk_weights=*/true);
   DeviceArray<uint16_t> y(size_t(rows) * H), b0(bias0[me]), b1(bias1[me]);
   y.poison();
   y.upload(cins[me].x);
@@ -223,7 +223,7 @@ int run_round(const RankContext& ctx, Buffer& buffer, const InterCase& c, uint64
                "[%s] combined_x[%lld][%lld]: expected bits 0x%04x (%g), got 0x%04x (%g): one GPU per node must sum "
                "in the oracle's order", c.name, (long long)(i / H), (long long)(i % H), want_comb[me].x[i], w, got_c[i], g);
   }
-  const std::vector<float> want_cw = htt::want_combined_weights(want_comb[me], T, K);
+  const std::vector<float>& want_cw = want_comb[me].topk_weights;
   for (int64_t i = 0; i < int64_t(T) * K; ++i)
     GPU_EXPECT(combine_bitwise ? std::memcmp(&got_cw[i], &want_cw[i], 4) == 0 : std::fabs(got_cw[i] - want_cw[i]) <= 1e-6f,
                "[%s] combined_topk_weights[%lld][%lld]: expected %g, got %g", c.name, (long long)(i / K),

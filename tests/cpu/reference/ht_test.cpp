@@ -79,6 +79,18 @@ HtDispatchParams params(int num_experts, int topk, int alignment = 1) {
   return {num_experts, topk, alignment};
 }
 
+// The same rows with no topk_idx: routed by is_token_in_rank alone, as `routed` (a dispatch of them) sent
+// them.
+std::vector<HtDispatchInput> routed_by_in_rank(const std::vector<HtDispatchInput>& in,
+                                               const std::vector<HtDispatchOutput>& routed) {
+  std::vector<HtDispatchInput> bare(in.size());
+  for (size_t r = 0; r < in.size(); ++r) {
+    bare[r].x = in[r].x;
+    bare[r].is_token_in_rank = routed[r].handle.is_token_in_rank;
+  }
+  return bare;
+}
+
 TEST(HtDispatch, ContractHoldsOnOneTwoThreeFourAndEightRanks) {
   for (int num_ranks : {1, 2, 3, 4, 8}) {
     std::vector<int64_t> tokens;
@@ -230,11 +242,7 @@ TEST(HtDispatch, OrderingIsDeterministicAcrossRuns) {
 TEST(HtDispatch, RoutingFromIsTokenInRankAloneAndContradictionRejected) {
   auto in = testing::ht_inputs(tokens_of({10, 12}), 128, 2, 4, 4);
   const auto with_topk = ht_dispatch(params(4, 2), in);
-  std::vector<HtDispatchInput> bare(2);
-  for (int r = 0; r < 2; ++r) {
-    bare[r].x = in[r].x;
-    bare[r].is_token_in_rank = with_topk[r].handle.is_token_in_rank;
-  }
+  auto bare = routed_by_in_rank(in, with_topk);
   const auto out = ht_dispatch(params(4, 0), bare);
   for (int d = 0; d < 2; ++d) {
     EXPECT_EQ(out[d].x.bf16, with_topk[d].x.bf16);
@@ -308,7 +316,7 @@ TEST(HtCombine, CombineOfDispatchIsXTimesDistinctDestinationRanks) {
     // Small integers: x times at most 8 ranks stays exact in BF16, so the check is exact.
     const auto in = testing::ht_inputs(tokens, 384, 5, experts, 100 + num_ranks, true, Routing::kUniform, 12);
     const auto out = ht_dispatch(params(experts, 5), in);
-    const auto comb = ht_combine(handles_of(out), identity_combine_inputs(out), 384);
+    const auto comb = ht_combine_explicit(handles_of(out), identity_combine_inputs(out), 384, true);
     for (int s = 0; s < num_ranks; ++s) {
       std::vector<uint16_t> want(static_cast<size_t>(tokens[s] * 384));
       for (int64_t t = 0; t < tokens[s]; ++t) {
@@ -326,7 +334,7 @@ TEST(HtCombine, CombineOfDispatchIsXTimesDistinctDestinationRanks) {
 TEST(HtCombine, ReducedTopkWeightsRestoreTheOriginalsOfValidSlots) {
   const auto in = testing::ht_inputs(tokens_of({40, 33, 27}), 128, 7, 21, 61, false, Routing::kSkewed, 15);
   const auto out = ht_dispatch(params(21, 7), in);
-  const auto comb = ht_combine(handles_of(out), identity_combine_inputs(out), 128);
+  const auto comb = ht_combine_explicit(handles_of(out), identity_combine_inputs(out), 128, true);
   for (int s = 0; s < 3; ++s) {
     std::vector<float> want = in[s].topk_weights;
     for (size_t i = 0; i < want.size(); ++i)
@@ -346,7 +354,7 @@ TEST(HtCombine, FloatSumInRankOrderPlusBiasesRoundedOnceMatchesRecomputation) {
     cin[s].bias0 = workload::make_bf16(static_cast<size_t>(in[s].x.rows * 256), 900, s);
     if (s % 2 == 0) cin[s].bias1 = workload::make_bf16(static_cast<size_t>(in[s].x.rows * 256), 901, s);
   }
-  const auto comb = ht_combine(handles_of(out), cin, 256);
+  const auto comb = ht_combine_explicit(handles_of(out), cin, 256, true);
   for (int s = 0; s < 4; ++s) {
     std::vector<uint16_t> want(static_cast<size_t>(in[s].x.rows * 256));
     for (int64_t t = 0; t < in[s].x.rows; ++t) {
@@ -370,10 +378,11 @@ TEST(HtCombine, TokenThatWentNowhereGetsBiasOrZeros) {
   in[0].topk_idx[2] = in[0].topk_idx[3] = -1;  // token 1 of rank 0
   const auto out = ht_dispatch(params(4, 2), in);
   auto cin = identity_combine_inputs(out);
-  auto comb = ht_combine(handles_of(out), cin, 128);
+  auto comb = ht_combine_explicit(handles_of(out), cin, 128, true);
   for (int64_t c = 0; c < 128; ++c) EXPECT_EQ(comb[0].x[128 + c], 0) << "column " << c;
+  for (int k = 0; k < 2; ++k) EXPECT_EQ(comb[0].topk_weights[2 + k], 0.0f) << "slot " << k;
   cin[0].bias0 = testing::small_int_bf16(3 * 128, 4);
-  comb = ht_combine(handles_of(out), cin, 128);
+  comb = ht_combine_explicit(handles_of(out), cin, 128, true);
   for (int64_t c = 0; c < 128; ++c) EXPECT_EQ(comb[0].x[128 + c], cin[0].bias0[128 + c]) << "column " << c;
 }
 
@@ -382,17 +391,80 @@ TEST(HtCombine, ShapeMismatchesRejectedNamingRankAndArgument) {
   const auto out = ht_dispatch(params(4, 2), in);
   auto cin = identity_combine_inputs(out);
   cin[1].x.pop_back();
-  EXPECT_TRUE(throws_with([&] { ht_combine(handles_of(out), cin, 128); }, {"rank 1: x has"}));
+  EXPECT_TRUE(throws_with([&] { ht_combine_explicit(handles_of(out), cin, 128, true); }, {"rank 1: x has"}));
   cin = identity_combine_inputs(out);
   cin[0].bias1.assign(10, 0);
-  EXPECT_TRUE(throws_with([&] { ht_combine(handles_of(out), cin, 128); }, {"rank 0: bias1 has 10 elements"}));
+  EXPECT_TRUE(throws_with([&] { ht_combine_explicit(handles_of(out), cin, 128, true); },
+                          {"rank 0: bias1 has 10 elements"}));
   cin = identity_combine_inputs(out);
   cin[0].topk_weights.pop_back();
+  EXPECT_TRUE(throws_with([&] { ht_combine_explicit(handles_of(out), cin, 128, true); },
+                          {"rank 0: topk_weights has"}));
   EXPECT_TRUE(throws_with([&] { ht_combine(handles_of(out), cin, 128); }, {"rank 0: topk_weights has"}));
   auto handles = handles_of(out);
   std::swap(handles[0], handles[1]);
-  EXPECT_TRUE(throws_with([&] { ht_combine(handles, identity_combine_inputs(out), 128); },
+  EXPECT_TRUE(throws_with([&] { ht_combine_explicit(handles, identity_combine_inputs(out), 128, true); },
                           {"handles[0] has rank = 1"}));
+}
+
+TEST(HtCombine, SummedWeightsAreZerosWhereNoRankReceivedARow) {
+  // Every slot -1: no rank receives a row, so every rank's received weights are [0, K] (empty).
+  const auto in = testing::ht_inputs(tokens_of({4, 0, 7}), 128, 3, 6, 8, false, Routing::kUniform, 11 * 3);
+  const auto out = ht_dispatch(params(6, 3), in);
+  for (const auto& o : out) ASSERT_EQ(o.handle.num_recv(), 0);
+  const auto cin = identity_combine_inputs(out);
+  const auto summed = ht_combine_explicit(handles_of(out), cin, 128, true);
+  const auto shorthand = ht_combine(handles_of(out), cin, 128);
+  for (int s = 0; s < 3; ++s) {
+    const std::vector<float> zeros(static_cast<size_t>(in[s].x.rows * 3), 0.0f);
+    EXPECT_TRUE(testing::same_elements(zeros, summed[s].topk_weights, 3)) << "source rank " << s;
+    EXPECT_TRUE(testing::same_elements(summed[s].x, shorthand[s].x, 128)) << "source rank " << s;
+    // The shorthand decides from the (all empty) inputs: no weights out.
+    EXPECT_TRUE(shorthand[s].topk_weights.empty()) << "source rank " << s;
+  }
+}
+
+TEST(HtCombine, WeightsFlagOffGivesNoWeightsAndRejectsGivenOnes) {
+  const auto in = testing::ht_inputs(tokens_of({9, 5}), 128, 4, 8, 12);
+  const auto out = ht_dispatch(params(8, 4), in);
+  auto cin = identity_combine_inputs(out);
+  const auto summed = ht_combine_explicit(handles_of(out), cin, 128, true);
+  EXPECT_TRUE(throws_with([&] { ht_combine_explicit(handles_of(out), cin, 128, false); },
+                          {"rank 0: topk_weights has", "sum_topk_weights is off"}));
+  for (auto& c : cin) c.topk_weights.clear();
+  const auto plain = ht_combine_explicit(handles_of(out), cin, 128, false);
+  EXPECT_TRUE(throws_with([&] { ht_combine_explicit(handles_of(out), cin, 128, true); },
+                          {"rank 0: topk_weights has 0 elements"}));
+  for (int s = 0; s < 2; ++s) {
+    EXPECT_TRUE(plain[s].topk_weights.empty()) << "source rank " << s;
+    EXPECT_TRUE(testing::same_elements(summed[s].x, plain[s].x, 128)) << "source rank " << s;
+  }
+}
+
+TEST(HtCombine, ShorthandSumsWeightsExactlyWhenSomeRankPassesThem) {
+  const auto in = testing::ht_inputs(tokens_of({13, 8, 10}), 128, 3, 9, 14);
+  const auto out = ht_dispatch(params(9, 3), in);
+  auto cin = identity_combine_inputs(out);
+  auto explicit_on = ht_combine_explicit(handles_of(out), cin, 128, true);
+  auto shorthand = ht_combine(handles_of(out), cin, 128);
+  for (int s = 0; s < 3; ++s) {
+    EXPECT_TRUE(testing::same_elements(explicit_on[s].x, shorthand[s].x, 128)) << "source rank " << s;
+    EXPECT_TRUE(testing::same_elements(explicit_on[s].topk_weights, shorthand[s].topk_weights, 3))
+        << "source rank " << s;
+  }
+  for (auto& c : cin) c.topk_weights.clear();
+  shorthand = ht_combine(handles_of(out), cin, 128);
+  for (int s = 0; s < 3; ++s) EXPECT_TRUE(shorthand[s].topk_weights.empty()) << "source rank " << s;
+}
+
+TEST(HtCombine, SummingWeightsNeedsADispatchWithTopkIdx) {
+  const auto in = testing::ht_inputs(tokens_of({6, 4}), 128, 2, 4, 15);
+  const auto out = ht_dispatch(params(4, 0), routed_by_in_rank(in, ht_dispatch(params(4, 2), in)));
+  const auto cin = identity_combine_inputs(out);
+  EXPECT_TRUE(throws_with([&] { ht_combine_explicit(handles_of(out), cin, 128, true); },
+                          {"sum_topk_weights", "handle topk = 0"}));
+  const auto plain = ht_combine_explicit(handles_of(out), cin, 128, false);
+  for (int s = 0; s < 2; ++s) EXPECT_TRUE(plain[s].topk_weights.empty()) << "source rank " << s;
 }
 
 TEST(HtDispatchCached, SameRowsAsTheOriginalDispatchAndIsCombinesAdjoint) {
