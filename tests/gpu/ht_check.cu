@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 
 namespace expertlink::test::htt {
 namespace {
@@ -33,11 +34,13 @@ std::vector<RankInputs> make_inputs(const HtCase& c, int R, uint64_t seed) {
 
 }  // namespace
 
-int tokens_of(const HtCase& c, int rank) { return rank == c.zero_tokens_rank ? 0 : c.tokens + (rank % 2) * 3; }
+int tokens_of(const HtCase& c, int rank) {
+  return rank == c.zero_tokens_rank ? 0 : c.tokens + (rank % c.uneven_period) * c.uneven_step;
+}
 
 // One notify + dispatch + (cached dispatch) + combine round, checked. Returns 0 on success.
 int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle& handle, uint64_t seed,
-              cudaStream_t stream, bool also_cached) {
+              cudaStream_t stream, bool also_cached, RoundStats* stats) {
   const int R = ctx.num_ranks, me = ctx.rank, H = c.hidden, K = c.topk;
   auto all = make_inputs(c, R, seed);
   // With a masked rank the oracle runs as if that rank had no tokens and picks of its experts were -1
@@ -86,7 +89,11 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
 
   const int64_t capacity = c.sizing == Sizing::kExact ? N : N + 17;
   buffer.ht_notify(args, handle, c.sizing, capacity, stream);
-  if (c.sizing == Sizing::kExact) GPU_EXPECT(handle.num_recv_tokens() == N, "num_recv %lld, oracle %lld", (long long)handle.num_recv_tokens(), (long long)N);
+  // N is on the host right after notify with exact sizing, and on the internode path whatever the sizing
+  // (its notify syncs the host once); else once the stream has passed the notify (checked below).
+  if (c.sizing == Sizing::kExact || buffer.num_nodes() > 1)
+    GPU_EXPECT(handle.num_recv_tokens() == N, "[%s] num_recv %lld, oracle %lld", c.name,
+               (long long)handle.num_recv_tokens(), (long long)N);
 
   const int64_t rows = std::max<int64_t>(capacity, 1);
   const int scale_cols = c.fmt == Fmt::kFp8 ? H / 128 : (H + 511) / 512;
@@ -110,6 +117,8 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   buffer.ht_dispatch(args, handle, out, stream);
   buffer.synchronize(stream);
   handle.check_capacity();
+  GPU_EXPECT(handle.num_recv_tokens() == N, "[%s] num_recv %lld after the stream, oracle %lld", c.name,
+             (long long)handle.num_recv_tokens(), (long long)N);
 
   // ---- dispatch, bitwise ----
   auto got_x = rx.download(N * row_bytes);
@@ -141,8 +150,9 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
     for (int64_t i = 0; i < N * K; ++i) {
       GPU_EXPECT(got_idx[i] == mine_ref.topk_idx[i], "[%s] recv_topk_idx[%lld][%lld]: expected %lld, got %lld", c.name,
                  (long long)(i / K), (long long)(i % K), (long long)mine_ref.topk_idx[i], (long long)got_idx[i]);
-      GPU_EXPECT(got_w[i] == mine_ref.topk_weights[i], "[%s] recv_topk_weights[%lld][%lld]: expected %g, got %g", c.name,
-                 (long long)(i / K), (long long)(i % K), mine_ref.topk_weights[i], got_w[i]);
+      GPU_EXPECT(std::memcmp(&got_w[i], &mine_ref.topk_weights[i], 4) == 0,
+                 "[%s] recv_topk_weights[%lld][%lld]: expected %g, got %g", c.name, (long long)(i / K),
+                 (long long)(i % K), mine_ref.topk_weights[i], got_w[i]);
     }
     DeviceArray<int32_t> src_tok_copy(0);
     std::vector<int32_t> got_src(N);
@@ -150,6 +160,11 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
     for (int64_t i = 0; i < N; ++i)
       GPU_EXPECT(got_src[i] == mine_ref.handle.recv_src_token[i], "[%s] recv_src_token[%lld]: expected %d, got %d", c.name,
                  (long long)i, mine_ref.handle.recv_src_token[i], got_src[i]);
+    std::vector<int32_t> got_prefix(R + 1);
+    cudaMemcpy(got_prefix.data(), handle.rank_prefix(), (R + 1) * 4, cudaMemcpyDeviceToHost);
+    for (int s = 0; s <= R; ++s)
+      GPU_EXPECT(got_prefix[s] == mine_ref.handle.rank_prefix[s], "[%s] rank_prefix[%d]: expected %d, got %d", c.name,
+                 s, mine_ref.handle.rank_prefix[s], got_prefix[s]);
     auto got_count = rcount.download();
     auto host_count = handle.num_recv_tokens_per_expert();
     for (int j = 0; j < E_local; ++j) {
@@ -221,17 +236,21 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   auto got_cw = comb_w.download();
   int64_t inexact = 0;
   for (int64_t i = 0; i < int64_t(T) * H; ++i) {
-    float g = ref::bf16_to_float(got_c[i]), w = ref::bf16_to_float(want_comb[me].x[i]);
+    const float g = ref::bf16_to_float(got_c[i]), w = ref::bf16_to_float(want_comb[me].x[i]);
     if (got_c[i] != want_comb[me].x[i]) ++inexact;
-    GPU_EXPECT(std::fabs(g - w) <= 1e-2f * std::fabs(w) + 1e-3f, "[%s] combined_x[%lld][%lld]: expected %g, got %g", c.name,
+    GPU_EXPECT(std::fabs(g - w) <= 2e-2f * std::fabs(w) + 2e-2f, "[%s] combined_x[%lld][%lld]: expected %g, got %g", c.name,
                (long long)(i / H), (long long)(i % H), w, g);
+    GPU_EXPECT(!c.combine_bitwise || got_c[i] == want_comb[me].x[i],
+               "[%s] combined_x[%lld][%lld]: expected bits 0x%04x (%g), got 0x%04x (%g): the kernels must sum in the "
+               "oracle's order", c.name, (long long)(i / H), (long long)(i % H), want_comb[me].x[i], w, got_c[i], g);
   }
+  // Each slot's weight comes from the one rank of its expert (the others add 0): its sum is exact.
   const std::vector<float>& want_cw = want_comb[me].topk_weights;
   for (int64_t i = 0; i < int64_t(T) * K; ++i)
-    GPU_EXPECT(std::fabs(got_cw[i] - want_cw[i]) <= 1e-6f, "[%s] combined_topk_weights[%lld][%lld]: expected %g, got %g",
-               c.name, (long long)(i / K), (long long)(i % K), want_cw[i], got_cw[i]);
-  GPU_EXPECT(inexact == 0, "[%s] combine: %lld of %lld values within tolerance but not bitwise equal to the oracle's "
-             "(same summation order expected)", c.name, (long long)inexact, (long long)T * H);
+    GPU_EXPECT(c.combine_bitwise ? std::memcmp(&got_cw[i], &want_cw[i], 4) == 0 : std::fabs(got_cw[i] - want_cw[i]) <= 1e-6f,
+               "[%s] combined_topk_weights[%lld][%lld]: expected %g, got %g", c.name, (long long)(i / K),
+               (long long)(i % K), want_cw[i], got_cw[i]);
+  if (stats != nullptr) *stats = RoundStats{T, N, inexact};
   return 0;
 }
 

@@ -1,7 +1,8 @@
-// Machinery of the HT GPU tests (ht_test.cu, reliability_test.cu): every rank builds every rank's inputs
-// from a seed shared by the run, runs the CPU oracle for the whole group and checks its own outputs of one
-// notify + dispatch (+ cached dispatch) + combine round: dispatch bitwise (it is a copy), combine bitwise
-// too (the kernels sum in the oracle's order) after a float-tolerance check that reports the first value off.
+// Machinery of the HT GPU tests (ht_test.cu, reliability_*_test.cu, masking_test.cu, internode_test.cu):
+// every rank builds every rank's inputs from a seed shared by the run, runs the CPU oracle for the whole
+// group and checks its own outputs of one notify + dispatch (+ cached dispatch) + combine round: dispatch
+// bitwise (it is a copy), combine within a float tolerance and, where the kernels sum in the oracle's order
+// (combine_bitwise), bitwise too; each check reports the first value off.
 #pragma once
 
 #include <cstdint>
@@ -35,6 +36,18 @@ struct HtCase {
   int dead_rank = -1;         // masked (Buffer::mask_rank): the oracle runs without its tokens and picks
   bool with_bias = true;
   int num_sms = 0;
+  // Token counts differ across ranks: rank r has tokens + (r % uneven_period) * uneven_step.
+  int uneven_period = 2, uneven_step = 3;
+  // The kernels sum combine in the oracle's order (intranode; internode with one GPU per node). Off: only
+  // within the tolerance (internode with several GPUs per node sums in another order).
+  bool combine_bitwise = true;
+};
+
+// What a checked round saw, for the caller's log.
+struct RoundStats {
+  int64_t tokens = 0;           // T of this rank
+  int64_t num_recv = 0;         // N, rows received
+  int64_t combine_inexact = 0;  // combined values within the tolerance but not bitwise equal
 };
 
 inline DType x_dtype(Fmt f) { return f == Fmt::kBf16 ? DType::kBF16 : DType::kFP8E4M3; }
@@ -47,11 +60,12 @@ int64_t first_diff(const std::vector<A>& got, const std::vector<B>& want, size_t
   return -1;
 }
 
-// T of `rank` in case `c`: c.tokens, 3 more on odd ranks, none on c.zero_tokens_rank.
+// T of `rank` in case `c`: c.tokens + (rank % c.uneven_period) * c.uneven_step (3 more on odd ranks by
+// default), none on c.zero_tokens_rank.
 int tokens_of(const HtCase& c, int rank);
 
 // One notify + dispatch + (cached dispatch) + combine round, checked. Returns 0 on success.
 int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle& handle, uint64_t seed,
-              cudaStream_t stream, bool also_cached);
+              cudaStream_t stream, bool also_cached, RoundStats* stats = nullptr);
 
 }  // namespace expertlink::test::htt
