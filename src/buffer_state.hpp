@@ -25,6 +25,20 @@ struct Buffer::State {
   int device_sms = 0;
   kernels::HtState ht{};  // device-local round counters of the HT kernels
   LlState ll;
+  // StreamOrder::use_comm_stream's stream, and the event that hands work between it and the caller's
+  // stream (re-recorded per call: a wait takes the record current when it is enqueued). Both made on
+  // first use (src/stream_order.cpp).
+  struct CommStream {
+    cudaStream_t stream = nullptr;
+    cudaEvent_t handoff = nullptr;
+    CommStream() = default;
+    CommStream(const CommStream&) = delete;
+    CommStream& operator=(const CommStream&) = delete;
+    ~CommStream() {
+      if (handoff) cudaEventDestroy(handoff);
+      if (stream) cudaStreamDestroy(stream);
+    }
+  } comm_stream;
 
   State(const Communicator& c, RuntimeOptions o) : comm(c), options(o) {}
 };

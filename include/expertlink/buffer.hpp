@@ -1,6 +1,7 @@
 // The Buffer: one symmetric (NVLink-visible) window per rank, and the MoE dispatch/combine operations on
 // it. Lifecycle as CUB/CUTLASS: size_hint -> construct (collective) -> run calls, stream-ordered on the
-// caller's stream; nothing on the hot path allocates or synchronizes unless its name says so.
+// caller's stream (or under a StreamOrder: a comm stream, a previous event, an async completion Event);
+// nothing on the hot path allocates or synchronizes unless its name says so.
 //
 // High-throughput (HT) path, intranode:
 //   get_dispatch_layout   counts per rank / expert and is_token_in_rank from topk_idx
@@ -68,6 +69,68 @@ struct HtCombineOutputs {
 };
 
 enum class Sizing { kExact, kCapacity };
+
+class Buffer;
+
+// DeepEP's stream semantics for the calls that take it instead of a cudaStream_t (Python front end:
+// python/expertlink/deep_ep.py does the same with torch streams).
+//   - The call runs on the Buffer's own comm stream when use_comm_stream (created on first use, a
+//     non-blocking stream of the buffer's device), else on `stream`.
+//   - It first waits for previous_event when one is given; else, on the comm stream, for the work queued
+//     on `stream` so far (so inputs produced there are ready).
+//   - On the comm stream without async_finish, `stream` waits for the call's completion before the call
+//     returns: work queued on `stream` afterwards is ordered after it. With async_finish the call returns
+//     an Event and the caller orders later work by it (Event::wait / synchronize).
+// Lifetimes are the caller's: tensors a call reads or writes on the comm stream must stay allocated
+// until its completion (the Event, or `stream` without async_finish); a caching allocator that frees on
+// `stream` does not know about the comm stream (torch's record_stream is the Python side's answer).
+// Refused (kInvalidArgument, before anything is enqueued): `stream` of another device, and
+// use_comm_stream while `stream` is capturing a CUDA graph (the comm stream is outside the capture).
+struct StreamOrder {
+  cudaStream_t stream = nullptr;  // the caller's compute stream
+  cudaEvent_t previous_event = nullptr;
+  bool use_comm_stream = false;
+  bool async_finish = false;
+};
+
+// Completion of one StreamOrder call: a timing-free CUDA event recorded after the call's work on the
+// stream it ran on. Valid only when the call asked for async_finish (the default path creates no event:
+// nothing on the hot path allocates). Move-only; destroying it never waits.
+class Event {
+ public:
+  Event() = default;
+  ~Event();
+  Event(Event&& other) noexcept;
+  Event& operator=(Event&& other) noexcept;
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+
+  bool valid() const { return event_ != nullptr; }
+  cudaEvent_t get() const { return event_; }
+  // Work queued on `stream` after this waits for the call (stream-ordered, no host wait).
+  void wait(cudaStream_t stream) const;
+  // Host wait, bounded by the Buffer's timeout; raises a device-side failure (timeout naming the peer)
+  // or a host timeout as an Error. The Buffer that made the event must still exist. Refused for an event
+  // recorded under CUDA-graph capture (wait on it from a stream of the capture instead).
+  void synchronize() const;
+
+ private:
+  friend class Buffer;
+  Event(cudaEvent_t event, Buffer* buffer, int device, bool captured)
+      : event_(event), buffer_(buffer), device_(device), captured_(captured) {}
+  cudaEvent_t event_ = nullptr;
+  Buffer* buffer_ = nullptr;
+  int device_ = 0;
+  bool captured_ = false;
+};
+
+// A StreamOrder LL call's receive hook (as the cudaStream_t overloads return it) and completion event.
+// In split mode the event covers the send half only: order the hook's stream after it (Event::wait, or
+// `stream` itself without async_finish) before calling the hook.
+struct LlOrdered {
+  LlRecvHook hook;
+  Event event;
+};
 
 // Where the rows of one HT dispatch came from and went. Owns device memory (reused across notifies when
 // large enough); move-only. Valid for the Buffer that filled it.
@@ -138,6 +201,19 @@ class Buffer {
   void ht_combine(const HtCombineArgs& args, const HtHandle& handle, const HtCombineOutputs& out,
                   cudaStream_t stream);
 
+  // The same four calls under StreamOrder (DeepEP's previous_event and async_finish; DeepEP's calls always
+  // run on its comm stream: use_comm_stream = true). ht_notify with Sizing::kExact still waits on the
+  // host, for the stream it ran on.
+  Event get_dispatch_layout(const TensorView& topk_idx, int num_experts, const TensorView& num_tokens_per_rank,
+                            const TensorView& num_tokens_per_expert, const TensorView& is_token_in_rank,
+                            const StreamOrder& order);
+  Event ht_notify(const HtDispatchArgs& args, HtHandle& handle, Sizing sizing, int64_t capacity,
+                  const StreamOrder& order);
+  Event ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtDispatchOutputs& out,
+                    const StreamOrder& order);
+  Event ht_combine(const HtCombineArgs& args, const HtHandle& handle, const HtCombineOutputs& out,
+                   const StreamOrder& order);
+
   // Bounded host wait on `stream`; raises a device-side failure (timeout naming the peer, ranks that
   // disagreed) as an Error.
   void synchronize(cudaStream_t stream);
@@ -175,6 +251,11 @@ class Buffer {
   // Combine along a dispatch's handle (its receive half must have been launched).
   LlRecvHook ll_combine(const LlCombineArgs& args, const LlHandle& handle, const LlCombineOutputs& out,
                         cudaStream_t stream);
+  // Both under StreamOrder (see LlOrdered for split mode).
+  LlOrdered ll_dispatch(const LlDispatchArgs& args, LlHandle& handle, const LlDispatchOutputs& out,
+                        const StreamOrder& order);
+  LlOrdered ll_combine(const LlCombineArgs& args, const LlHandle& handle, const LlCombineOutputs& out,
+                       const StreamOrder& order);
   // BF16 [E_local, R*N, H] device buffer (not symmetric; allocated on first use per parity) that the
   // next ll_combine reads when called with zero_copy: expert outputs written here need no staging.
   TensorView get_next_ll_combine_buffer(const LlHandle& handle);
