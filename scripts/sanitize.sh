@@ -32,7 +32,9 @@ cases=(${SANITIZE_CASES:-
   ll_zero_copy_combine_buffer
   ll_rejects_bad_arguments_naming_them
   reliability_bad_arguments_refused_buffer_still_correct
-  reliability_stress_mixed_ht_ll_one_buffer})
+  reliability_stress_mixed_ht_ll_one_buffer
+  stream_order_ht_comm_stream_async_event_matches_oracle
+  stream_order_ll_comm_stream_fused_async_and_split_joined})
 
 # The tools run side by side (each its own processes on the same GPUs), one case after another per tool.
 run_tool() {
