@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# A/B timing in one device call: the bench on several builds or settings, side by side, same machine.
+# Device time is scarce and cards differ between calls (H100 / H200), so a comparison is only worth
+# making within one call, with the baseline rebuilt and rerun beside the change.
+#
+#   Local:  scripts/gpu_ab.sh prepare BASE_REV [DIR]   DIR (default .snap) = this checkout's HEAD, with
+#           BASE_REV exported into DIR/base and .deps copied in; send DIR with the device call (carry).
+#   Device: cd DIR && scripts/gpu_ab.sh run [el_bench args]
+#           AB_VARIANTS lists what runs, each NAME=TREE[,VAR=VALUE...] with TREE "base" or "cur";
+#           default "base=base cur=cur". Example: AB_VARIANTS="base=base cur=cur bulk=cur,EXPERTLINK_HT_REDUCE=bulk"
+#           AB_CMAKE_ARGS go to both builds, AB_CMAKE_ARGS_CUR to the current tree's only (e.g.
+#           -DEXPERTLINK_HT_MIN_CHUNK=64). Default el_bench args: HT workloads, uniform routing, 24 and 8 SMs.
+# Prints one row per (workload, SMs) and one column (us) per variant; NCCL's baseline runs with the first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+prepare() {
+  local rev=$1 dir=${2:-.snap}
+  rm -rf "$dir" && mkdir -p "$dir/base"
+  git archive HEAD | tar -x -C "$dir"
+  git archive "$rev" | tar -x -C "$dir/base"
+  [ -d .deps ] && cp -r .deps "$dir/"
+  echo "$dir: HEAD $(git rev-parse --short HEAD), base $(git rev-parse --short "$rev")"
+}
+
+build() {  # TREE_DIR BUILD_DIR EXTRA_CMAKE_ARGS
+  local deps=() gen=()
+  [ -d "$PWD/.deps/include" ] && deps=(-DEXPERTLINK_DEPS_DIR="$PWD/.deps")
+  command -v ninja >/dev/null && gen=(-G Ninja)
+  cmake -S "$1" -B "$2" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DEXPERTLINK_BUILD_TESTS=OFF "${deps[@]}" $3 \
+    >"$2.configure.log" 2>&1 &&
+    cmake --build "$2" -j "$(($(nproc) / 2))" --target el_bench >"$2.build.log" 2>&1 ||
+    { echo "build of $1 FAILED:"; tail -20 "$2.build.log" "$2.configure.log"; return 1; }
+}
+
+run() {
+  export NCCL_NVLS_ENABLE=0
+  local args=("$@")
+  [ ${#args[@]} -eq 0 ] && args=(--workloads ht_dispatch_fp8,ht_dispatch_bf16,ht_combine_bf16 --routing uniform --sms 24,8)
+  local variants=(${AB_VARIANTS:-base=base cur=cur})
+  local pids=()
+  [ -d base ] && { build base build-ab-base "${AB_CMAKE_ARGS:-}" & pids+=($!); }
+  build . build-ab-cur "${AB_CMAKE_ARGS:-} ${AB_CMAKE_ARGS_CUR:-}" & pids+=($!)
+  for p in "${pids[@]}"; do wait "$p" || exit 1; done
+  nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | sed 's/^/card: /'
+  local first=1 out=/tmp/gpu_ab
+  rm -rf "$out" && mkdir -p "$out"
+  for v in "${variants[@]}"; do
+    local name=${v%%=*} spec=${v#*=}
+    local tree=${spec%%,*} envs=()
+    [ "$spec" != "$tree" ] && IFS=, read -r -a envs <<<"${spec#*,}"
+    local libs=(--libraries expertlink)
+    [ $first = 1 ] && libs=()  # the NCCL baseline once, with the first variant
+    first=0
+    env "${envs[@]}" timeout 300 "build-ab-$tree/bench/el_bench" "${args[@]}" "${libs[@]}" --no-plot \
+      --out "$out/$name" --commit "ab-$name" >"$out/$name.log" 2>&1 || echo "$name: el_bench failed (see $out/$name.log)"
+    grep -E '^(ht|ll)_' "$out/$name.log" | sort -u | awk -v n="$name" '{print n, $1, $2, $9, $5, $NF}' >>"$out/rows.txt"
+  done
+  python3 - "$out/rows.txt" "${variants[@]%%=*}" <<'EOF'
+import sys
+rows, names = sys.argv[1], sys.argv[2:]
+table = {}
+for line in open(rows):
+    name, workload, lib, sms, us, check = line.split()
+    key = (workload, lib, sms)
+    table.setdefault(key, {})[name] = us + ("" if check == "ok" else " " + check)
+print(f"{'workload':<26}{'lib':<11}{'SMs':>4}" + "".join(f"{n:>14}" for n in names))
+for (workload, lib, sms), by in sorted(table.items()):
+    print(f"{workload:<26}{lib:<11}{sms:>4}" + "".join(f"{by.get(n, '-'):>14}" for n in names))
+EOF
+}
+
+case "${1:-}" in
+  prepare) shift; prepare "$@" ;;
+  run) shift; run "$@" ;;
+  *) sed -n '2,13p' "$0"; exit 2 ;;
+esac
