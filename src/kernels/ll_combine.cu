@@ -173,6 +173,7 @@ __device__ bool combine_send(const LlCombineParams& p, uint64_t n, int64_t gw, i
   WarpSendState ws;
   for (int64_t t = GW - 1 - gw; t < p.num_tokens; t += GW)
     if (!push_weights(p, n, static_cast<int>(t), ws)) return false;
+  ll_stamp(p.trace, kCombSendWeights);
   const int nseg = static_cast<int>((g.hidden / 8 + kLlSegmentVecs - 1) / kLlSegmentVecs);
   const int64_t per_source = static_cast<int64_t>(g.capacity) * nseg;
   const int64_t units = g.num_ranks * per_source;
@@ -182,7 +183,9 @@ __device__ bool combine_send(const LlCombineParams& p, uint64_t n, int64_t gw, i
     const int t = static_cast<int>(r / nseg), q = static_cast<int>(r - static_cast<int64_t>(t) * nseg);
     if (!holder_unit(p, n, s, t, q, ws)) return false;
   }
+  ll_stamp(p.trace, kCombSendUnits);
   flush_flags(ws, n);
+  ll_stamp(p.trace, kCombSendFlushed);
   return true;
 }
 
@@ -241,6 +244,7 @@ __device__ bool combine_recv(const LlCombineParams& p, uint64_t n, int64_t gw, i
     for (int i = 0; i < kLlUnroll; ++i)
       if (first + 32 * i < vecs) out[first + 32 * i] = to_bf16x8(acc[i]);
   }
+  ll_stamp(p.trace, kCombRecvSummed);
   return true;
 }
 
@@ -255,7 +259,9 @@ __global__ void __launch_bounds__(kLlThreads, 1)
   const int64_t gw = static_cast<int64_t>(threadIdx.x / 32) * gridDim.x + blockIdx.x;
   const int64_t GW = static_cast<int64_t>(gridDim.x) * kLlWarps;
   bool ok = true;
+  if (send) ll_stamp(p.trace, kCombSendBegin);
   if (send) ok = combine_send(p, n_send, gw, GW);
+  if (ok && recv) ll_stamp(p.trace, kCombRecvBegin);
   if (ok && recv) ok = combine_recv(p, n_recv, gw, GW);
   if (!ok && (threadIdx.x & 31) == 0) failed = 1;
   __syncthreads();
@@ -270,6 +276,7 @@ __global__ void __launch_bounds__(kLlThreads, 1)
       if (recv) p.st.seq[kLlSeqCombineRecv + p.parity] = n_recv;
     }
   }
+  ll_stamp(p.trace, kCombEnd);
 }
 
 }  // namespace
@@ -279,7 +286,9 @@ int ll_combine_blocks_per_sm() {
 }
 
 void launch_ll_combine(const LlCombineParams& p, int grid, cudaStream_t stream) {
-  ll_launch_cooperative(ll_combine_kernel, p, grid, stream);
+  LlCombineParams q = p;
+  q.trace = ll_trace_arm(LlTraceKind::kCombine, grid, p.phases, stream);
+  ll_launch_cooperative(ll_combine_kernel, q, grid, stream);
 }
 
 }  // namespace expertlink::kernels

@@ -230,6 +230,7 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
   count_picks(e, sh.hist);
   __syncthreads();
   if (*failed) return false;
+  ll_stamp(p.trace, kDispSendLoaded);
 
   if (meta_block) {
     // Tagged words into every receiver: no fence, no flag (ll_protocol.cuh).
@@ -271,13 +272,16 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
     }
     __syncthreads();  // sh is rewritten by the next header
   }
+  ll_stamp(p.trace, kDispSendStored);
   // Publish: every thread's stores before the flags of this range, one per (receiver, token).
   __threadfence_system();
   __syncthreads();
+  ll_stamp(p.trace, kDispSendFenced);
   if (fd >= 0 && rank_live(w, fd)) {
     char* area = ll_area(w.peer_base[fd], g, p.parity);
     for (int t = t0; t < t1; ++t) st_release_sys(ll_dflag(area, g, me, t), n);
   }
+  ll_stamp(p.trace, kDispSendFlagged);
   return true;
 }
 
@@ -349,6 +353,7 @@ __device__ bool dispatch_recv(const LlDispatchParams& p, uint64_t n, RecvShared&
     if (blockIdx.x == 0) p.recv_count[j] = acc;
   }
   __syncthreads();
+  ll_stamp(p.trace, kDispRecvMeta);
 
   // Work units: (message, segment of kLlSegmentVecs vectors of its row), one warp each, spread over the
   // blocks first. A unit waits only for its own message's flag.
@@ -415,7 +420,9 @@ __device__ bool dispatch_recv(const LlDispatchParams& p, uint64_t n, RecvShared&
       }
     }
   }
+  ll_stamp(p.trace, kDispRecvExpanded);
   __syncthreads();
+  ll_stamp(p.trace, kDispRecvEnd);
   return *failed == 0;
 }
 
@@ -429,7 +436,9 @@ __global__ void __launch_bounds__(kLlThreads, 1)
   const uint64_t n_recv = ll_use(p.st, kLlSeqDispatchRecv + p.parity);
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();
+  if (send) ll_stamp(p.trace, kDispSendBegin);
   if (send && !dispatch_send(p, n_send, send_sh, &failed)) return;
+  if (recv) ll_stamp(p.trace, kDispRecvBegin);
   if (recv && !dispatch_recv(p, n_recv, recv_sh, &failed)) return;
   // Every block has read this use's area (receive) and its use counts: free the area, advance the counts.
   if (ll_block_done(&p.st.done[(recv ? kLlDoneDispatchRecv : kLlDoneDispatchSend) + p.parity])) {
@@ -441,6 +450,7 @@ __global__ void __launch_bounds__(kLlThreads, 1)
       if (recv) p.st.seq[kLlSeqDispatchRecv + p.parity] = n_recv;
     }
   }
+  ll_stamp(p.trace, kDispEnd);
 }
 
 }  // namespace
@@ -450,7 +460,9 @@ int ll_dispatch_blocks_per_sm() {
 }
 
 void launch_ll_dispatch(const LlDispatchParams& p, int grid, cudaStream_t stream) {
-  ll_launch_cooperative(ll_dispatch_kernel, p, grid, stream);
+  LlDispatchParams q = p;
+  q.trace = ll_trace_arm(LlTraceKind::kDispatch, grid, p.phases, stream);
+  ll_launch_cooperative(ll_dispatch_kernel, q, grid, stream);
 }
 
 }  // namespace expertlink::kernels

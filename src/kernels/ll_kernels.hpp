@@ -132,6 +132,7 @@ struct LlDispatchParams {
   void* layout_range;  // optional
   bool range_packed;   // I64 DeepEP packing, else I32 (begin, count)
   int64_t range_stride0, range_stride1, range_stride2;
+  uint64_t* trace;  // null, or [grid * kLlWarps * kLlTracePoints] phase stamps (EXPERTLINK_LL_TRACE)
 };
 
 struct LlCombineParams {
@@ -150,7 +151,40 @@ struct LlCombineParams {
   int64_t w_row_stride, w_col_stride;
   void* out;               // BF16 [T, H]
   int64_t out_row_stride;  // elements
+  uint64_t* trace;         // as LlDispatchParams::trace
 };
+
+// EXPERTLINK_LL_TRACE=N (diagnostics only, in a build configured with -DEXPERTLINK_LL_TRACE=ON;
+// docs/ll_performance.md): every warp's lane 0 stamps the GPU
+// clock at the phases below; the launch of the next call of the same kind reads the previous call's stamps
+// and, every N calls, prints per phase the earliest, median and latest warp (us after the earliest stamp).
+// Points a warp does not reach stay 0 and are left out. Not while a stream captures a graph.
+inline constexpr int kLlTracePoints = 10;
+enum LlDispatchPoint : int {
+  kDispSendBegin = 0,
+  kDispSendLoaded = 1,  // x row, picks, counts, free signals: the send loop may start
+  kDispSendStored = 2,  // rows, scales and headers of the block's tokens stored
+  kDispSendFenced = 3,  // system fence (every thread) and barrier passed
+  kDispSendFlagged = 4,  // message flags released
+  kDispRecvBegin = 5,
+  kDispRecvMeta = 6,     // every source's meta words in, prefixes built
+  kDispRecvExpanded = 7,  // this warp's work units expanded
+  kDispRecvEnd = 8,       // the block's barrier after the expansion
+  kDispEnd = 9            // finished-block counter, free signal, use counts
+};
+enum LlCombinePoint : int {
+  kCombSendBegin = 0,
+  kCombSendWeights = 1,  // this warp's tokens' weights pushed
+  kCombSendUnits = 2,    // this warp's holder units summed and stored
+  kCombSendFlushed = 3,  // its last flags released
+  kCombRecvBegin = 4,
+  kCombRecvSummed = 5,  // this warp's output segments written
+  kCombEnd = 6
+};
+enum class LlTraceKind { kDispatch, kCombine };
+// Host: the trace array for a launch of `kind` with `phases` (LlPhase bits) on `grid` blocks, or null
+// (tracing off, or `stream` capturing). Clears it on the stream when the launch starts a call (send phase).
+uint64_t* ll_trace_arm(LlTraceKind kind, int grid, int phases, cudaStream_t stream);
 
 // Occupancy of the kernels (blocks of kLlThreads per SM); the launches are cooperative with one block
 // per SM, so every block is resident at once (a fused kernel's receiving warps wait for messages that

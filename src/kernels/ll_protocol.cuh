@@ -76,6 +76,19 @@ inline constexpr int kLlWarps = kLlThreads / 32;
 inline constexpr int kLlUnroll = kLlSegmentVecs / 32;  // 16-byte vectors per lane per work unit
 static_assert(kLlUnroll * 32 == kLlSegmentVecs, "a segment is a whole number of warp-wide vectors");
 
+// EXPERTLINK_LL_TRACE: this warp's stamp of `point` (lane 0; nothing when tracing is off). Compiled in
+// only with the build option EXPERTLINK_LL_TRACE=ON: the stamps cost the dispatch kernel 15 registers.
+__device__ __forceinline__ void ll_stamp(uint64_t* trace, int point) {
+#ifdef EXPERTLINK_LL_TRACE_STAMPS
+  if (trace != nullptr && (threadIdx.x & 31) == 0)
+    trace[(static_cast<int64_t>(blockIdx.x) * kLlWarps + threadIdx.x / 32) * kLlTracePoints + point] =
+        global_timer_ns();
+#else
+  (void)trace;
+  (void)point;
+#endif
+}
+
 __device__ __forceinline__ uint64_t* ll_signal(char* window, size_t array, int parity, int rank) {
   return reinterpret_cast<uint64_t*>(window + array) + parity * kMaxRanks + rank;
 }
