@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
   if (warp < kRoleWarps) {
     // ---- send (first half of the warps): source s's chunk c of expert outputs back into s's area ----
     bool stop = false;
-    int item = 0;
+    int item = 0, mine = 0;  // items of all sources; those of this block
     for (int s = 0; s < R && !stop; ++s) {
       if (s == me || !rank_live(w, s)) continue;
       const int n = ht_num_chunks(p.handle.src_tokens[s]);
@@ -42,6 +42,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
       char* seg = area_segment(w.peer_base[s], p.area_offset, me, s, p.area_rows, p.record_bytes);
       for (int c = 0; c < n; ++c, ++item) {
         if (item % gridDim.x != blockIdx.x) continue;
+        const int k = mine++;
+        if (threadIdx.x == 0) ht_stamp(p.trace, k, kHtSendStart);
         const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
         if (r0 < r1) {
           if (threadIdx.x == 0)
@@ -76,8 +78,10 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
           break;
         }
         if (threadIdx.x == 0) {
+          ht_stamp(p.trace, k, kHtSendIssued);
           __threadfence_system();
           st_release_sys(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
+          ht_stamp(p.trace, k, kHtSendPublished);
         }
       }
     }
@@ -88,13 +92,15 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
     const int rwarp = warp - kRoleWarps, rtid = threadIdx.x - kRoleThreads;
     if (rtid == 0) recv_abort = 0;
     role_barrier(kRecvBarrier);
-    for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    for (int c = blockIdx.x, k = 0; c < num_chunks; c += gridDim.x, ++k) {
+      if (rtid == 0) ht_stamp(p.trace, k, kHtRecvWait);
       if (rtid < R && rtid != me && rank_live(w, rtid) &&
           !wait_geq(control_u64(w.local_base, control::kCombineChunk, rtid * kMaxChunks + c), round, ctx,
                     WaitSite::kHtCombineChunk, rtid, c))
         recv_abort = 1;
       role_barrier(kRecvBarrier);
       if (recv_abort) break;
+      if (rtid == 0) ht_stamp(p.trace, k, kHtRecvArrived);
       const int t_end = min(T, (c + 1) * chunk_tokens);
       for (int t = c * chunk_tokens + rwarp; t < t_end; t += kRoleWarps) {
         const int32_t* pos_row = p.handle.send_pos + int64_t(t) * R;
@@ -162,6 +168,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
         }
       }
       role_barrier(kRecvBarrier);  // recv_abort is rewritten for the next chunk
+      if (rtid == 0) ht_stamp(p.trace, k, kHtRecvDone);
     }
   }
   finish_round(p.state, 2, round);
@@ -170,7 +177,9 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
 }  // namespace
 
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
-  launch_ht_kernel(ht_combine_kernel<true>, ht_combine_kernel<false>, p, num_sms, stream);
+  HtCombineParams q = p;
+  q.trace = ht_trace_arm(HtTraceKind::kCombine, num_sms, stream);
+  launch_ht_kernel(ht_combine_kernel<true>, ht_combine_kernel<false>, q, num_sms, stream);
 }
 
 }  // namespace expertlink::kernels

@@ -53,7 +53,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
     // ---- send (first half of the warps): chunk c of this rank's tokens, each row to every destination ----
     const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
     const int64_t local_row0 = p.handle.rank_prefix[me];
-    for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    for (int c = blockIdx.x, k = 0; c < num_chunks; c += gridDim.x, ++k) {
+      if (threadIdx.x == 0) ht_stamp(p.trace, k, kHtSendStart);
       const int t_end = min(T, (c + 1) * chunk_tokens);
       for (int t = c * chunk_tokens + warp; t < t_end; t += kRoleWarps) {
         int pos_lo, pos_hi;
@@ -147,17 +148,19 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       if (kBulk && lane == 0) bulk_wait_all();
       role_barrier(kSendBarrier);
       if (kBulk && send_abort) break;
+      if (threadIdx.x == 0) ht_stamp(p.trace, k, kHtSendIssued);
       if (threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
         __threadfence_system();
         st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kDispatchChunk, me * kMaxChunks + c),
                        round);
+        ht_stamp(p.trace, k, kHtSendPublished);
       }
     }
   } else {
     // ---- receive (second half): copy (source, chunk) blocks of rows out of the area as they arrive ----
     const int rwarp = warp - kRoleWarps, rtid = threadIdx.x - kRoleThreads;
     bool stop = false;
-    int item = 0;
+    int item = 0, mine = 0;  // items of all sources; those of this block
     for (int s = 0; s < R && !stop; ++s) {
       if (s == me || !rank_live(w, s)) continue;
       const int n = ht_num_chunks(p.handle.src_tokens[s]);
@@ -168,10 +171,14 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
         if (item % gridDim.x != blockIdx.x) continue;
         const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
         if (r0 == r1) continue;
-        if (rtid == 0)
+        const int k = mine++;
+        if (rtid == 0) {
+          ht_stamp(p.trace, k, kHtRecvWait);
           recv_abort = !wait_geq(control_u64(w.local_base, control::kDispatchChunk, s * kMaxChunks + c),
                                  round, ctx, WaitSite::kHtDispatchChunk, s, c);
+        }
         role_barrier(kRecvBarrier);
+        if (rtid == 0) ht_stamp(p.trace, k, kHtRecvArrived);
         if (recv_abort) {
           stop = true;
           break;
@@ -197,6 +204,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
           if (lane == 0) p.handle.recv_src_token[row] = __ldcg(tail + 2 * K);
         }
         role_barrier(kRecvBarrier);  // recv_abort is rewritten for the next item
+        if (rtid == 0) ht_stamp(p.trace, k, kHtRecvDone);
       }
     }
   }
@@ -214,7 +222,9 @@ bool ht_bulk_send() {
 }
 
 void launch_ht_dispatch(const HtDispatchParams& p, int num_sms, cudaStream_t stream) {
-  launch_ht_kernel(ht_dispatch_kernel<true>, ht_dispatch_kernel<false>, p, num_sms, stream);
+  HtDispatchParams q = p;
+  q.trace = ht_trace_arm(HtTraceKind::kDispatch, num_sms, stream);
+  launch_ht_kernel(ht_dispatch_kernel<true>, ht_dispatch_kernel<false>, q, num_sms, stream);
 }
 
 }  // namespace expertlink::kernels

@@ -90,6 +90,7 @@ struct HtDispatchParams {
   int64_t record_bytes;        // bytes per row in the receiving area
   int64_t area_rows;           // rows per source segment of the receiving area
   int64_t area_offset;         // of the dispatch area within the data region
+  uint64_t* trace;             // null, or the phase stamps (EXPERTLINK_HT_TRACE, below)
 };
 
 struct HtCombineParams {
@@ -106,7 +107,26 @@ struct HtCombineParams {
   int64_t record_bytes;
   int64_t area_rows;
   int64_t area_offset;  // of the combine area within the data region
+  uint64_t* trace;      // as HtDispatchParams::trace
 };
+
+// EXPERTLINK_HT_TRACE=N (diagnostics only, in a build configured with -DEXPERTLINK_HT_TRACE=ON, which
+// compiles the stamps in): per block and per chunk it handles (k-th of the block), the sending half stamps
+// the chunk's start, its rows issued (role barrier passed) and its flag released, the receiving half its
+// wait, the arrival and the end of its copy (dispatch) or sum (combine). Every N calls the launch of the
+// next call of the same kind prints, over the blocks, where the previous call's time went.
+inline constexpr int kHtTracePoints = 6;
+enum HtTracePoint : int {
+  kHtSendStart = 0,
+  kHtSendIssued = 1,
+  kHtSendPublished = 2,
+  kHtRecvWait = 3,
+  kHtRecvArrived = 4,
+  kHtRecvDone = 5
+};
+enum class HtTraceKind { kDispatch, kCombine };
+// Host: the stamp array for a launch of `grid` blocks, cleared on `stream`, or null (off, or capturing).
+uint64_t* ht_trace_arm(HtTraceKind kind, int grid, cudaStream_t stream);
 
 void launch_ht_layout(const void* topk_idx, IdxType idx_type, int64_t idx_row_stride, int64_t idx_col_stride,
                       int num_tokens, int topk, int num_experts, int num_ranks, int32_t* tokens_per_rank,

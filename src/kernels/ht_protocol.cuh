@@ -55,6 +55,19 @@ __device__ __forceinline__ void role_barrier(int id) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(kRoleThreads) : "memory");
 }
 
+// EXPERTLINK_HT_TRACE: the calling thread stamps `point` of its block's k-th chunk (sending) or item
+// (receiving). Compiled in only with the build option EXPERTLINK_HT_TRACE=ON.
+__device__ __forceinline__ void ht_stamp(uint64_t* trace, int k, int point) {
+#ifdef EXPERTLINK_HT_TRACE_STAMPS
+  if (trace != nullptr && k < kMaxChunks)
+    trace[(static_cast<int64_t>(blockIdx.x) * kMaxChunks + k) * kHtTracePoints + point] = global_timer_ns();
+#else
+  (void)trace;
+  (void)k;
+  (void)point;
+#endif
+}
+
 __device__ __forceinline__ uint64_t* control_u64(char* window, size_t offset, int index) {
   return reinterpret_cast<uint64_t*>(window + offset) + index;
 }

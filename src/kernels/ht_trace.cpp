@@ -1,0 +1,116 @@
+// EXPERTLINK_HT_TRACE (ht_kernels.hpp): the HT dispatch and combine kernels' phase stamps, per block and
+// chunk, and the printout of where a call's time went. Diagnostics only: reading the previous call's
+// stamps synchronizes the device.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "check.hpp"
+#include "comm/control_layout.hpp"
+#include "kernels/ht_kernels.hpp"
+
+namespace expertlink::kernels {
+namespace {
+
+struct TraceState {
+  uint64_t* device = nullptr;
+  int capacity = 0;  // blocks allocated
+  int grid = 0;      // blocks of the last armed call
+  long calls = 0;
+};
+
+std::string spread(std::vector<double> v) {
+  if (v.empty()) return "-";
+  std::sort(v.begin(), v.end());
+  char s[64];
+  std::snprintf(s, sizeof s, "%.1f/%.1f/%.1f", v.front(), v[v.size() / 2], v.back());
+  return s;
+}
+
+// Per block: time its sending half spent on rows (start -> issued) and on fences (issued -> published),
+// when it published its last chunk; time its receiving half spent waiting (wait -> arrived) and working
+// (arrived -> done), when it finished; all in us, times of day after the call's first stamp.
+void print(HtTraceKind kind, const TraceState& st) {
+  const size_t per_block = size_t(kMaxChunks) * kHtTracePoints;
+  std::vector<uint64_t> h(size_t(st.grid) * per_block);
+  EL_CUDA_CHECK(cudaDeviceSynchronize());
+  EL_CUDA_CHECK(cudaMemcpy(h.data(), st.device, h.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+  uint64_t origin = ~0ull, last = 0;
+  for (uint64_t v : h)
+    if (v != 0) {
+      origin = std::min(origin, v);
+      last = std::max(last, v);
+    }
+  if (origin == ~0ull) return;
+  std::vector<double> rows, fences, send_end, waits, work, recv_end;
+  int chunks = 0;
+  for (int b = 0; b < st.grid; ++b) {
+    double r = 0, f = 0, w = 0, x = 0;
+    uint64_t se = 0, re = 0;
+    for (int k = 0; k < kMaxChunks; ++k) {
+      const uint64_t* t = &h[b * per_block + size_t(k) * kHtTracePoints];
+      if (t[kHtSendStart] != 0 && t[kHtSendIssued] >= t[kHtSendStart]) {
+        r += (t[kHtSendIssued] - t[kHtSendStart]) / 1e3;
+        ++chunks;
+      }
+      if (t[kHtSendIssued] != 0 && t[kHtSendPublished] >= t[kHtSendIssued])
+        f += (t[kHtSendPublished] - t[kHtSendIssued]) / 1e3;
+      se = std::max(se, t[kHtSendPublished]);
+      if (t[kHtRecvWait] != 0 && t[kHtRecvArrived] >= t[kHtRecvWait]) w += (t[kHtRecvArrived] - t[kHtRecvWait]) / 1e3;
+      if (t[kHtRecvArrived] != 0 && t[kHtRecvDone] >= t[kHtRecvArrived]) x += (t[kHtRecvDone] - t[kHtRecvArrived]) / 1e3;
+      re = std::max(re, t[kHtRecvDone]);
+    }
+    rows.push_back(r);
+    fences.push_back(f);
+    waits.push_back(w);
+    work.push_back(x);
+    if (se != 0) send_end.push_back((se - origin) / 1e3);
+    if (re != 0) recv_end.push_back((re - origin) / 1e3);
+  }
+  const bool dispatch = kind == HtTraceKind::kDispatch;
+  std::fprintf(stderr,
+               "ht %s trace, call %ld, %d blocks, %d chunks sent (us, min/median/max over blocks): span %.1f; "
+               "sending: rows %s, fences %s, last flag at %s; receiving: waits %s, %s %s, done at %s\n",
+               dispatch ? "dispatch" : "combine", st.calls, st.grid, chunks, (last - origin) / 1e3,
+               spread(rows).c_str(), spread(fences).c_str(), spread(send_end).c_str(), spread(waits).c_str(),
+               dispatch ? "copy-out" : "sums", spread(work).c_str(), spread(recv_end).c_str());
+}
+
+}  // namespace
+
+uint64_t* ht_trace_arm(HtTraceKind kind, int grid, cudaStream_t stream) {
+  static const long every = [] {
+    const char* v = std::getenv("EXPERTLINK_HT_TRACE");
+    return v == nullptr ? 0l : std::max(1l, std::atol(v));
+  }();
+  if (every == 0) return nullptr;
+#ifndef EXPERTLINK_HT_TRACE_STAMPS
+  static const bool told = [] {
+    std::fprintf(stderr, "EXPERTLINK_HT_TRACE is set but this build has no stamps: configure with "
+                         "-DEXPERTLINK_HT_TRACE=ON\n");
+    return true;
+  }();
+  (void)told;
+  return nullptr;
+#endif
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  EL_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return nullptr;
+  static TraceState states[2];
+  TraceState& st = states[kind == HtTraceKind::kDispatch ? 0 : 1];
+  if (st.device != nullptr && st.calls % every == 0) print(kind, st);
+  const size_t per_block = size_t(kMaxChunks) * kHtTracePoints;
+  if (grid > st.capacity) {
+    if (st.device != nullptr) EL_CUDA_CHECK(cudaFree(st.device));
+    EL_CUDA_CHECK(cudaMalloc(&st.device, size_t(grid) * per_block * sizeof(uint64_t)));
+    st.capacity = grid;
+  }
+  st.grid = grid;
+  EL_CUDA_CHECK(cudaMemsetAsync(st.device, 0, size_t(grid) * per_block * sizeof(uint64_t), stream));
+  ++st.calls;
+  return st.device;
+}
+
+}  // namespace expertlink::kernels
