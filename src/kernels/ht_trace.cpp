@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "kernels/trace_common.hpp"
 #include "comm/control_layout.hpp"
 #include "kernels/ht_kernels.hpp"
 
@@ -81,23 +82,13 @@ void print(HtTraceKind kind, const TraceState& st) {
 }  // namespace
 
 uint64_t* ht_trace_arm(HtTraceKind kind, int grid, cudaStream_t stream) {
-  static const long every = [] {
-    const char* v = std::getenv("EXPERTLINK_HT_TRACE");
-    return v == nullptr ? 0l : std::max(1l, std::atol(v));
-  }();
-  if (every == 0) return nullptr;
-#ifndef EXPERTLINK_HT_TRACE_STAMPS
-  static const bool told = [] {
-    std::fprintf(stderr, "EXPERTLINK_HT_TRACE is set but this build has no stamps: configure with "
-                         "-DEXPERTLINK_HT_TRACE=ON\n");
-    return true;
-  }();
-  (void)told;
-  return nullptr;
+#ifdef EXPERTLINK_HT_TRACE_STAMPS
+  constexpr bool kBuilt = true;
+#else
+  constexpr bool kBuilt = false;
 #endif
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  EL_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return nullptr;
+  static const long every = trace_every("EXPERTLINK_HT_TRACE", kBuilt, "-DEXPERTLINK_HT_TRACE=ON");
+  if (every == 0 || trace_capturing(stream)) return nullptr;
   static TraceState states[2];
   TraceState& st = states[kind == HtTraceKind::kDispatch ? 0 : 1];
   if (st.device != nullptr && st.calls % every == 0) print(kind, st);

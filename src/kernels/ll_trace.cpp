@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "kernels/trace_common.hpp"
 #include "kernels/ll_kernels.hpp"
 
 namespace expertlink::kernels {
@@ -57,23 +58,13 @@ void print(LlTraceKind kind, const TraceState& st) {
 }  // namespace
 
 uint64_t* ll_trace_arm(LlTraceKind kind, int grid, int phases, cudaStream_t stream) {
-  static const long every = [] {
-    const char* v = std::getenv("EXPERTLINK_LL_TRACE");
-    return v == nullptr ? 0l : std::max(1l, std::atol(v));
-  }();
-  if (every == 0) return nullptr;
-#ifndef EXPERTLINK_LL_TRACE_STAMPS
-  static const bool told = [] {
-    std::fprintf(stderr, "EXPERTLINK_LL_TRACE is set but this build has no stamps: configure with "
-                         "-DEXPERTLINK_LL_TRACE=ON\n");
-    return true;
-  }();
-  (void)told;
-  return nullptr;
+#ifdef EXPERTLINK_LL_TRACE_STAMPS
+  constexpr bool kBuilt = true;
+#else
+  constexpr bool kBuilt = false;
 #endif
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  EL_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return nullptr;
+  static const long every = trace_every("EXPERTLINK_LL_TRACE", kBuilt, "-DEXPERTLINK_LL_TRACE=ON");
+  if (every == 0 || trace_capturing(stream)) return nullptr;
   static TraceState states[2];
   TraceState& st = states[kind == LlTraceKind::kDispatch ? 0 : 1];
   if ((phases & kLlSend) == 0) return st.device;  // the receive half of a split call: same stamps
