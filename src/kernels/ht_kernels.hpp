@@ -141,8 +141,9 @@ __host__ __device__ inline int64_t align16(int64_t x) {
   return (x + 15) & ~int64_t(15);
 }
 
-// Records start on 128-byte lines: rows written across NVLink from a 16-byte-aligned stride ran 5-7 %
-// slower (el_nvlink_probe, 2x H200: 14336-byte stride 179 us, 14416-byte 192 us, push at 24 SMs).
+// Records start on 128-byte lines: rows written across NVLink from a 16-byte-aligned stride ran 3-10 %
+// slower (el_nvlink_probe, 2x H200, push at 24 SMs: 14336-byte stride 179 us, 14368 185, 14416 192;
+// 7168 95, 7472 104); dispatch and combine got 3 % faster with it (2x H100, 2026-11-28).
 __host__ __device__ inline int64_t align128(int64_t x) {
   return (x + 127) & ~int64_t(127);
 }
@@ -158,7 +159,8 @@ __host__ __device__ inline int64_t combine_record_bytes(int hidden, int topk) {
 // Chunking of a source rank's tokens: both sides derive it from T alone. Chunks are dealt to the blocks
 // round robin; each costs the sending half a role barrier and a fenced flag. Floors of 32, 48 and 64
 // tokens measured on 2x H100 (2026-11-28, T = 4096): against 32, 64 made FP8 dispatch 2-5 % faster, BF16
-// dispatch 3 % faster at 8 SMs but 1 % slower at 24, and combine 6 % slower at 24 SMs, so 32 stays. EXPERTLINK_HT_MIN_CHUNK (a build option) sets the floor for experiments.
+// dispatch 3 % faster at 8 SMs but 1 % slower at 24, and combine 6 % slower at 24 SMs, so 32 stays.
+// EXPERTLINK_HT_MIN_CHUNK (a build option) sets the floor for experiments.
 #ifndef EXPERTLINK_HT_MIN_CHUNK
 #define EXPERTLINK_HT_MIN_CHUNK 32
 #endif
