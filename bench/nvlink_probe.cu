@@ -13,13 +13,13 @@
 #include <string>
 #include <vector>
 
-#define CK(x)                                                                                      \
-  do {                                                                                             \
-    cudaError_t e_ = (x);                                                                          \
-    if (e_ != cudaSuccess) {                                                                       \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));      \
-      std::exit(1);                                                                                \
-    }                                                                                              \
+#define CK(x)                                                                                 \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
   } while (0)
 
 namespace {
@@ -83,11 +83,13 @@ int main(int argc, char** argv) {
   }
   cudaDeviceProp prop{};
   CK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("probe: %s x2, %d rows x %d B = %.1f MB per direction\n", prop.name, rows, row_bytes, bytes / 1e6);
+  std::printf("probe: %s x2, %d rows x %d B = %.1f MB per direction\n", prop.name, rows, row_bytes,
+              bytes / 1e6);
   const char* modes[] = {"push", "pull", "push+local", "local", "ce"};
   for (const char* mode : modes) {
     const std::string m = mode;
-    const std::vector<int> sms = m == "ce" ? std::vector<int>{0} : std::vector<int>{4, 8, 16, 24, 32, 64, 132};
+    const std::vector<int> sms =
+        m == "ce" ? std::vector<int>{0} : std::vector<int>{4, 8, 16, 24, 32, 64, 132};
     const std::vector<int> threads = m == "ce" ? std::vector<int>{0} : std::vector<int>{512, 1024};
     for (int s : sms)
       for (int t : threads) {

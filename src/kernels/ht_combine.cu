@@ -64,7 +64,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
                 break;
               }
             } else {
-              warp_copy_row<true>(reinterpret_cast<const int4*>(src), reinterpret_cast<int4*>(rec), vecs, lane);
+              warp_copy_row<true>(reinterpret_cast<const int4*>(src), reinterpret_cast<int4*>(rec), vecs,
+                                  lane);
             }
             if (with_weights && lane < K)
               reinterpret_cast<float*>(rec + 2ll * H)[lane] = static_cast<const float*>(

@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       for (int t = c * chunk_tokens + warp; t < t_end; t += kRoleWarps) {
         int pos_lo, pos_hi;
         // A handle made before a rank was masked still names it: it gets nothing.
-        uint64_t mask = warp_dest_mask(p.handle.send_pos + int64_t(t) * R, R, lane, pos_lo, pos_hi) & ~w.masked;
+        uint64_t mask =
+            warp_dest_mask(p.handle.send_pos + int64_t(t) * R, R, lane, pos_lo, pos_hi) & ~w.masked;
         const char* x_row = static_cast<const char*>(p.x.data) + t * p.x.row_stride * elem_bytes;
         // Row data first: each 16-byte vector of x is loaded once and stored to every destination. Lane
         // d (and d + 32) holds destination d's row address; null for a local row past the capacity.

@@ -63,7 +63,8 @@ struct HtNotifyParams {
   const uint8_t* is_token_in_rank;  // [T, R] bool, used when topk_idx is null
   int64_t in_rank_row_stride;
   int num_tokens, topk, num_experts, expert_alignment, hidden;
-  uint64_t* trace;  // null, or [kNotifyTracePoints] GPU clock stamps of the phases (EXPERTLINK_HT_NOTIFY_TRACE)
+  uint64_t*
+      trace;  // null, or [kNotifyTracePoints] GPU clock stamps of the phases (EXPERTLINK_HT_NOTIFY_TRACE)
 };
 inline constexpr int kNotifyTracePoints = 7;
 

@@ -137,7 +137,8 @@ __device__ __forceinline__ WarpStages warp_stages(char* smem, uint64_t (*bars)[2
 // d - 32 in dst_hi; null = skip) through the warp's stages. Called by the whole warp. The stores are only
 // issued: bulk_wait_all (lane 0) before publishing them. False (recorded) if a load timed out.
 __device__ __forceinline__ bool warp_bulk_send(const char* src, int64_t bytes, uint64_t mask, char* dst_lo,
-                                               char* dst_hi, WarpStages& st, int lane, const WaitContext& ctx) {
+                                               char* dst_hi, WarpStages& st, int lane,
+                                               const WaitContext& ctx) {
   for (int64_t off = 0; off < bytes; off += kStageBytes, ++st.piece) {
     const int stage = st.piece & 1;
     const uint32_t n = static_cast<uint32_t>(min(int64_t(kStageBytes), bytes - off));
@@ -151,7 +152,8 @@ __device__ __forceinline__ bool warp_bulk_send(const char* src, int64_t bytes, u
     if (!__shfl_sync(~0u, ok, 0)) return false;
     for (uint64_t m = mask; m != 0; m &= m - 1) {
       const int d = __ffsll(m) - 1;
-      char* dst = reinterpret_cast<char*>(__shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? dst_lo : dst_hi), d & 31));
+      char* dst = reinterpret_cast<char*>(
+          __shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? dst_lo : dst_hi), d & 31));
       if (lane == 0 && dst != nullptr) bulk_store(dst + off, buf, n);
     }
     if (lane == 0) bulk_commit();
@@ -166,7 +168,8 @@ bool ht_bulk_send();
 
 // Launches kernel<true> (bulk sending, kBulkSmemBytes of dynamic shared memory) or kernel<false>.
 template <class Params>
-void launch_ht_kernel(void (*bulk)(Params), void (*warp)(Params), const Params& p, int blocks, cudaStream_t stream) {
+void launch_ht_kernel(void (*bulk)(Params), void (*warp)(Params), const Params& p, int blocks,
+                      cudaStream_t stream) {
   if (ht_bulk_send()) {
     // Per device; not a stream operation, so legal during graph capture.
     EL_CUDA_CHECK(cudaFuncSetAttribute(bulk, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -8,9 +8,9 @@
 #include <vector>
 
 #include "check.hpp"
-#include "kernels/trace_common.hpp"
 #include "comm/control_layout.hpp"
 #include "kernels/ht_kernels.hpp"
+#include "kernels/trace_common.hpp"
 
 namespace expertlink::kernels {
 namespace {
@@ -59,8 +59,10 @@ void print(HtTraceKind kind, const TraceState& st) {
       if (t[kHtSendIssued] != 0 && t[kHtSendPublished] >= t[kHtSendIssued])
         f += (t[kHtSendPublished] - t[kHtSendIssued]) / 1e3;
       se = std::max(se, t[kHtSendPublished]);
-      if (t[kHtRecvWait] != 0 && t[kHtRecvArrived] >= t[kHtRecvWait]) w += (t[kHtRecvArrived] - t[kHtRecvWait]) / 1e3;
-      if (t[kHtRecvArrived] != 0 && t[kHtRecvDone] >= t[kHtRecvArrived]) x += (t[kHtRecvDone] - t[kHtRecvArrived]) / 1e3;
+      if (t[kHtRecvWait] != 0 && t[kHtRecvArrived] >= t[kHtRecvWait])
+        w += (t[kHtRecvArrived] - t[kHtRecvWait]) / 1e3;
+      if (t[kHtRecvArrived] != 0 && t[kHtRecvDone] >= t[kHtRecvArrived])
+        x += (t[kHtRecvDone] - t[kHtRecvArrived]) / 1e3;
       re = std::max(re, t[kHtRecvDone]);
     }
     rows.push_back(r);
@@ -71,12 +73,13 @@ void print(HtTraceKind kind, const TraceState& st) {
     if (re != 0) recv_end.push_back((re - origin) / 1e3);
   }
   const bool dispatch = kind == HtTraceKind::kDispatch;
-  std::fprintf(stderr,
-               "ht %s trace, call %ld, %d blocks, %d chunks sent (us, min/median/max over blocks): span %.1f; "
-               "sending: rows %s, fences %s, last flag at %s; receiving: waits %s, %s %s, done at %s\n",
-               dispatch ? "dispatch" : "combine", st.calls, st.grid, chunks, (last - origin) / 1e3,
-               spread(rows).c_str(), spread(fences).c_str(), spread(send_end).c_str(), spread(waits).c_str(),
-               dispatch ? "copy-out" : "sums", spread(work).c_str(), spread(recv_end).c_str());
+  std::fprintf(
+      stderr,
+      "ht %s trace, call %ld, %d blocks, %d chunks sent (us, min/median/max over blocks): span %.1f; "
+      "sending: rows %s, fences %s, last flag at %s; receiving: waits %s, %s %s, done at %s\n",
+      dispatch ? "dispatch" : "combine", st.calls, st.grid, chunks, (last - origin) / 1e3,
+      spread(rows).c_str(), spread(fences).c_str(), spread(send_end).c_str(), spread(waits).c_str(),
+      dispatch ? "copy-out" : "sums", spread(work).c_str(), spread(recv_end).c_str());
 }
 
 }  // namespace

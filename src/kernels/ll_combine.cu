@@ -48,7 +48,8 @@ __device__ __forceinline__ bool warp_wait_free(const LlCombineParams& p, uint64_
   ws.free_checked = true;
   bool ok = true;
   for (int d = threadIdx.x & 31; d < p.g.num_ranks; d += 32)
-    ok = ok && (!rank_live(p.win, d) || ll_wait_free(p.win, control::ll::kCombineFree, p.parity, n, WaitSite::kLlCombineFree, d));
+    ok = ok && (!rank_live(p.win, d) ||
+                ll_wait_free(p.win, control::ll::kCombineFree, p.parity, n, WaitSite::kLlCombineFree, d));
   __syncwarp();  // the acquires before any lane's stores into the peers
   return __all_sync(~0u, ok);
 }

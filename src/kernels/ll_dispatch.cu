@@ -49,9 +49,10 @@ __device__ __forceinline__ void load_picks(const LlDispatchParams& p, int t_end,
     for (int k = 0; k < kLlMaxTopk; ++k) {
       const int64_t v = t < t_end && k < K ? pick(p, t, k) : -1;
       // A masked rank's picks count as -1 (32-bit division, and none at all while nothing is masked).
-      e[i][k] = v >= 0 && v < E && (p.win.masked == 0 || rank_live(p.win, static_cast<int>(v) / p.g.local_experts))
-                    ? static_cast<int>(v)
-                    : -1;
+      e[i][k] =
+          v >= 0 && v < E && (p.win.masked == 0 || rank_live(p.win, static_cast<int>(v) / p.g.local_experts))
+              ? static_cast<int>(v)
+              : -1;
     }
   }
 }
@@ -77,7 +78,8 @@ __device__ void token_header(const LlDispatchParams& p, int t, int64_t v, SendSh
   int e = -1;
   if (lane < K) {
     if (v >= 0 && v < E)
-      e = p.win.masked == 0 || rank_live(p.win, static_cast<int>(v) / EL) ? static_cast<int>(v) : -1;  // masked: -1
+      e = p.win.masked == 0 || rank_live(p.win, static_cast<int>(v) / EL) ? static_cast<int>(v)
+                                                                          : -1;  // masked: -1
     else if (v != -1)
       ll_flag_bad_expert(p.st, t, lane, v);
   }

@@ -162,12 +162,12 @@ struct LlCombineParams {
 inline constexpr int kLlTracePoints = 10;
 enum LlDispatchPoint : int {
   kDispSendBegin = 0,
-  kDispSendLoaded = 1,  // x row, picks, counts, free signals: the send loop may start
-  kDispSendStored = 2,  // rows, scales and headers of the block's tokens stored
-  kDispSendFenced = 3,  // system fence (every thread) and barrier passed
+  kDispSendLoaded = 1,   // x row, picks, counts, free signals: the send loop may start
+  kDispSendStored = 2,   // rows, scales and headers of the block's tokens stored
+  kDispSendFenced = 3,   // system fence (every thread) and barrier passed
   kDispSendFlagged = 4,  // message flags released
   kDispRecvBegin = 5,
-  kDispRecvMeta = 6,     // every source's meta words in, prefixes built
+  kDispRecvMeta = 6,      // every source's meta words in, prefixes built
   kDispRecvExpanded = 7,  // this warp's work units expanded
   kDispRecvEnd = 8,       // the block's barrier after the expansion
   kDispEnd = 9            // finished-block counter, free signal, use counts

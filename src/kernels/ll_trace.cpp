@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "check.hpp"
-#include "kernels/trace_common.hpp"
 #include "kernels/ll_kernels.hpp"
+#include "kernels/trace_common.hpp"
 
 namespace expertlink::kernels {
 namespace {
@@ -23,10 +23,13 @@ struct TraceState {
 };
 
 const char* const kDispatchNames[kLlTracePoints] = {
-    "send begin", "send loaded", "send stored", "send fenced", "send flagged",
-    "recv begin", "recv meta", "recv expanded", "recv end", "end"};
-const char* const kCombineNames[kLlTracePoints] = {
-    "send begin", "send weights", "send units", "send flushed", "recv begin", "recv summed", "end", "", "", ""};
+    "send begin", "send loaded", "send stored",   "send fenced", "send flagged",
+    "recv begin", "recv meta",   "recv expanded", "recv end",    "end"};
+const char* const kCombineNames[kLlTracePoints] = {"send begin", "send weights",
+                                                   "send units", "send flushed",
+                                                   "recv begin", "recv summed",
+                                                   "end",        "",
+                                                   "",           ""};
 
 // Every `every`-th call: per point, the earliest, median and latest warp, in us after the call's first stamp.
 void print(LlTraceKind kind, const TraceState& st) {
