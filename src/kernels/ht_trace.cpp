@@ -3,7 +3,6 @@
 // stamps synchronizes the device.
 #include <algorithm>
 #include <cstdio>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -15,29 +14,14 @@
 namespace expertlink::kernels {
 namespace {
 
-struct TraceState {
-  uint64_t* device = nullptr;
-  int capacity = 0;  // blocks allocated
-  int grid = 0;      // blocks of the last armed call
-  long calls = 0;
-};
-
-std::string spread(std::vector<double> v) {
-  if (v.empty()) return "-";
-  std::sort(v.begin(), v.end());
-  char s[64];
-  std::snprintf(s, sizeof s, "%.1f/%.1f/%.1f", v.front(), v[v.size() / 2], v.back());
-  return s;
-}
+constexpr size_t kPerBlock = size_t(kMaxChunks) * kHtTracePoints;  // stamps of one block
 
 // Per block: time its sending half spent on rows (start -> issued) and on fences (issued -> published),
 // when it published its last chunk; time its receiving half spent waiting (wait -> arrived) and working
 // (arrived -> done), when it finished; all in us, times of day after the call's first stamp.
-void print(HtTraceKind kind, const TraceState& st) {
-  const size_t per_block = size_t(kMaxChunks) * kHtTracePoints;
-  std::vector<uint64_t> h(size_t(st.grid) * per_block);
-  EL_CUDA_CHECK(cudaDeviceSynchronize());
-  EL_CUDA_CHECK(cudaMemcpy(h.data(), st.device, h.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+void print(HtTraceKind kind, const TraceStamps& st) {
+  const std::vector<uint64_t> h = st.read();
+  const int grid = static_cast<int>(h.size() / kPerBlock);
   uint64_t origin = ~0ull, last = 0;
   for (uint64_t v : h)
     if (v != 0) {
@@ -47,11 +31,11 @@ void print(HtTraceKind kind, const TraceState& st) {
   if (origin == ~0ull) return;
   std::vector<double> rows, fences, send_end, waits, work, recv_end;
   int chunks = 0;
-  for (int b = 0; b < st.grid; ++b) {
+  for (int b = 0; b < grid; ++b) {
     double r = 0, f = 0, w = 0, x = 0;
     uint64_t se = 0, re = 0;
     for (int k = 0; k < kMaxChunks; ++k) {
-      const uint64_t* t = &h[b * per_block + size_t(k) * kHtTracePoints];
+      const uint64_t* t = &h[b * kPerBlock + size_t(k) * kHtTracePoints];
       if (t[kHtSendStart] != 0 && t[kHtSendIssued] >= t[kHtSendStart]) {
         r += (t[kHtSendIssued] - t[kHtSendStart]) / 1e3;
         ++chunks;
@@ -77,9 +61,10 @@ void print(HtTraceKind kind, const TraceState& st) {
       stderr,
       "ht %s trace, call %ld, %d blocks, %d chunks sent (us, min/median/max over blocks): span %.1f; "
       "sending: rows %s, fences %s, last flag at %s; receiving: waits %s, %s %s, done at %s\n",
-      dispatch ? "dispatch" : "combine", st.calls, st.grid, chunks, (last - origin) / 1e3,
-      spread(rows).c_str(), spread(fences).c_str(), spread(send_end).c_str(), spread(waits).c_str(),
-      dispatch ? "copy-out" : "sums", spread(work).c_str(), spread(recv_end).c_str());
+      dispatch ? "dispatch" : "combine", st.calls, grid, chunks, (last - origin) / 1e3,
+      trace_spread(rows).c_str(), trace_spread(fences).c_str(), trace_spread(send_end).c_str(),
+      trace_spread(waits).c_str(), dispatch ? "copy-out" : "sums", trace_spread(work).c_str(),
+      trace_spread(recv_end).c_str());
 }
 
 }  // namespace
@@ -92,19 +77,10 @@ uint64_t* ht_trace_arm(HtTraceKind kind, int grid, cudaStream_t stream) {
 #endif
   static const long every = trace_every("EXPERTLINK_HT_TRACE", kBuilt, "-DEXPERTLINK_HT_TRACE=ON");
   if (every == 0 || trace_capturing(stream)) return nullptr;
-  static TraceState states[2];
-  TraceState& st = states[kind == HtTraceKind::kDispatch ? 0 : 1];
+  static TraceStamps states[2];
+  TraceStamps& st = states[kind == HtTraceKind::kDispatch ? 0 : 1];
   if (st.device != nullptr && st.calls % every == 0) print(kind, st);
-  const size_t per_block = size_t(kMaxChunks) * kHtTracePoints;
-  if (grid > st.capacity) {
-    if (st.device != nullptr) EL_CUDA_CHECK(cudaFree(st.device));
-    EL_CUDA_CHECK(cudaMalloc(&st.device, size_t(grid) * per_block * sizeof(uint64_t)));
-    st.capacity = grid;
-  }
-  st.grid = grid;
-  EL_CUDA_CHECK(cudaMemsetAsync(st.device, 0, size_t(grid) * per_block * sizeof(uint64_t), stream));
-  ++st.calls;
-  return st.device;
+  return st.start_call(size_t(grid) * kPerBlock, stream);
 }
 
 }  // namespace expertlink::kernels

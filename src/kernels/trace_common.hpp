@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <vector>
 
 #include <cuda_runtime.h>
 
@@ -28,6 +30,44 @@ inline bool trace_capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   EL_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   return capture != cudaStreamCaptureStatusNone;
+}
+
+// One kernel kind's stamp array on the device: grown to the largest call, cleared on the stream when a call
+// starts, read back for the printout.
+struct TraceStamps {
+  uint64_t* device = nullptr;
+  size_t capacity = 0;  // stamps allocated
+  size_t entries = 0;   // stamps of the last call
+  long calls = 0;
+
+  uint64_t* start_call(size_t n, cudaStream_t stream) {
+    if (n > capacity) {
+      if (device != nullptr) EL_CUDA_CHECK(cudaFree(device));
+      EL_CUDA_CHECK(cudaMalloc(&device, n * sizeof(uint64_t)));
+      capacity = n;
+    }
+    entries = n;
+    EL_CUDA_CHECK(cudaMemsetAsync(device, 0, n * sizeof(uint64_t), stream));
+    ++calls;
+    return device;
+  }
+
+  // The last call's stamps. Synchronizes the device: a split call's halves may run on other streams.
+  std::vector<uint64_t> read() const {
+    std::vector<uint64_t> h(entries);
+    EL_CUDA_CHECK(cudaDeviceSynchronize());
+    EL_CUDA_CHECK(cudaMemcpy(h.data(), device, h.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+    return h;
+  }
+};
+
+// "min/median/max" of `v` with one decimal, "-" when empty.
+inline std::string trace_spread(std::vector<double> v) {
+  if (v.empty()) return "-";
+  std::sort(v.begin(), v.end());
+  char s[64];
+  std::snprintf(s, sizeof s, "%.1f/%.1f/%.1f", v.front(), v[v.size() / 2], v.back());
+  return s;
 }
 
 }  // namespace expertlink::kernels
