@@ -5,7 +5,8 @@
 #
 #   Local:  scripts/gpu_ab.sh prepare BASE_REV [DIR]   DIR (default .snap) = this checkout's HEAD, with
 #           BASE_REV exported into DIR/base and .deps copied in; send DIR with the device call (carry).
-#   Device: cd DIR && scripts/gpu_ab.sh run [el_bench args]
+#   Device: cd DIR && scripts/gpu_ab.sh run [el_bench args]   (builds first; `build` alone only builds, so
+#           other builds can share the CPUs before anything is timed)
 #           AB_VARIANTS lists what runs, each NAME=TREE[,VAR=VALUE...] with TREE "base" or "cur";
 #           default "base=base cur=cur". Example: AB_VARIANTS="base=base cur=cur bulk=cur,EXPERTLINK_HT_REDUCE=bulk"
 #           AB_CMAKE_ARGS go to both builds, AB_CMAKE_ARGS_CUR to the current tree's only (e.g.
@@ -33,15 +34,19 @@ build() {  # TREE_DIR BUILD_DIR EXTRA_CMAKE_ARGS
     { echo "build of $1 FAILED:"; tail -20 "$2.build.log" "$2.configure.log"; return 1; }
 }
 
+build_all() {
+  local pids=()
+  [ -d base ] && { build base build-ab-base "${AB_CMAKE_ARGS:-}" & pids+=($!); }
+  build . build-ab-cur "${AB_CMAKE_ARGS:-} ${AB_CMAKE_ARGS_CUR:-}" & pids+=($!)
+  for p in "${pids[@]}"; do wait "$p" || return 1; done
+}
+
 run() {
   export NCCL_NVLS_ENABLE=0
   local args=("$@")
   [ ${#args[@]} -eq 0 ] && args=(--workloads ht_dispatch_fp8,ht_dispatch_bf16,ht_combine_bf16 --routing uniform --sms 24,8)
   local variants=(${AB_VARIANTS:-base=base cur=cur})
-  local pids=()
-  [ -d base ] && { build base build-ab-base "${AB_CMAKE_ARGS:-}" & pids+=($!); }
-  build . build-ab-cur "${AB_CMAKE_ARGS:-} ${AB_CMAKE_ARGS_CUR:-}" & pids+=($!)
-  for p in "${pids[@]}"; do wait "$p" || exit 1; done
+  build_all || exit 1
   nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | sed 's/^/card: /'
   local first=1 out=/tmp/gpu_ab
   rm -rf "$out" && mkdir -p "$out"
@@ -72,6 +77,7 @@ EOF
 
 case "${1:-}" in
   prepare) shift; prepare "$@" ;;
+  build) build_all ;;
   run) shift; run "$@" ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
 esac
