@@ -1,15 +1,29 @@
 // HT combine: expert outputs go back to their source ranks and are summed per token in float32, in
 // ascending rank order (the oracle's order). Protocol and buffer layout: ht_protocol.cuh.
+#include <cstdlib>
+#include <cstring>
+
 #include "check.hpp"
 #include "kernels/ht_protocol.cuh"
 
 namespace expertlink::kernels {
 namespace {
 
-template <bool kBulk>
+// Bulk reduce (EXPERTLINK_HT_REDUCE=bulk): the reduce is bound by the loads it has in flight, and with
+// 1024 threads a thread has 64 registers: 4 vectors of 16 bytes per lane, 32 KB per SM. Staging the rows
+// in shared memory with bulk (TMA) loads takes the bytes in flight out of the registers: each reducing
+// warp keeps kReduceStages pieces of kReducePieceBytes in flight (lane 0 issues, every lane sums its
+// 4 vectors of a piece from shared memory), 192 KB per SM.
+inline constexpr int kReducePieceBytes = 32 * 4 * 16;
+inline constexpr int kReduceStages = 6;
+inline constexpr size_t kReduceSmemBytes = size_t(kRoleWarps) * kReduceStages * kReducePieceBytes;
+
+template <bool kBulk, bool kBulkReduce>
 __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombineParams p) {
+  static_assert(!(kBulk && kBulkReduce), "bulk sending and bulk reducing share the dynamic shared memory");
   __shared__ int abort_flag, send_abort, recv_abort, copy_abort;
   __shared__ uint64_t stage_bar[kRoleWarps][2];
+  __shared__ uint64_t reduce_bar[kBulkReduce ? kRoleWarps : 1][kReduceStages];
   extern __shared__ __align__(128) char stage_smem[];
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk, H = p.hidden;
@@ -27,6 +41,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
   }
   WarpStages stages{};
   if (kBulk && warp < kRoleWarps) stages = warp_stages(stage_smem, stage_bar, warp, lane);
+  if (kBulkReduce && warp >= kRoleWarps && lane == 0)
+    for (int i = 0; i < kReduceStages; ++i) mbar_init(&reduce_bar[warp - kRoleWarps][i]);
   __syncthreads();
   if (abort_flag) return;
 
@@ -91,6 +107,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
     const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
     const int64_t local_row0 = p.handle.rank_prefix[me];
     const int rwarp = warp - kRoleWarps, rtid = threadIdx.x - kRoleThreads;
+    uint32_t reduce_units = 0;  // bulk reduce: units this warp has taken through its stages (stage phases)
     if (rtid == 0) recv_abort = 0;
     role_barrier(kRecvBarrier);
     for (int c = blockIdx.x, k = 0; c < num_chunks; c += gridDim.x, ++k) {
@@ -102,6 +119,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
       role_barrier(kRecvBarrier);
       if (recv_abort) break;
       if (rtid == 0) ht_stamp(p.trace, k, kHtRecvArrived);
+      // The peers' rows were written through the generic proxy; the bulk loads read through the async one.
+      if (kBulkReduce && lane == 0) asm volatile("fence.proxy.async.global;" ::: "memory");
       const int t_end = min(T, (c + 1) * chunk_tokens);
       for (int t = c * chunk_tokens + rwarp; t < t_end; t += kRoleWarps) {
         const int32_t* pos_row = p.handle.send_pos + int64_t(t) * R;
@@ -116,10 +135,75 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
                  int64_t(pos) * p.record_bytes;
         };
         char* out_row = static_cast<char*>(p.out) + int64_t(t) * p.out_row_stride * 2;
+        if constexpr (kBulkReduce) {
+          // Sources in the oracle's order: the ranks of `mask` ascending, then bias0, then bias1. Unit u is
+          // piece u / n_src of source u % n_src; units go through the warp's stages in order.
+          const int n_rank = __popcll(mask);
+          const int n_src = n_rank + (p.bias0.data != nullptr) + (p.bias1.data != nullptr);
+          const int64_t row_bytes = 2ll * H;
+          const int pieces = static_cast<int>((row_bytes + kReducePieceBytes - 1) / kReducePieceBytes);
+          const int units = pieces * n_src;
+          char* const stage_buf = stage_smem + size_t(rwarp) * kReduceStages * kReducePieceBytes;
+          uint64_t* const bars = reduce_bar[kBulkReduce ? rwarp : 0];
+          // Called by the whole warp (the shuffle); lane 0 issues the load of unit u into its stage.
+          auto issue = [&](int u) {
+            const int piece = u / n_src, i = u % n_src;
+            const char* row;
+            if (i < n_rank) {
+              uint64_t m = mask;
+              for (int skip = 0; skip < i; ++skip) m &= m - 1;
+              const int d = __ffsll(m) - 1;
+              row = row_of(d, __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31));
+            } else {
+              const Strided2d& b = i == n_rank && p.bias0.data != nullptr ? p.bias0 : p.bias1;
+              row = static_cast<const char*>(b.data) + t * b.row_stride * 2;
+            }
+            const int64_t off = int64_t(piece) * kReducePieceBytes;
+            const uint32_t slot = (reduce_units + u) % kReduceStages;
+            if (lane == 0) {
+              // The stage's previous unit was read by every lane (__syncwarp below) through the generic
+              // proxy; the bulk load writes it through the async proxy.
+              asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+              bulk_load(stage_buf + slot * kReducePieceBytes, row + off,
+                        static_cast<uint32_t>(min(int64_t(kReducePieceBytes), row_bytes - off)), &bars[slot]);
+            }
+          };
+          for (int u = 0; u < min(units, kReduceStages); ++u) issue(u);
+          bool ok = true;
+          for (int piece = 0; piece < pieces && ok; ++piece) {
+            float acc[4][8] = {};
+            for (int i = 0; i < n_src; ++i) {
+              const int u = piece * n_src + i;
+              const uint32_t g = reduce_units + u;
+              if (!mbar_wait(&bars[g % kReduceStages], (g / kReduceStages) & 1, ctx)) {
+                ok = false;
+                break;
+              }
+              const int4* piece_smem = reinterpret_cast<const int4*>(stage_buf + (g % kReduceStages) * kReducePieceBytes);
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                const int64_t v = int64_t(piece) * (kReducePieceBytes / 16) + j * 32 + lane;
+                if (v < vecs) add_bf16x8(acc[j], piece_smem[j * 32 + lane]);
+              }
+              __syncwarp();
+              if (u + kReduceStages < units) issue(u + kReduceStages);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const int64_t v = int64_t(piece) * (kReducePieceBytes / 16) + j * 32 + lane;
+              if (ok && v < vecs) reinterpret_cast<int4*>(out_row)[v] = to_bf16x8(acc[j]);
+            }
+          }
+          reduce_units += units;
+          if (!ok) {
+            recv_abort = 1;  // recorded by mbar_wait; the next chunk's check leaves
+            break;
+          }
+        }
         // kUnroll vectors per lane in flight from every source row before any is summed; the trip count
         // is uniform over the warp (the shuffles need every lane).
         constexpr int kUnroll = 4;
-        for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kUnroll) {
+        for (int64_t v0 = 0; v0 < (kBulkReduce ? 0 : vecs); v0 += 32 * kUnroll) {
           float acc[kUnroll][8] = {};
           auto accumulate = [&](const int4* base, bool local) {
             int4 val[kUnroll];
@@ -177,10 +261,23 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
 
 }  // namespace
 
+bool ht_bulk_reduce() {
+  const char* v = std::getenv("EXPERTLINK_HT_REDUCE");
+  return v != nullptr && std::strcmp(v, "bulk") == 0;
+}
+
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
   HtCombineParams q = p;
   q.trace = ht_trace_arm(HtTraceKind::kCombine, num_sms, stream);
-  launch_ht_kernel(ht_combine_kernel<true>, ht_combine_kernel<false>, q, num_sms, stream);
+  if (!ht_bulk_reduce()) {
+    launch_ht_kernel(ht_combine_kernel<true, false>, ht_combine_kernel<false, false>, q, num_sms, stream);
+    return;
+  }
+  // Per device; not a stream operation, so legal during graph capture. Bulk reducing sends with warps.
+  EL_CUDA_CHECK(cudaFuncSetAttribute(ht_combine_kernel<false, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(kReduceSmemBytes)));
+  ht_combine_kernel<false, true><<<num_sms, kHtThreads, kReduceSmemBytes, stream>>>(q);
+  EL_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace expertlink::kernels

@@ -82,6 +82,25 @@ GPU_CASE(ht_edge_empty_rank_single_token_all_masked_alignment, 2, 240) {
   return run_cases(ctx, {empty, one, masked, half, sms, one_sm});
 }
 
+// Combine's bulk (shared-memory) reduce, opt in (EXPERTLINK_HT_REDUCE=bulk) until it is measured: bitwise
+// against the oracle with biases and without, a hidden size whose last piece is partial, -1 slots, an empty
+// rank, 1 SM, three rounds each (the stages' phases carry across tokens and calls).
+GPU_CASE(ht_bulk_reduce_matches_oracle, 2, 240) {
+  setenv("EXPERTLINK_HT_REDUCE", "bulk", 1);
+  HtCase big{"bf16 T=512 H=7168 top-8/256", 512, 7168, 8, 256};
+  HtCase partial{"H=2880 (last piece partial) top-9/64 skewed", 300, 2880, 9, 64, Fmt::kBf16, true,
+                 Routing::kSkewed};
+  HtCase small{"H=136 no bias", 77, 136, 2, 8};
+  small.with_bias = false;
+  HtCase empty{"rank 1 has no tokens", 64, 1024, 4, 64};
+  empty.zero_tokens_rank = 1;
+  HtCase masked{"every slot -1", 32, 256, 2, 8};
+  masked.masked_slots = 32 * 2;
+  HtCase one_sm{"1 SM", 90, 1024, 4, 32};
+  one_sm.num_sms = 1;
+  return run_cases(ctx, {big, partial, small, empty, masked, one_sm}, 3);
+}
+
 GPU_CASE(ht_1000_rounds_one_buffer_mixed, 2, 500) {
   HtCase a{"small bf16", 48, 256, 4, 32};
   HtCase b{"small fp8 capacity", 40, 512, 3, 16, Fmt::kFp8};
