@@ -9,11 +9,14 @@
 namespace expertlink::kernels {
 namespace {
 
-// Bulk reduce (EXPERTLINK_HT_REDUCE=bulk): the reduce is bound by the loads it has in flight, and with
-// 1024 threads a thread has 64 registers: 4 vectors of 16 bytes per lane, 32 KB per SM. Staging the rows
-// in shared memory with bulk (TMA) loads takes the bytes in flight out of the registers: each reducing
-// warp keeps kReduceStages pieces of kReducePieceBytes in flight (lane 0 issues, every lane sums its
-// 4 vectors of a piece from shared memory), 192 KB per SM.
+// Bulk reduce (the default; EXPERTLINK_HT_REDUCE=warp selects the register path): the reduce is bound by
+// the loads it has in flight, and with 1024 threads a thread has 64 registers: 4 vectors of 16 bytes per
+// lane, 32 KB per SM. Staging the rows in shared memory with bulk (TMA) loads takes the bytes in flight out
+// of the registers: each reducing warp keeps kReduceStages pieces of kReducePieceBytes in flight (lane 0
+// issues, every lane sums its 4 vectors of a piece from shared memory), 192 KB per SM. Measured on 2x H200
+// (2026-11-28, T = 4096, H = 7168): combine 374 -> 348 us at 24 SMs, 723 -> 683 us at 8 SMs; less than
+// the ~220 us predicted at 24 SMs (the trace: the sums took 220 -> 190-213 us per block; docs).
+// Bulk sending (EXPERTLINK_HT_COPY=bulk) needs the same shared memory: with it, combine reduces with warps.
 inline constexpr int kReducePieceBytes = 32 * 4 * 16;
 inline constexpr int kReduceStages = 6;
 inline constexpr size_t kReduceSmemBytes = size_t(kRoleWarps) * kReduceStages * kReducePieceBytes;
@@ -263,7 +266,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
 
 bool ht_bulk_reduce() {
   const char* v = std::getenv("EXPERTLINK_HT_REDUCE");
-  return v != nullptr && std::strcmp(v, "bulk") == 0;
+  return v == nullptr || std::strcmp(v, "warp") != 0;
 }
 
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
