@@ -25,6 +25,7 @@ template <bool kBulk, bool kBulkReduce>
 __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombineParams p) {
   static_assert(!(kBulk && kBulkReduce), "bulk sending and bulk reducing share the dynamic shared memory");
   __shared__ int abort_flag, send_abort, recv_abort, copy_abort;
+  __shared__ int ticket[2][2];  // [role][parity]: the role's current and next item or chunk (draw_ticket)
   __shared__ uint64_t stage_bar[kRoleWarps][2];
   __shared__ uint64_t reduce_bar[kBulkReduce ? kRoleWarps : 1][kReduceStages];
   extern __shared__ __align__(128) char stage_smem[];
@@ -41,7 +42,9 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
   if (threadIdx.x == 0) {
     abort_flag = wait_aborted(ctx);
     copy_abort = 0;
+    ticket[kSendRole][0] = draw_ticket(p.state, 2, kSendRole);
   }
+  if (threadIdx.x == kRoleThreads) ticket[kRecvRole][0] = draw_ticket(p.state, 2, kRecvRole);
   WarpStages stages{};
   if (kBulk && warp < kRoleWarps) stages = warp_stages(stage_smem, stage_bar, warp, lane);
   if (kBulkReduce && warp >= kRoleWarps && lane == 0)
@@ -51,28 +54,25 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
 
   if (warp < kRoleWarps) {
     // ---- send (first half of the warps): source s's chunk c of expert outputs back into s's area ----
-    bool stop = false;
-    int item = 0, mine = 0;  // items of all sources; those of this block
-    for (int s = 0; s < R && !stop; ++s) {
-      if (s == me || !rank_live(w, s)) continue;
-      const int n = ht_num_chunks(p.handle.src_tokens[s]);
-      const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
-      const int64_t row0 = p.handle.rank_prefix[s];
-      char* seg = area_segment(w.peer_base[s], p.area_offset, me, s, p.area_rows, p.record_bytes);
-      for (int c = 0; c < n; ++c, ++item) {
-        if (item % gridDim.x != blockIdx.x) continue;
-        const int k = mine++;
-        if (threadIdx.x == 0) ht_stamp(p.trace, k, kHtSendStart);
+    const int items = source_chunk_items(w, p.handle.src_tokens);
+    for (int k = 0, mine = 0;; ++k) {  // tickets drawn; items of a live source this block published
+      const int item = ticket[kSendRole][k & 1];
+      if (item >= items) break;
+      const SourceChunk sc = source_chunk(w, p.handle.src_tokens, item);
+      const int s = sc.source, c = sc.chunk, m = mine;
+      if (sc.valid) {
+        ++mine;
+        if (threadIdx.x == 0) ht_stamp(p.trace, m, kHtSendStart);
+        const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
         const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
         if (r0 < r1) {
           if (threadIdx.x == 0)
             send_abort = !wait_geq(control_u64(w.local_base, control::kCombineReady, s), round, ctx,
                                    WaitSite::kHtCombineReady, s, 0);
           role_barrier(kSendBarrier);
-          if (send_abort) {
-            stop = true;
-            break;
-          }
+          if (send_abort) break;
+          const int64_t row0 = p.handle.rank_prefix[s];
+          char* seg = area_segment(w.peer_base[s], p.area_offset, me, s, p.area_rows, p.record_bytes);
           for (int r = r0 + warp; r < r1; r += kRoleWarps) {
             const int64_t row = row0 + r;
             char* rec = seg + int64_t(r) * p.record_bytes;
@@ -92,17 +92,17 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
           }
         }
         if (kBulk && lane == 0) bulk_wait_all();
-        role_barrier(kSendBarrier);  // the chunk's rows from every sender warp, then one fenced release store
-        if (kBulk && copy_abort) {
-          stop = true;
-          break;
-        }
-        if (threadIdx.x == 0) {
-          ht_stamp(p.trace, k, kHtSendIssued);
-          __threadfence_system();
-          st_release_sys(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
-          ht_stamp(p.trace, k, kHtSendPublished);
-        }
+      }
+      if (threadIdx.x == 0) ticket[kSendRole][(k + 1) & 1] = draw_ticket(p.state, 2, kSendRole);
+      // The item's rows from every sender warp (and the next ticket), then one fenced release store, also
+      // for an item with no rows: s's reduce waits for every rank's flag of each chunk.
+      role_barrier(kSendBarrier);
+      if (kBulk && copy_abort) break;
+      if (sc.valid && threadIdx.x == 0) {
+        ht_stamp(p.trace, m, kHtSendIssued);
+        __threadfence_system();
+        st_release_sys(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
+        ht_stamp(p.trace, m, kHtSendPublished);
       }
     }
   } else {
@@ -113,7 +113,9 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
     uint32_t reduce_units = 0;  // bulk reduce: units this warp has taken through its stages (stage phases)
     if (rtid == 0) recv_abort = 0;
     role_barrier(kRecvBarrier);
-    for (int c = blockIdx.x, k = 0; c < num_chunks; c += gridDim.x, ++k) {
+    for (int k = 0;; ++k) {
+      const int c = ticket[kRecvRole][k & 1];
+      if (c >= num_chunks) break;
       if (rtid == 0) ht_stamp(p.trace, k, kHtRecvWait);
       if (rtid < R && rtid != me && rank_live(w, rtid) &&
           !wait_geq(control_u64(w.local_base, control::kCombineChunk, rtid * kMaxChunks + c), round, ctx,
@@ -255,7 +257,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
           if (lane < K) p.out_topk_weights[int64_t(t) * K + lane] = sum;
         }
       }
-      role_barrier(kRecvBarrier);  // recv_abort is rewritten for the next chunk
+      if (rtid == 0) ticket[kRecvRole][(k + 1) & 1] = draw_ticket(p.state, 2, kRecvRole);
+      role_barrier(kRecvBarrier);  // the next ticket is visible; recv_abort is rewritten for the next chunk
       if (rtid == 0) ht_stamp(p.trace, k, kHtRecvDone);
     }
   }

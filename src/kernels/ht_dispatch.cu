@@ -20,6 +20,7 @@ __device__ __forceinline__ uint64_t warp_dest_mask(const int32_t* send_pos_row, 
 template <bool kBulk>
 __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchParams p) {
   __shared__ int abort_flag, recv_abort, send_abort;
+  __shared__ int ticket[2][2];  // [role][parity]: the role's current and next chunk or item (draw_ticket)
   __shared__ uint64_t stage_bar[kRoleWarps][2];
   extern __shared__ __align__(128) char stage_smem[];
   const SymmetricView& w = p.win;
@@ -37,7 +38,9 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   if (threadIdx.x == 0) {
     abort_flag = wait_aborted(ctx);  // e.g. ranks disagreed in notify
     send_abort = 0;
+    ticket[kSendRole][0] = draw_ticket(p.state, 1, kSendRole);
   }
+  if (threadIdx.x == kRoleThreads) ticket[kRecvRole][0] = draw_ticket(p.state, 1, kRecvRole);
   WarpStages stages{};
   if (kBulk && warp < kRoleWarps) stages = warp_stages(stage_smem, stage_bar, warp, lane);
   __syncthreads();
@@ -53,7 +56,9 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
     // ---- send (first half of the warps): chunk c of this rank's tokens, each row to every destination ----
     const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
     const int64_t local_row0 = p.handle.rank_prefix[me];
-    for (int c = blockIdx.x, k = 0; c < num_chunks; c += gridDim.x, ++k) {
+    for (int k = 0;; ++k) {
+      const int c = ticket[kSendRole][k & 1];
+      if (c >= num_chunks) break;
       if (threadIdx.x == 0) ht_stamp(p.trace, k, kHtSendStart);
       const int t_end = min(T, (c + 1) * chunk_tokens);
       for (int t = c * chunk_tokens + warp; t < t_end; t += kRoleWarps) {
@@ -147,6 +152,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       // Publish chunk c to every other rank (also when it sent them nothing): every sender thread's rows
       // (bulk stores complete first), then (barrier, one system fence) the release stores of the round.
       if (kBulk && lane == 0) bulk_wait_all();
+      if (threadIdx.x == 0) ticket[kSendRole][(k + 1) & 1] = draw_ticket(p.state, 1, kSendRole);
       role_barrier(kSendBarrier);
       if (kBulk && send_abort) break;
       if (threadIdx.x == 0) ht_stamp(p.trace, k, kHtSendIssued);
@@ -158,32 +164,29 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       }
     }
   } else {
-    // ---- receive (second half): copy (source, chunk) blocks of rows out of the area as they arrive ----
+    // ---- receive (second half): copy (source, chunk) items of rows out of the area as they arrive ----
     const int rwarp = warp - kRoleWarps, rtid = threadIdx.x - kRoleThreads;
-    bool stop = false;
-    int item = 0, mine = 0;  // items of all sources; those of this block
-    for (int s = 0; s < R && !stop; ++s) {
-      if (s == me || !rank_live(w, s)) continue;
-      const int n = ht_num_chunks(p.handle.src_tokens[s]);
+    const int items = source_chunk_items(w, p.handle.src_tokens);
+    for (int k = 0, mine = 0;; ++k) {  // tickets drawn; items this block waited for
+      const int item = ticket[kRecvRole][k & 1];
+      if (item >= items) break;
+      const SourceChunk sc = source_chunk(w, p.handle.src_tokens, item);
+      const int s = sc.source, c = sc.chunk;
       const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
-      const int64_t row0 = p.handle.rank_prefix[s];
-      const char* seg = area_segment(w.local_base, p.area_offset, s, me, p.area_rows, p.record_bytes);
-      for (int c = 0; c < n; ++c, ++item) {
-        if (item % gridDim.x != blockIdx.x) continue;
-        const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
-        if (r0 == r1) continue;
-        const int k = mine++;
+      const int r0 = sc.valid ? chunk_prefix[c] : 0, r1 = sc.valid ? chunk_prefix[c + 1] : 0;
+      const int m = mine;
+      if (r0 < r1) {
+        ++mine;
         if (rtid == 0) {
-          ht_stamp(p.trace, k, kHtRecvWait);
+          ht_stamp(p.trace, m, kHtRecvWait);
           recv_abort = !wait_geq(control_u64(w.local_base, control::kDispatchChunk, s * kMaxChunks + c),
                                  round, ctx, WaitSite::kHtDispatchChunk, s, c);
         }
         role_barrier(kRecvBarrier);
-        if (rtid == 0) ht_stamp(p.trace, k, kHtRecvArrived);
-        if (recv_abort) {
-          stop = true;
-          break;
-        }
+        if (rtid == 0) ht_stamp(p.trace, m, kHtRecvArrived);
+        if (recv_abort) break;
+        const int64_t row0 = p.handle.rank_prefix[s];
+        const char* seg = area_segment(w.local_base, p.area_offset, s, me, p.area_rows, p.record_bytes);
         for (int r = r0 + rwarp; r < r1; r += kRoleWarps) {
           const int64_t row = row0 + r;
           if (row >= capacity) continue;
@@ -204,9 +207,10 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
           }
           if (lane == 0) p.handle.recv_src_token[row] = __ldcg(tail + 2 * K);
         }
-        role_barrier(kRecvBarrier);  // recv_abort is rewritten for the next item
-        if (rtid == 0) ht_stamp(p.trace, k, kHtRecvDone);
       }
+      if (rtid == 0) ticket[kRecvRole][(k + 1) & 1] = draw_ticket(p.state, 1, kRecvRole);
+      role_barrier(kRecvBarrier);  // the next ticket is visible; recv_abort is rewritten for the next item
+      if (r0 < r1 && rtid == 0) ht_stamp(p.trace, m, kHtRecvDone);
     }
   }
   if (blockIdx.x == 0 && p.recv_expert_count != nullptr)

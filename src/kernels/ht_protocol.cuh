@@ -7,7 +7,8 @@
 // land (rank_prefix, chunk_prefix) and the per-expert counts.
 //
 // Dispatch (S blocks, each split into a sending and a receiving half): a rank's tokens are cut into
-// chunks (ht_chunk_tokens(T)). The sending half of the block owning chunk c reads each token row once and
+// chunks (ht_chunk_tokens(T)), which the sending halves take by ticket (draw_ticket), as the receiving
+// halves take the (source, chunk) items. The sending half that drew chunk c reads each token row once and
 // writes it straight into every destination: into its own recv_x at its final row when the destination
 // is itself, else into the destination's receiving area (one segment per source rank, rows at send_pos).
 // When the chunk is written, it publishes round r in the destination's kDispatchChunk[src][c] slot (role
@@ -181,8 +182,38 @@ void launch_ht_kernel(void (*bulk)(Params), void (*warp)(Params), const Params& 
   EL_CUDA_CHECK(cudaGetLastError());
 }
 
+// Work is dealt by tickets, not round robin: each role of a kernel draws the index of its next chunk or
+// item from its own counter, so a block whose SM moves bytes faster takes more of them (on 2x H200 blocks
+// with equal shares finished their rows 1.4-1.6x apart: the trace of 2026-11-28). One thread of the role
+// draws, the role barrier that ends the current item publishes the draw, so the atomic's latency hides
+// behind the other warps' last rows.
+inline constexpr int kSendRole = 0, kRecvRole = 1;
+__device__ __forceinline__ int draw_ticket(const HtState& st, int which, int role) {
+  return static_cast<int>(atomicAdd(&st.tickets[2 * which + role], 1u));
+}
+
+// The (source, chunk) items a rank receives (dispatch) or sends back (combine), chunk-major: the order
+// in which the sources publish them. Item i is chunk i / (R - 1) of the (i % (R - 1))-th other rank;
+// there are (R - 1) x (the most chunks of any live other source) items, and an item is empty (nothing to
+// wait for) when its source is masked or has fewer chunks.
+struct SourceChunk {
+  int source, chunk;
+  bool valid;
+};
+__device__ __forceinline__ int source_chunk_items(const SymmetricView& w, const int32_t* src_tokens) {
+  int most = 0;
+  for (int s = 0; s < w.num_ranks; ++s)
+    if (s != w.rank && rank_live(w, s)) most = max(most, ht_num_chunks(src_tokens[s]));
+  return (w.num_ranks - 1) * most;
+}
+__device__ __forceinline__ SourceChunk source_chunk(const SymmetricView& w, const int32_t* src_tokens, int item) {
+  const int j = item % (w.num_ranks - 1), s = j < w.rank ? j : j + 1, c = item / (w.num_ranks - 1);
+  return {s, c, rank_live(w, s) && c < ht_num_chunks(src_tokens[s])};
+}
+
 // The last block of a kernel to finish advances the rank's round counter `which` (the next kernel on
-// the stream reads it at entry; all blocks of this one read it before any could finish).
+// the stream reads it at entry; all blocks of this one read it before any could finish) and zeroes the
+// kernel's tickets (every block has drawn its last).
 __device__ __forceinline__ void finish_round(const HtState& st, int which, uint64_t round) {
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -190,6 +221,8 @@ __device__ __forceinline__ void finish_round(const HtState& st, int which, uint6
     if (atomicAdd(&st.done_blocks[which], 1u) == gridDim.x - 1) {
       st.rounds[which] = round;
       st.done_blocks[which] = 0;
+      st.tickets[2 * which + kSendRole] = 0;
+      st.tickets[2 * which + kRecvRole] = 0;
       __threadfence();
     }
   }
