@@ -166,9 +166,10 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
             const int64_t off = int64_t(piece) * kReducePieceBytes;
             const uint32_t slot = (reduce_units + u) % kReduceStages;
             if (lane == 0) {
-              // The stage's previous unit was read by every lane (__syncwarp below) through the generic
-              // proxy; the bulk load writes it through the async proxy.
-              asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+              // The stage's previous unit was read by every lane through the generic proxy, and every lane
+              // has used what it read (the sums) before the __syncwarp that precedes this issue, so the
+              // bulk write cannot pass those reads: no proxy fence per unit (as TMA pipelines release a
+              // stage with an mbarrier arrive alone).
               bulk_load(stage_buf + slot * kReducePieceBytes, row + off,
                         static_cast<uint32_t>(min(int64_t(kReducePieceBytes), row_bytes - off)), &bars[slot]);
             }
