@@ -19,10 +19,10 @@ struct LlContext {
   int grid = 0;  // blocks of the warp-per-unit kernels
   size_t ll_bytes = 0;
   std::unique_ptr<Transport> transport;
-  char* send = nullptr;    // [ll_bytes]: four areas
-  char* recv = nullptr;    // [ll_bytes]: four areas
-  int32_t* words = nullptr;  // [2][kLlMaxTokens * kLlMaxTopk]: route -> pack scratch, per dispatch parity
-  int32_t* mismatch = nullptr;      // host-mapped [kLlMismatchWords]
+  char* send = nullptr;         // [ll_bytes]: four areas
+  char* recv = nullptr;         // [ll_bytes]: four areas
+  int32_t* words = nullptr;     // [2][kLlMaxTokens * kLlMaxTopk]: route -> pack scratch, per dispatch parity
+  int32_t* mismatch = nullptr;  // host-mapped [kLlMismatchWords]
   int32_t* mismatch_dev = nullptr;
   // The last receive half of each area, when it ran outside graph capture: a later call of that area on
   // another stream waits for it before its kernels and NCCL rewrite the area's staging.
@@ -62,9 +62,13 @@ std::shared_ptr<LlContext> make_ll_context(const Communicator& comm, const Topol
   return ctx;
 }
 
-size_t ll_staging_bytes(const LlContext& ctx) { return 2 * ctx.ll_bytes; }
+size_t ll_staging_bytes(const LlContext& ctx) {
+  return 2 * ctx.ll_bytes;
+}
 
-int64_t ll_staging_area_bytes(const LlContext& ctx) { return ll_area_bytes(static_cast<int64_t>(ctx.ll_bytes)); }
+int64_t ll_staging_area_bytes(const LlContext& ctx) {
+  return ll_area_bytes(static_cast<int64_t>(ctx.ll_bytes));
+}
 
 void ll_raise_errors(LlContext& ctx) {
   volatile int32_t* f = ctx.mismatch;
@@ -72,12 +76,13 @@ void ll_raise_errors(LlContext& ctx) {
   const int source = f[1], field = f[2], got = f[3], ours = f[4];
   f[0] = 0;  // reported once
   static const char* const kFields[] = {"hidden", "topk", "num_experts"};
-  EL_FAIL(ErrorCode::kInvalidArgument,
-          "an earlier LL call on this buffer (rank %d) received from rank %d a call with %s = %d, but this rank "
-          "passed %s = %d: every rank must make the same LL calls with the same hidden, top-k and num_experts "
-          "(that rank's rows were dropped)",
-          ctx.topo.rank, source, field >= 0 && field < 3 ? kFields[field] : "?", got,
-          field >= 0 && field < 3 ? kFields[field] : "?", ours);
+  EL_FAIL(
+      ErrorCode::kInvalidArgument,
+      "an earlier LL call on this buffer (rank %d) received from rank %d a call with %s = %d, but this rank "
+      "passed %s = %d: every rank must make the same LL calls with the same hidden, top-k and num_experts "
+      "(that rank's rows were dropped)",
+      ctx.topo.rank, source, field >= 0 && field < 3 ? kFields[field] : "?", got,
+      field >= 0 && field < 3 ? kFields[field] : "?", ours);
 }
 
 LlLayout ll_layout_of(const kernels::LlGeometry& g, bool fp8, bool ue8m0) {
@@ -131,7 +136,9 @@ void exchange(LlContext& ctx, const LlAreas& a, int64_t offset, int64_t pair_byt
   ctx.transport->exchange(ctx.sends, ctx.recvs, stream);
 }
 
-LlIndex index_of(const void* data, kernels::IdxType type, int64_t rs, int64_t cs) { return {data, type, rs, cs}; }
+LlIndex index_of(const void* data, kernels::IdxType type, int64_t rs, int64_t cs) {
+  return {data, type, rs, cs};
+}
 
 }  // namespace
 

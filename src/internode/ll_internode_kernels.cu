@@ -10,9 +10,9 @@
 // source's sum (partials added in rank order from 0, rounded once). The output order is the intranode
 // one too: rows of local expert j from source s at begin[j][s] + pos, begin = prefix over sources of the
 // per-expert counts, pos = rank of the token among s's tokens that picked j (deterministic).
-#include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
+#include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 
@@ -46,7 +46,8 @@ __device__ __forceinline__ char* out_pair(const LlAreas& a, int rank, int peer, 
 }
 
 __device__ __forceinline__ char* message(const LlPackParams& p, int d, int t) {
-  return out_pair(p.areas, p.rank, d, p.l.dispatch_pair) + p.l.meta_bytes + static_cast<int64_t>(t) * p.l.msg_bytes;
+  return out_pair(p.areas, p.rank, d, p.l.dispatch_pair) + p.l.meta_bytes +
+         static_cast<int64_t>(t) * p.l.msg_bytes;
 }
 
 __device__ __forceinline__ uint64_t warp_or(uint64_t v) {
@@ -85,7 +86,8 @@ __global__ void __launch_bounds__(kRouteThreads) ll_route_kernel(const __grid_co
     if (first >= 0) {
       const int pos = base + excl;
       for (int k = first; k < K; ++k)
-        if (pick(p.idx, t, k) == e) p.words[t * K + k] = j | (pos << 10) | (static_cast<int>(k != first) << 30);
+        if (pick(p.idx, t, k) == e)
+          p.words[t * K + k] = j | (pos << 10) | (static_cast<int>(k != first) << 30);
     }
     base += total;
     __syncthreads();  // temp is reused by the next chunk's scan
@@ -112,8 +114,8 @@ __global__ void __launch_bounds__(kRouteThreads) ll_route_kernel(const __grid_co
 __device__ void pack_row_fp8(const LlPackParams& p, int t, uint64_t mask) {
   const LlLayout& l = p.l;
   const int lane = threadIdx.x & 31, chunks = l.hidden / 16;
-  const int4* row =
-      reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + static_cast<int64_t>(t) * p.x_row_stride * 2);
+  const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) +
+                                                  static_cast<int64_t>(t) * p.x_row_stride * 2);
   for (int base = 0; base < chunks; base += kPackThreads) {  // block-uniform: shuffles stay converged
     const int c = base + static_cast<int>(threadIdx.x);
     const bool valid = c < chunks;
@@ -149,7 +151,8 @@ __device__ void pack_row_fp8(const LlPackParams& p, int t, uint64_t mask) {
       q[i] = 0;
 #pragma unroll
       for (int b = 0; b < 4; ++b)
-        q[i] |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(__fdiv_rn(f[4 * i + b], sf), __NV_SATFINITE, __NV_E4M3))
+        q[i] |= static_cast<uint32_t>(
+                    __nv_cvt_float_to_fp8(__fdiv_rn(f[4 * i + b], sf), __NV_SATFINITE, __NV_E4M3))
                 << (8 * b);
     }
     const int4 out = make_int4(static_cast<int>(q[0]), static_cast<int>(q[1]), static_cast<int>(q[2]),
@@ -161,8 +164,8 @@ __device__ void pack_row_fp8(const LlPackParams& p, int t, uint64_t mask) {
     bool write_scale = valid && (lane & 7) == 0;
     if (p.ue8m0) {
       const uint32_t byte = valid ? (__float_as_uint(sf) >> 23) & 0xFFu : 0u;
-      scale = __shfl_sync(~0u, byte, 0) | (__shfl_sync(~0u, byte, 8) << 8) | (__shfl_sync(~0u, byte, 16) << 16) |
-              (__shfl_sync(~0u, byte, 24) << 24);
+      scale = __shfl_sync(~0u, byte, 0) | (__shfl_sync(~0u, byte, 8) << 8) |
+              (__shfl_sync(~0u, byte, 16) << 16) | (__shfl_sync(~0u, byte, 24) << 24);
       scale_index = c >> 5;
       write_scale = valid && lane == 0;
     }
@@ -176,8 +179,8 @@ __device__ void pack_row_fp8(const LlPackParams& p, int t, uint64_t mask) {
 
 __device__ void pack_row_bf16(const LlPackParams& p, int t, uint64_t mask) {
   const int vecs = p.l.hidden / 8;
-  const int4* row =
-      reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + static_cast<int64_t>(t) * p.x_row_stride * 2);
+  const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) +
+                                                  static_cast<int64_t>(t) * p.x_row_stride * 2);
   for (int c = threadIdx.x; c < vecs; c += kPackThreads) {
     const int4 v = kernels::ld_nc_v4(row + c);
     for (uint64_t m = mask; m != 0; m &= m - 1)
@@ -211,7 +214,8 @@ __global__ void __launch_bounds__(kPackThreads) ll_pack_kernel(const __grid_cons
   const uint64_t mask = dest_mask;
   for (int i = threadIdx.x; i < R * K; i += kPackThreads) {  // every rank gets the header
     const int d = i / K, k = i - d * K, ek = expert[k];
-    reinterpret_cast<int32_t*>(message(p, d, t) + l.header_offset)[k] = ek >= 0 && ek / EL == d ? word[k] : -1;
+    reinterpret_cast<int32_t*>(message(p, d, t) + l.header_offset)[k] =
+        ek >= 0 && ek / EL == d ? word[k] : -1;
   }
   if (p.fp8)
     pack_row_fp8(p, t, mask);
@@ -231,15 +235,17 @@ __device__ void record_mismatch(int32_t* words, int source, int field, int got, 
   }
 }
 
-__global__ void __launch_bounds__(kWarpThreads, 1) ll_unpack_kernel(const __grid_constant__ LlUnpackParams p) {
-  __shared__ int begin[kLlMaxExperts];  // [j * R + s]: first row of source s in expert j
+__global__ void __launch_bounds__(kWarpThreads, 1)
+    ll_unpack_kernel(const __grid_constant__ LlUnpackParams p) {
+  __shared__ int begin[kLlMaxExperts];   // [j * R + s]: first row of source s in expert j
   __shared__ int tokens[kMaxPeers + 1];  // prefix over sources of T_s
   __shared__ int bad[kMaxPeers];         // source s sent another shape: skipped
   const LlLayout& l = p.l;
   const int R = l.num_ranks, EL = l.local_experts, K = l.topk, N = l.capacity, RN = R * N;
 
   for (int s = threadIdx.x; s < R; s += kWarpThreads) {
-    const int32_t* meta = reinterpret_cast<const int32_t*>(p.recv + static_cast<int64_t>(s) * l.dispatch_pair);
+    const int32_t* meta =
+        reinterpret_cast<const int32_t*>(p.recv + static_cast<int64_t>(s) * l.dispatch_pair);
     const int ours[3] = {l.hidden, l.topk, l.num_experts};
     int wrong = -1;
     for (int f = 0; f < 3; ++f)
@@ -251,7 +257,8 @@ __global__ void __launch_bounds__(kWarpThreads, 1) ll_unpack_kernel(const __grid
   __syncthreads();
   for (int i = threadIdx.x; i < R * EL; i += kWarpThreads) {
     const int s = i / EL, j = i - s * EL;
-    const int32_t* meta = reinterpret_cast<const int32_t*>(p.recv + static_cast<int64_t>(s) * l.dispatch_pair);
+    const int32_t* meta =
+        reinterpret_cast<const int32_t*>(p.recv + static_cast<int64_t>(s) * l.dispatch_pair);
     begin[j * R + s] = bad[s] ? 0 : max(meta[4 + j], 0);  // the count; turned into the prefix below
   }
   __syncthreads();
@@ -314,7 +321,8 @@ __global__ void __launch_bounds__(kWarpThreads, 1) ll_unpack_kernel(const __grid
         for (uint32_t mm = cmask; mm != 0; mm &= mm - 1) {
           const int k = __ffs(mm) - 1;
           const int jj = __shfl_sync(~0u, j, k), rr = __shfl_sync(~0u, row, k);
-          uint32_t* dst = static_cast<uint32_t*>(p.recv_scales) + jj * p.scales_stride0 + rr * p.scales_stride1;
+          uint32_t* dst =
+              static_cast<uint32_t*>(p.recv_scales) + jj * p.scales_stride0 + rr * p.scales_stride1;
 #pragma unroll
           for (int i = 0; i < 4; ++i)
             if (lane + 32 * i < l.scale_cols) dst[(lane + 32 * i) * p.scales_stride2] = sc[i];
@@ -371,7 +379,8 @@ __device__ __forceinline__ void add_weighted(float (&acc)[8], int4 v, float w) {
   }
 }
 
-__global__ void __launch_bounds__(kWarpThreads, 1) ll_holder_kernel(const __grid_constant__ LlHolderParams p) {
+__global__ void __launch_bounds__(kWarpThreads, 1)
+    ll_holder_kernel(const __grid_constant__ LlHolderParams p) {
   const LlLayout& l = p.l;
   const int lane = threadIdx.x & 31, K = l.topk, N = l.capacity, RN = l.num_ranks * N;
   const int64_t vecs = l.hidden / 8;
@@ -434,14 +443,15 @@ __global__ void __launch_bounds__(kWarpThreads, 1) ll_sum_kernel(const __grid_co
       for (int c = 0; c < 8; ++c) acc[i][c] = 0.f;
     for (uint64_t m = p.dst_mask[t]; m != 0; m &= m - 1) {  // rank order
       const int d = __ffsll(static_cast<long long>(m)) - 1;
-      const int4* src = reinterpret_cast<const int4*>(p.recv + l.partial_offset +
-                                                      static_cast<int64_t>(d) * l.partial_pair +
-                                                      static_cast<int64_t>(t) * 2 * l.hidden);
+      const int4* src =
+          reinterpret_cast<const int4*>(p.recv + l.partial_offset + static_cast<int64_t>(d) * l.partial_pair +
+                                        static_cast<int64_t>(t) * 2 * l.hidden);
 #pragma unroll
       for (int i = 0; i < kUnroll; ++i)
         if (first + 32 * i < vecs) kernels::add_bf16x8(acc[i], src[first + 32 * i]);
     }
-    int4* out = reinterpret_cast<int4*>(static_cast<char*>(p.out) + static_cast<int64_t>(t) * p.out_row_stride * 2);
+    int4* out =
+        reinterpret_cast<int4*>(static_cast<char*>(p.out) + static_cast<int64_t>(t) * p.out_row_stride * 2);
 #pragma unroll
     for (int i = 0; i < kUnroll; ++i)
       if (first + 32 * i < vecs) out[first + 32 * i] = kernels::to_bf16x8(acc[i]);
@@ -480,7 +490,8 @@ void launch_ll_weights(const LlWeightsParams& p, cudaStream_t stream) {
 
 void launch_ll_holder(const LlHolderParams& p, int grid, cudaStream_t stream) {
   const int64_t vecs = p.l.hidden / 8;
-  const int64_t units = int64_t(p.l.num_ranks) * p.l.capacity * ((vecs + kLlSegmentVecs - 1) / kLlSegmentVecs);
+  const int64_t units =
+      int64_t(p.l.num_ranks) * p.l.capacity * ((vecs + kLlSegmentVecs - 1) / kLlSegmentVecs);
   ll_holder_kernel<<<warp_grid(units, grid), kWarpThreads, 0, stream>>>(p);
   EL_CUDA_CHECK(cudaGetLastError());
 }

@@ -96,7 +96,7 @@ void launch_ll_weights(const LlWeightsParams& p, cudaStream_t stream);
 struct LlHolderParams {
   LlLayout l;
   int rank;
-  const char* x;  // BF16 [E_local, R*N, H] expert outputs
+  const char* x;                 // BF16 [E_local, R*N, H] expert outputs
   int64_t x_stride0, x_stride1;  // bytes
   const int32_t* tok_slots;
   const int32_t* src_tokens;

@@ -45,7 +45,9 @@ struct LlLayout {
   int64_t combine_bytes() const { return partial_offset + int64_t(num_ranks) * partial_pair; }
 };
 
-inline int64_t ll_pad16(int64_t x) { return (x + 15) & ~int64_t(15); }
+inline int64_t ll_pad16(int64_t x) {
+  return (x + 15) & ~int64_t(15);
+}
 
 // Layout of one call (the dispatch's arguments; combine uses the same handle's R, N, H, K, E).
 inline LlLayout make_ll_layout(int num_ranks, int capacity, int hidden, int topk, int num_experts, bool fp8,
@@ -71,6 +73,8 @@ inline LlLayout make_ll_layout(int num_ranks, int capacity, int hidden, int topk
 }
 
 // Bytes of each of the four areas of a staging buffer of `ll_bytes` (16-byte aligned).
-inline int64_t ll_area_bytes(int64_t ll_bytes) { return ll_bytes / 4 / 16 * 16; }
+inline int64_t ll_area_bytes(int64_t ll_bytes) {
+  return ll_bytes / 4 / 16 * 16;
+}
 
 }  // namespace expertlink::internode

@@ -47,8 +47,8 @@ struct NodeEnv {
 int check_env(const RankContext& ctx, const NodeEnv& env) {
   GPU_EXPECT(ctx.num_ranks % 2 == 0, "needs an even number of ranks, got %d", ctx.num_ranks);
   GPU_EXPECT(env.buffer.num_nodes() == 2 && env.buffer.num_local_ranks() == ctx.num_ranks / 2,
-             "topology: %d nodes x %d local ranks, expected 2 x %d (NCCL_HOSTID per node)", env.buffer.num_nodes(),
-             env.buffer.num_local_ranks(), ctx.num_ranks / 2);
+             "topology: %d nodes x %d local ranks, expected 2 x %d (NCCL_HOSTID per node)",
+             env.buffer.num_nodes(), env.buffer.num_local_ranks(), ctx.num_ranks / 2);
   GPU_EXPECT(env.buffer.window_bytes() == 0, "the internode path holds no symmetric window, got %zu bytes",
              env.buffer.window_bytes());
   GPU_EXPECT(env.buffer.internode_staging_bytes() >= 2 * env.buffer.ll_bytes(),
@@ -66,7 +66,8 @@ int run_cases(const RankContext& ctx, std::initializer_list<LlCase> cases, int r
     for (int i = 0; i < rounds; ++i) {
       const uint64_t seed = env.seed + 1000 * i + 17 * (&c - cases.begin());
       if (llt::run_fused(ctx, env.buffer, env.stream, io,
-                         llt::make_round(c, ctx.num_ranks, seed, llt::full_tokens(c, ctx.num_ranks)), seed + 5) != 0)
+                         llt::make_round(c, ctx.num_ranks, seed, llt::full_tokens(c, ctx.num_ranks)),
+                         seed + 5) != 0)
         return 1;
     }
     if (ctx.rank == 0) std::printf("ok: %s (%d rounds)\n", c.name, rounds);
@@ -81,8 +82,15 @@ int run_cases(const RankContext& ctx, std::initializer_list<LlCase> cases, int r
 GPU_CASE(internode_ll_fp8_scale_formats_match_oracle, 2, 300) {
   const int R = ctx.num_ranks;
   LlCase f32{"fp8 f32 scales N=T=128 H=7168 top-8", 128, 7168, 8, 36 * R};
-  LlCase round{"fp8 round_scale H=7168 i32 ids, row-major scales, i32 ranges", 64, 7168, 8, 36 * R, true, true,
-               false, true};
+  LlCase round{"fp8 round_scale H=7168 i32 ids, row-major scales, i32 ranges",
+               64,
+               7168,
+               8,
+               36 * R,
+               true,
+               true,
+               false,
+               true};
   round.range_i32 = true;
   round.row_major_scales = true;
   LlCase ue8m0{"fp8 ue8m0 N=T=128 H=7168 top-8", 128, 7168, 8, 36 * R, true, true, true};
@@ -119,12 +127,14 @@ GPU_CASE(internode_ll_tokens_0_to_n_masked_and_duplicates, 2, 300) {
     std::vector<int> tokens(R);
     for (int s = 0; s < R; ++s) tokens[s] = pat[s % 2];
     const uint64_t seed = env.seed + 31 * ++i;
-    if (llt::run_fused(ctx, env.buffer, env.stream, io, llt::make_round(c, R, seed, tokens), seed + 5) != 0) return 1;
+    if (llt::run_fused(ctx, env.buffer, env.stream, io, llt::make_round(c, R, seed, tokens), seed + 5) != 0)
+      return 1;
     if (ctx.rank == 0) std::printf("ok: %s, T = (%d, %d)\n", c.name, pat[0], pat[1]);
   }
   LlIo io2(all_masked, R, ctx.rank);
   if (llt::run_fused(ctx, env.buffer, env.stream, io2,
-                     llt::make_round(all_masked, R, env.seed + 7, llt::full_tokens(all_masked, R)), env.seed + 8) != 0)
+                     llt::make_round(all_masked, R, env.seed + 7, llt::full_tokens(all_masked, R)),
+                     env.seed + 8) != 0)
     return 1;
   if (ctx.rank == 0) std::printf("ok: %s\n", all_masked.name);
   return 0;
@@ -152,16 +162,20 @@ GPU_CASE(internode_ll_hook_two_in_flight_third_rejected, 2, 300) {
     LlRecvHook hb = buf.ll_dispatch(b.dispatch_args(true), b.handle, b.dispatch_outputs(), st);
     GPU_EXPECT(ha.valid() && hb.valid(), "split dispatches return hooks");
     if (expect_invalid(
-            ctx, [&] { buf.ll_dispatch(third.dispatch_args(false), third.handle, third.dispatch_outputs(), st); },
+            ctx,
+            [&] { buf.ll_dispatch(third.dispatch_args(false), third.handle, third.dispatch_outputs(), st); },
             "third call in flight", "a third dispatch while two wait for their hooks") != 0)
       return 1;
     if (expect_invalid(
             ctx, [&] { buf.ll_combine(a.combine_args(false), a.handle, a.combine_outputs(), st); },
-            "receive hook has not been called", "a combine along a handle whose dispatch hook is pending") != 0)
+            "receive hook has not been called",
+            "a combine along a handle whose dispatch hook is pending") != 0)
       return 1;
     ha(st);
     hb.receive(st);
-    if (expect_invalid(ctx, [&] { hb(st); }, "holds no receive half", "a hook called twice") != 0) return 1;
+    if (expect_invalid(
+            ctx, [&] { hb(st); }, "holds no receive half", "a hook called twice") != 0)
+      return 1;
     buf.synchronize(st);
     if (llt::check_dispatch(ctx, a, ra) != 0 || llt::check_dispatch(ctx, b, rb) != 0) return 1;
     a.fill_expert_outputs(seed + 1, st);
@@ -175,7 +189,8 @@ GPU_CASE(internode_ll_hook_two_in_flight_third_rejected, 2, 300) {
     cb(st);  // hooks in the other order
     ca(st);
     buf.synchronize(st);
-    if (llt::check_combine(ctx, a, ra, seed + 1) != 0 || llt::check_combine(ctx, b, rb, seed + 2) != 0) return 1;
+    if (llt::check_combine(ctx, a, ra, seed + 1) != 0 || llt::check_combine(ctx, b, rb, seed + 2) != 0)
+      return 1;
     // A split dispatch beside a fused one, then the fused combine of the split one.
     LlRecvHook h2 = buf.ll_dispatch(a.dispatch_args(true), a.handle, a.dispatch_outputs(), st);
     buf.ll_dispatch(b.dispatch_args(false), b.handle, b.dispatch_outputs(), st);
@@ -231,10 +246,12 @@ GPU_CASE(internode_ll_zero_copy_combine_buffer, 2, 180) {
     io.load(r, env.stream);
     env.buffer.ll_dispatch(io.dispatch_args(false), io.handle, io.dispatch_outputs(), env.stream);
     TensorView zc = env.buffer.get_next_ll_combine_buffer(io.handle);
-    GPU_EXPECT(zc.ndim == 3 && zc.shape[0] == io.local_experts && zc.shape[1] == io.slots && zc.shape[2] == c.hidden,
-               "combine buffer shape %s", zc.describe().c_str());
+    GPU_EXPECT(
+        zc.ndim == 3 && zc.shape[0] == io.local_experts && zc.shape[1] == io.slots && zc.shape[2] == c.hidden,
+        "combine buffer shape %s", zc.describe().c_str());
     io.fill_expert_outputs(seed + 1, env.stream, zc.ptr<uint16_t>());
-    LlRecvHook h = env.buffer.ll_combine(io.combine_args(hook, true), io.handle, io.combine_outputs(), env.stream);
+    LlRecvHook h =
+        env.buffer.ll_combine(io.combine_args(hook, true), io.handle, io.combine_outputs(), env.stream);
     if (hook) h(env.stream);
     env.buffer.synchronize(env.stream);
     if (llt::check_dispatch(ctx, io, r) != 0 || llt::check_combine(ctx, io, r, seed + 1) != 0) return 1;
@@ -255,7 +272,8 @@ GPU_CASE(internode_ll_cuda_graph_capture_replays, 2, 300) {
   LlIo io(c, R, ctx.rank);
   const uint64_t y_seed = env.seed + 99;
   // First use outside capture: initialises the LL state and sizes the handle.
-  if (llt::run_fused(ctx, buf, st, io, llt::make_round(c, R, env.seed, llt::full_tokens(c, R)), y_seed) != 0) return 1;
+  if (llt::run_fused(ctx, buf, st, io, llt::make_round(c, R, env.seed, llt::full_tokens(c, R)), y_seed) != 0)
+    return 1;
   for (int split = 0; split < 2; ++split) {
     cudaGraph_t graph;
     cudaGraphExec_t exec;
@@ -279,9 +297,11 @@ GPU_CASE(internode_ll_cuda_graph_capture_replays, 2, 300) {
     }
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
-    if (ctx.rank == 0) std::printf("ok: %s graph, 5 replays with fresh inputs\n", split ? "split (hooks)" : "fused");
+    if (ctx.rank == 0)
+      std::printf("ok: %s graph, 5 replays with fresh inputs\n", split ? "split (hooks)" : "fused");
   }
-  return llt::run_fused(ctx, buf, st, io, llt::make_round(c, R, env.seed + 5, llt::full_tokens(c, R)), y_seed + 1);
+  return llt::run_fused(ctx, buf, st, io, llt::make_round(c, R, env.seed + 5, llt::full_tokens(c, R)),
+                        y_seed + 1);
 }
 
 // Many LL rounds on one buffer (fused, split, two in flight; token counts 0..N varying per rank and round),
@@ -293,7 +313,8 @@ GPU_CASE(internode_ll_rounds_one_buffer_mixed_with_ht, 2, 600) {
   LlCase b{"bf16 N=8 H=256 top-3 i32 ids", 8, 256, 3, 4 * R, false};
   b.idx_i32 = true;
   b.masked_slots = 2;
-  htt::HtCase ht{"ht bf16 between LL rounds", 40, 512, 4, 8 * R, htt::Fmt::kBf16, false, workload::Routing::kUniform, 5};
+  htt::HtCase ht{"ht bf16 between LL rounds", 40, 512, 4, 8 * R, htt::Fmt::kBf16, false,
+                 workload::Routing::kUniform, 5};
   ht.uneven_period = 3;
   ht.uneven_step = 5;
   ht.combine_bitwise = R == 2;  // one GPU per node: the oracle's order exactly
@@ -304,7 +325,8 @@ GPU_CASE(internode_ll_rounds_one_buffer_mixed_with_ht, 2, 600) {
   LlIo a1(a, R, ctx.rank), a2(a, R, ctx.rank), b1(b, R, ctx.rank);
   auto tokens = [&](const LlCase& c, uint64_t s) {
     std::vector<int> t(R);
-    for (int i = 0; i < R; ++i) t[i] = static_cast<int>(((s >> 7) * 2654435761ull + 97ull * i) % (c.capacity + 1));
+    for (int i = 0; i < R; ++i)
+      t[i] = static_cast<int>(((s >> 7) * 2654435761ull + 97ull * i) % (c.capacity + 1));
     return t;
   };
   const int kCalls = 200;
@@ -317,7 +339,8 @@ GPU_CASE(internode_ll_rounds_one_buffer_mixed_with_ht, 2, 600) {
     }
     switch (round % 3) {
       case 0: {  // fused
-        if (llt::run_fused(ctx, buf, st, a1, llt::make_round(a, R, seed, tokens(a, seed)), seed + 3) != 0) return 1;
+        if (llt::run_fused(ctx, buf, st, a1, llt::make_round(a, R, seed, tokens(a, seed)), seed + 3) != 0)
+          return 1;
         calls += 1;
         break;
       }
@@ -368,28 +391,32 @@ GPU_CASE(internode_ll_rejects_bad_arguments_naming_them, 2, 180) {
     LlDispatchArgs bad = a;
     bad.x = TensorView(io.x.get(), DType::kBF16, {9, 256});
     bad.topk_idx = TensorView(io.idx64.get(), DType::kI64, {9, 2});
-    rc |= expect_invalid(ctx, [&] { dispatch(bad, o); }, "num_max_dispatch_tokens_per_rank = 8", "T > N");
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(bad, o); }, "num_max_dispatch_tokens_per_rank = 8", "T > N");
   }
   {
     LlDispatchArgs bad = a;
     bad.options.use_ue8m0 = true;
-    rc |= expect_invalid(ctx, [&] { dispatch(bad, o); }, "round_scale", "ue8m0 without round_scale");
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(bad, o); }, "round_scale", "ue8m0 without round_scale");
   }
   {
     LlDispatchOutputs bad = o;
     bad.recv_x.shape[1] -= 1;
-    rc |= expect_invalid(ctx, [&] { dispatch(a, bad); }, "recv_x must be", "recv_x too small");
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(a, bad); }, "recv_x must be", "recv_x too small");
   }
   {
     LlHandle fresh;
     rc |= expect_invalid(
-        ctx, [&] { buf.ll_combine(io.combine_args(false), fresh, io.combine_outputs(), st); }, "handle was not filled",
-        "combine with an empty handle");
+        ctx, [&] { buf.ll_combine(io.combine_args(false), fresh, io.combine_outputs(), st); },
+        "handle was not filled", "combine with an empty handle");
   }
   if (rc != 0) return 1;
   {
     Buffer small(env.comm, 0, 4096);  // collective construction, then a refused call on every rank
-    rc |= expect_invalid(ctx, [&] { small.ll_dispatch(a, io.handle, o, st); }, "ll_size_hint", "ll_bytes too small");
+    rc |= expect_invalid(
+        ctx, [&] { small.ll_dispatch(a, io.handle, o, st); }, "ll_size_hint", "ll_bytes too small");
   }
   {
     std::vector<int64_t> ids = r.in[ctx.rank].topk_idx;
@@ -397,7 +424,8 @@ GPU_CASE(internode_ll_rejects_bad_arguments_naming_them, 2, 180) {
     io.idx64.upload(ids);
     dispatch(a, o);
     buf.synchronize(st);
-    rc |= expect_invalid(ctx, [&] { dispatch(a, o); }, "= 999", "an expert id out of range");
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(a, o); }, "= 999", "an expert id out of range");
     io.idx64.upload(r.in[ctx.rank].topk_idx);
   }
   if (rc != 0) return 1;

@@ -24,7 +24,9 @@ TEST(InternodeLlLayout, EveryHintedShapeFitsBothDirections) {
           const size_t hint = Buffer::ll_size_hint(R, N, H, E);
           const int64_t area = ll_area_bytes(static_cast<int64_t>(hint));
           // The intranode kernels see the same area size.
-          EXPECT_EQ(area, kernels::ll_geometry(R, N, H, 8, E, false, false, 0, static_cast<int64_t>(hint)).area_bytes);
+          EXPECT_EQ(
+              area,
+              kernels::ll_geometry(R, N, H, 8, E, false, false, 0, static_cast<int64_t>(hint)).area_bytes);
           for (int K : {1, 8, 16})
             for (int fmt = 0; fmt < 3; ++fmt) {  // BF16, FP8 f32 scales, FP8 UE8M0
               const bool fp8 = fmt > 0 && H % 128 == 0;
@@ -48,9 +50,9 @@ TEST(InternodeLlLayout, EveryHintedShapeFitsBothDirections) {
 TEST(InternodeLlLayout, DeepSeekDecodeShape) {
   // R = 16, N = 128, H = 7168, top-8 of 256, FP8 with float scales.
   const LlLayout l = make_ll_layout(16, 128, 7168, 8, 256, true, false);
-  EXPECT_EQ(l.meta_bytes, 80);        // 4 + 16 words, padded
+  EXPECT_EQ(l.meta_bytes, 80);  // 4 + 16 words, padded
   EXPECT_EQ(l.scale_cols, 56);
-  EXPECT_EQ(l.msg_bytes, 7424);       // 7168 + 224 + 32
+  EXPECT_EQ(l.msg_bytes, 7424);  // 7168 + 224 + 32
   EXPECT_EQ(l.dispatch_pair, 80 + 128 * 7424);
   EXPECT_EQ(l.weight_pair, 4096 + 512);
   EXPECT_EQ(l.partial_pair, 128 * 14336);
@@ -70,8 +72,8 @@ void simulate_and_compare(int R, int N, int H, int K, int E, const std::vector<i
   for (int s = 0; s < R; ++s) {
     in[s].num_tokens = tokens[s];
     in[s].x = workload::make_bf16(size_t(tokens[s]) * H, seed, s);
-    in[s].topk_idx =
-        workload::make_topk_idx(tokens[s], K, E, R, workload::Routing::kUniform, seed + 1, s, tokens[s] * K / 5);
+    in[s].topk_idx = workload::make_topk_idx(tokens[s], K, E, R, workload::Routing::kUniform, seed + 1, s,
+                                             tokens[s] * K / 5);
     for (int t = 2; t < tokens[s] && K >= 2; t += 5)  // repeated experts
       in[s].topk_idx[size_t(t) * K + 1] = in[s].topk_idx[size_t(t) * K];
   }
@@ -90,7 +92,8 @@ void simulate_and_compare(int R, int N, int H, int K, int E, const std::vector<i
           if (first < 0 && idx[size_t(t) * K + k] == e) first = k;
         if (first < 0) continue;
         for (int k = first; k < K; ++k)
-          if (idx[size_t(t) * K + k] == e) words[size_t(t) * K + k] = (e % EL) | (count << 10) | (int(k != first) << 30);
+          if (idx[size_t(t) * K + k] == e)
+            words[size_t(t) * K + k] = (e % EL) | (count << 10) | (int(k != first) << 30);
         ++count;
       }
       int32_t* meta = reinterpret_cast<int32_t*>(pairs[s][e / EL].data());
@@ -147,7 +150,8 @@ void simulate_and_compare(int R, int N, int H, int K, int E, const std::vector<i
     for (int j = 0; j < EL; ++j)
       for (int i = 0; i < want[d].handle.recv_count[j]; ++i) {
         const int64_t row = j * slots + i;
-        ASSERT_EQ(src[row], want[d].handle.src_token[row]) << "rank " << d << " expert " << j << " slot " << i;
+        ASSERT_EQ(src[row], want[d].handle.src_token[row])
+            << "rank " << d << " expert " << j << " slot " << i;
         ASSERT_EQ(0, std::memcmp(&rows[row * H], &want[d].x.bf16[row * H], size_t(H) * 2))
             << "rank " << d << " expert " << j << " slot " << i;
       }
