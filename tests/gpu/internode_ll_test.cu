@@ -4,7 +4,14 @@
 // (ll_check.hpp): dispatch bitwise against the oracle, in the oracle's (deterministic) order, per
 // (source rank, token) after canonicalisation; combine within the oracle's tolerance. Outputs are
 // poisoned before every call (LlIo::load).
+#include <unistd.h>
+
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "emulated_nodes.hpp"
@@ -430,6 +437,54 @@ GPU_CASE(internode_ll_rejects_bad_arguments_naming_them, 2, 180) {
   }
   if (rc != 0) return 1;
   return llt::run_fused(ctx, buf, st, io, r, env.seed + 1);
+}
+
+// The last rank leaves (_exit, no NCCL teardown) before an LL dispatch the others make: no kernel of this
+// path waits on a peer, so the survivors' NCCL exchange stalls and their bounded host wait
+// (Buffer::synchronize) must end it with kTimeout within 1.5 x timeout + 0.5 s; then they tear down without
+// the dead rank (Communicator::abort first).
+GPU_CASE(internode_ll_missing_rank_times_out, 2, 90) {
+  const int R = ctx.num_ranks, me = ctx.rank, victim = R - 1;
+  const NodeClaim claim(ctx);
+  RuntimeOptions options;
+  if (std::getenv("EXPERTLINK_TIMEOUT_S") == nullptr) options.timeout_s = 1.0;
+  LlCase c{"bf16 N=8 H=256 top-2", 8, 256, 2, 4 * R, false};
+  auto comm = std::make_unique<Communicator>(ctx.id, me, R, ctx.device);
+  auto buffer = std::make_unique<Buffer>(*comm, 0, llt::ll_bytes_for({c}, R), options);
+  GPU_EXPECT(buffer->num_nodes() == 2, "topology: %d nodes, expected 2", buffer->num_nodes());
+  cudaStream_t st;
+  cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+  const uint64_t seed = run_seed(ctx.id);
+  LlIo io(c, R, me);
+  const LlRound r = llt::make_round(c, R, seed, llt::full_tokens(c, R));
+  if (llt::run_fused(ctx, *buffer, st, io, r, seed + 1) != 0) return 1;
+  if (me == victim) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    std::printf("[rank %d] leaves before its LL dispatch\n", me);
+    std::fflush(stdout);
+    _exit(0);
+  }
+  io.load(r, st);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::string message = "no error";
+  ErrorCode code = ErrorCode::kInternal;
+  try {
+    buffer->ll_dispatch(io.dispatch_args(false), io.handle, io.dispatch_outputs(), st);
+    buffer->synchronize(st);
+  } catch (const Error& e) {
+    message = e.what();
+    code = e.code();
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  comm->abort();
+  buffer.reset();
+  comm.reset();
+  cudaStreamDestroy(st);
+  std::printf("FIGURE internode ll: rank %d saw the missing rank after %.3f s (timeout %.1f s): %s\n", me, s,
+              options.timeout_s, message.c_str());
+  GPU_EXPECT(code == ErrorCode::kTimeout, "a timeout error, got '%s'", message.c_str());
+  GPU_EXPECT(s < 1.5 * options.timeout_s + 2.0, "detection within the bounded wait, took %.3f s", s);
+  return 0;
 }
 
 }  // namespace expertlink::test
