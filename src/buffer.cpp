@@ -8,6 +8,7 @@
 
 #include "check.hpp"
 #include "internode/internode.hpp"
+#include "internode/ll_internode.hpp"
 
 namespace expertlink {
 
@@ -19,11 +20,14 @@ Buffer::Buffer(const Communicator& comm, size_t ht_bytes, size_t ll_bytes, Runti
   s_->ll_bytes = (ll_bytes + 15) / 16 * 16;
   // Collective: one node takes the NVLink (symmetric window) path; several take the internode path.
   s_->topology = internode::exchange_topology(comm, options.timeout_s);
-  if (s_->topology.multi_node())
-    s_->internode = internode::make_context(comm, s_->topology, options);
-  else
-    s_->window = std::make_unique<SymmetricMemory>(comm, s_->ht_bytes + s_->ll_bytes, options);
   EL_CUDA_CHECK(cudaDeviceGetAttribute(&s_->device_sms, cudaDevAttrMultiProcessorCount, comm.device()));
+  if (s_->topology.multi_node()) {
+    s_->internode = internode::make_context(comm, s_->topology, options);
+    if (s_->ll_bytes > 0)
+      s_->internode_ll = internode::make_ll_context(comm, s_->topology, s_->ll_bytes, s_->device_sms);
+  } else {
+    s_->window = std::make_unique<SymmetricMemory>(comm, s_->ht_bytes + s_->ll_bytes, options);
+  }
   EL_CUDA_CHECK(cudaMalloc(&s_->ht.rounds, 3 * sizeof(uint64_t)));
   EL_CUDA_CHECK(cudaMalloc(&s_->ht.done_blocks, 3 * sizeof(uint32_t)));
   EL_CUDA_CHECK(cudaMalloc(&s_->ht.tickets, 6 * sizeof(uint32_t)));

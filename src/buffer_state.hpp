@@ -13,6 +13,7 @@ namespace expertlink {
 
 namespace internode {
 struct Context;
+struct LlContext;
 }
 
 struct Buffer::State {
@@ -22,6 +23,7 @@ struct Buffer::State {
   std::unique_ptr<SymmetricMemory> window;  // null on the internode path
   internode::Topology topology;              // nodes of the communicator
   std::shared_ptr<internode::Context> internode;  // set when topology spans several nodes
+  std::shared_ptr<internode::LlContext> internode_ll;  // and ll_bytes > 0: the LL staging
   int device_sms = 0;
   kernels::HtState ht{};  // device-local round counters of the HT kernels
   LlState ll;

@@ -186,11 +186,14 @@ class Buffer {
 
   // Topology, found from the communicator's hosts at construction ($NCCL_HOSTID honoured, ranks
   // node-major, the same number of ranks on every node). One node: the NVLink (symmetric window) path.
-  // Several: the hierarchical internode HT path (same calls; ht_notify always syncs the host once; no
-  // symmetric window, so window_bytes() is 0; LL calls raise kUnsupported for now). docs/internode.md.
+  // Several: the internode paths, same calls and results (docs/internode.md). HT is hierarchical
+  // (ht_notify always syncs the host once). LL is flat: fixed-size, capacity-sized messages between every
+  // pair of ranks over grouped ncclSend/ncclRecv, no host sync, CUDA-graph capturable; its staging is
+  // device memory of 2 x ll_bytes (send and receive sides, allocated here), the same ll_size_hint covers
+  // it. No symmetric window, so window_bytes() is 0.
   int num_nodes() const;
   int num_local_ranks() const;
-  size_t internode_staging_bytes() const;  // device staging of the internode path (0 intranode)
+  size_t internode_staging_bytes() const;  // device staging of the internode paths, HT + LL (0 intranode)
 
   void get_dispatch_layout(const TensorView& topk_idx, int num_experts, const TensorView& num_tokens_per_rank,
                            const TensorView& num_tokens_per_expert, const TensorView& is_token_in_rank,

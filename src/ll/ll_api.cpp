@@ -1,12 +1,14 @@
 // The LL operations of Buffer: argument validation (before any kernel runs; messages name the argument
 // and the value), the double-buffer bookkeeping of split calls, then the launches. Kernels:
-// src/kernels/ll_*.cu; protocol and layout: src/kernels/ll_protocol.cuh.
+// src/kernels/ll_*.cu; protocol and layout: src/kernels/ll_protocol.cuh. Across nodes the same checks and
+// bookkeeping, then the internode LL path (src/internode/ll_internode.hpp) instead of the fused kernels.
 #include <algorithm>
 #include <climits>
 
 #include "api_checks.hpp"
 #include "buffer_state.hpp"
 #include "check.hpp"
+#include "internode/ll_internode.hpp"
 #include "kernels/ll_kernels.hpp"
 #include "ll/ll_handle.hpp"
 
@@ -93,10 +95,10 @@ kernels::LlDeviceState device_state(const LlState& st) {
 void begin_call(Buffer::State& s, const char* what) {
   EL_CHECK(s.ll_bytes > 0,
            "%s: the buffer has no LL region (constructed with ll_bytes = 0; see Buffer::ll_size_hint)", what);
-  if (!s.window)
-    EL_FAIL(ErrorCode::kUnsupported, "%s: the low-latency path across nodes is not implemented yet (this "
-            "communicator spans %d nodes; docs/internode.md)", what, s.topology.num_nodes);
-  s.window->raise_if_device_error();
+  if (s.window)
+    s.window->raise_if_device_error();
+  else
+    internode::ll_raise_errors(*s.internode_ll);
   raise_bad_expert(s.ll);
   ll_init(s);
 }
@@ -120,6 +122,20 @@ void check_parity_free(const LlHookState* const (&pending)[2], const int64_t (&p
       "this call (#%lld) would reuse its half of the double buffer; call that hook first (at most two may be "
       "in flight)",
       what, what, ll(pending_call[parity]), ll(calls));
+}
+
+// The halves in p.phases: the fused intranode kernel, or the internode send half (kernels + NCCL exchange)
+// and/or receive half.
+void launch_dispatch(Buffer::State& s, const kernels::LlDispatchParams& p, cudaStream_t stream) {
+  if (!s.internode_ll) return kernels::launch_ll_dispatch(p, s.ll.grid, stream);
+  if (p.phases & kernels::kLlSend) internode::ll_dispatch_send(*s.internode_ll, p, stream);
+  if (p.phases & kernels::kLlRecv) internode::ll_dispatch_recv(*s.internode_ll, p, stream);
+}
+
+void launch_combine(Buffer::State& s, const kernels::LlCombineParams& p, cudaStream_t stream) {
+  if (!s.internode_ll) return kernels::launch_ll_combine(p, s.ll.grid, stream);
+  if (p.phases & kernels::kLlSend) internode::ll_combine_send(*s.internode_ll, p, stream);
+  if (p.phases & kernels::kLlRecv) internode::ll_combine_recv(*s.internode_ll, p, stream);
 }
 
 }  // namespace
@@ -218,7 +234,11 @@ LlRecvHook Buffer::ll_dispatch(const LlDispatchArgs& args, LlHandle& handle, con
   const kernels::LlGeometry g =
       kernels::ll_geometry(R, N, static_cast<int>(H), r.topk, E, o.use_fp8, o.use_ue8m0,
                            static_cast<int64_t>(ll_offset()), static_cast<int64_t>(s.ll_bytes));
-  check_area(s, g.dispatch_bytes(), g, "ll_dispatch");
+  if (s.internode_ll)
+    check_area(s, internode::ll_layout_of(g, o.use_fp8, o.use_ue8m0).dispatch_bytes(), g,
+               "ll_dispatch (across nodes)");
+  else
+    check_area(s, g.dispatch_bytes(), g, "ll_dispatch");
   LlState& st = s.ll;
   check_parity_free(st.dispatch_pending, st.dispatch_pending_call, st.dispatch_calls, "ll_dispatch");
   if (!handle.state_) handle.state_ = std::make_unique<LlHandleState>();
@@ -236,7 +256,7 @@ LlRecvHook Buffer::ll_dispatch(const LlDispatchArgs& args, LlHandle& handle, con
   h.num_tokens = static_cast<int>(T);
 
   kernels::LlDispatchParams p{};
-  p.win = s.window->view();
+  if (s.window) p.win = s.window->view();  // across nodes: no window
   p.st = device_state(st);
   p.g = g;
   p.handle = h.view();
@@ -278,7 +298,7 @@ LlRecvHook Buffer::ll_dispatch(const LlDispatchArgs& args, LlHandle& handle, con
   LlRecvHook hook;
   if (o.return_recv_hook) {
     p.phases = kernels::kLlSend;
-    kernels::launch_ll_dispatch(p, st.grid, stream);
+    launch_dispatch(s, p, stream);
     auto hs = std::make_unique<LlHookState>();
     hs->owner = s_.get();
     hs->kind = LlHookState::Kind::kDispatch;
@@ -294,7 +314,7 @@ LlRecvHook Buffer::ll_dispatch(const LlDispatchArgs& args, LlHandle& handle, con
     hook.state_ = std::move(hs);
   } else {
     p.phases = kernels::kLlSend | kernels::kLlRecv;
-    kernels::launch_ll_dispatch(p, st.grid, stream);
+    launch_dispatch(s, p, stream);
     h.received = true;
   }
   ++st.dispatch_calls;
@@ -344,11 +364,14 @@ LlRecvHook Buffer::ll_combine(const LlCombineArgs& args, const LlHandle& handle,
 
   const kernels::LlGeometry g = kernels::ll_geometry(
       R, N, H, K, E, false, false, static_cast<int64_t>(ll_offset()), static_cast<int64_t>(s.ll_bytes));
-  check_area(s, g.combine_bytes(), g, "ll_combine");
+  if (s.internode_ll)
+    check_area(s, internode::ll_layout_of(g, false, false).combine_bytes(), g, "ll_combine (across nodes)");
+  else
+    check_area(s, g.combine_bytes(), g, "ll_combine");
   check_parity_free(st.combine_pending, st.combine_pending_call, st.combine_calls, "ll_combine");
 
   kernels::LlCombineParams p{};
-  p.win = s.window->view();
+  if (s.window) p.win = s.window->view();  // across nodes: no window
   p.st = device_state(st);
   p.g = g;
   p.handle = h.view();
@@ -370,7 +393,7 @@ LlRecvHook Buffer::ll_combine(const LlCombineArgs& args, const LlHandle& handle,
   LlRecvHook hook;
   if (args.return_recv_hook) {
     p.phases = kernels::kLlSend;
-    kernels::launch_ll_combine(p, st.grid, stream);
+    launch_combine(s, p, stream);
     auto hs = std::make_unique<LlHookState>();
     hs->owner = s_.get();
     hs->kind = LlHookState::Kind::kCombine;
@@ -385,7 +408,7 @@ LlRecvHook Buffer::ll_combine(const LlCombineArgs& args, const LlHandle& handle,
     hook.state_ = std::move(hs);
   } else {
     p.phases = kernels::kLlSend | kernels::kLlRecv;
-    kernels::launch_ll_combine(p, st.grid, stream);
+    launch_combine(s, p, stream);
   }
   ++st.combine_calls;
   return hook;
@@ -423,14 +446,14 @@ void Buffer::ll_clean(cudaStream_t /*stream*/) {
 void ll_receive(LlHookState& hook, cudaStream_t stream) {
   Buffer::State& s = *hook.owner;
   LlState& st = s.ll;
-  s.window->raise_if_device_error();
+  if (s.window) s.window->raise_if_device_error();
   if (hook.kind == LlHookState::Kind::kDispatch) {
-    kernels::launch_ll_dispatch(hook.dispatch, st.grid, stream);
+    launch_dispatch(s, hook.dispatch, stream);
     if (st.dispatch_pending[hook.parity] == &hook) st.dispatch_pending[hook.parity] = nullptr;
     hook.handle->dispatch_pending = false;
     hook.handle->received = true;
   } else {
-    kernels::launch_ll_combine(hook.combine, st.grid, stream);
+    launch_combine(s, hook.combine, stream);
     if (st.combine_pending[hook.parity] == &hook) st.combine_pending[hook.parity] = nullptr;
     --hook.handle->pending_combines;
   }

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "expertlink/buffer.hpp"
+#include "emulated_nodes.hpp"
 #include "expertlink/workload.hpp"
 #include "harness.hpp"
 #include "ht_check.hpp"
@@ -40,17 +41,6 @@ int run_round(const RankContext& ctx, Buffer& buffer, const HtCase& c, uint64_t 
               st.combine_inexact == 0 ? "bitwise" : "within tolerance", (long long)st.combine_inexact,
               (long long)st.tokens * c.hidden);
   return 0;
-}
-
-// Each rank claims its emulated node before NCCL starts: node = rank / local, host id per node.
-void emulate_nodes(int rank, int local) {
-  const std::string id = "expertlink-emulated-node-" + std::to_string(rank / local);
-  setenv("NCCL_HOSTID", id.c_str(), 1);
-  setenv("NCCL_P2P_DISABLE", "1", 0);
-  setenv("NCCL_SHM_DISABLE", "1", 0);
-  setenv("NCCL_IB_DISABLE", "1", 0);  // the socket NET transport, whatever NICs the host has
-  setenv("NCCL_NVLS_ENABLE", "0", 0);
-  setenv("NCCL_SOCKET_IFNAME", "lo", 0);  // one host: loopback reaches every "node"
 }
 
 }  // namespace
