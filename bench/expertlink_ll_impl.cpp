@@ -29,7 +29,7 @@ std::optional<int> ExpertLinkLlImpl::sms(Op) const {
 
 std::optional<int64_t> ExpertLinkLlImpl::buffer_bytes(Op) const {
   if (!buffer_) return std::nullopt;
-  return static_cast<int64_t>(buffer_->window_bytes());
+  return static_cast<int64_t>(buffer_->window_bytes() + buffer_->internode_staging_bytes());
 }
 
 void ExpertLinkLlImpl::setup(const CaseData& data, ncclComm_t comm, cudaStream_t stream) {
@@ -67,9 +67,12 @@ void ExpertLinkLlImpl::setup(const CaseData& data, ncclComm_t comm, cudaStream_t
 }
 
 std::vector<Variant> ExpertLinkLlImpl::variants(Op op) const {
-  if (op == Op::kLlRoundtrip) return {Variant{0, ""}};
-  return {Variant{static_cast<int>(Mode::kWhole), ""}, Variant{static_cast<int>(Mode::kSend), "_send"},
-          Variant{static_cast<int>(Mode::kRecv), "_recv"}};
+  // Internode records say so in their name, as the HT ones do: "_internode2n" for 2 nodes.
+  const std::string inter =
+      buffer_ && buffer_->num_nodes() > 1 ? "_internode" + std::to_string(buffer_->num_nodes()) + "n" : "";
+  if (op == Op::kLlRoundtrip) return {Variant{0, inter}};
+  return {Variant{static_cast<int>(Mode::kWhole), inter}, Variant{static_cast<int>(Mode::kSend), inter + "_send"},
+          Variant{static_cast<int>(Mode::kRecv), inter + "_recv"}};
 }
 
 void ExpertLinkLlImpl::select(Op, const Variant& variant) {
