@@ -19,6 +19,7 @@
 #include "check.hpp"
 #include "internode/ll_internode_kernels.hpp"
 #include "kernels/ll_kernels.hpp"  // kLlSegmentVecs, kLlMax*
+#include "kernels/ll_numerics.cuh"
 #include "kernels/vector_io.cuh"
 
 namespace expertlink::internode {
@@ -32,8 +33,6 @@ constexpr int kWarpThreads = 512;  // unpack, holder, sum: a warp per work unit
 constexpr int kWarps = kWarpThreads / 32;
 constexpr int kUnroll = kLlSegmentVecs / 32;  // 16-byte vectors per lane per unit
 constexpr int kMaxPeers = 64;
-constexpr float kE4m3Max = 448.0f;
-constexpr float kAmaxFloor = 1e-4f;
 
 __device__ __forceinline__ int64_t pick(const LlIndex& idx, int t, int k) {
   return kernels::load_index(idx.data, idx.type, t * idx.rs + k * idx.cs);
@@ -113,7 +112,7 @@ __global__ void __launch_bounds__(kRouteThreads) ll_route_kernel(const __grid_co
 // its scales, into the message of every destination in `mask`.
 __device__ void pack_row_fp8(const LlPackParams& p, int t, uint64_t mask) {
   const LlLayout& l = p.l;
-  const int lane = threadIdx.x & 31, chunks = l.hidden / 16;
+  const int chunks = l.hidden / 16;
   const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) +
                                                   static_cast<int64_t>(t) * p.x_row_stride * 2);
   for (int base = 0; base < chunks; base += kPackThreads) {  // block-uniform: shuffles stay converged
@@ -124,55 +123,11 @@ __device__ void pack_row_fp8(const LlPackParams& p, int t, uint64_t mask) {
       raw[0] = kernels::ld_nc_v4(row + 2 * c);
       raw[1] = kernels::ld_nc_v4(row + 2 * c + 1);
     }
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(raw);
-    float f[16];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float2 v = __bfloat1622float2(h[i]);
-      f[2 * i] = v.x;
-      f[2 * i + 1] = v.y;
-    }
-    float amax = 0.f;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
-    amax = fmaxf(amax, __shfl_xor_sync(~0u, amax, 4));
-    amax = fmaxf(amax, __shfl_xor_sync(~0u, amax, 2));
-    amax = fmaxf(amax, __shfl_xor_sync(~0u, amax, 1));
-    amax = fmaxf(amax, kAmaxFloor);
-    float sf = __fdiv_rn(amax, kE4m3Max);
-    if (p.round_scale) {
-      uint32_t u = __float_as_uint(sf);
-      if ((u & 0x7F800000u) != 0x7F800000u && (u & 0x007FFFFFu) != 0) u = (u & 0xFF800000u) + 0x00800000u;
-      sf = __uint_as_float(u);
-    }
-    uint32_t q[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      q[i] = 0;
-#pragma unroll
-      for (int b = 0; b < 4; ++b)
-        q[i] |= static_cast<uint32_t>(
-                    __nv_cvt_float_to_fp8(__fdiv_rn(f[4 * i + b], sf), __NV_SATFINITE, __NV_E4M3))
-                << (8 * b);
-    }
-    const int4 out = make_int4(static_cast<int>(q[0]), static_cast<int>(q[1]), static_cast<int>(q[2]),
-                               static_cast<int>(q[3]));
-    // A float per group from its first lane, or 4 UE8M0 bytes per word from the warp's lane 0 (a warp
-    // covers 4 whole groups: base and blockDim are multiples of 32 chunks; groups past the row give 0).
-    uint32_t scale = __float_as_uint(sf);
-    int scale_index = c >> 3;
-    bool write_scale = valid && (lane & 7) == 0;
-    if (p.ue8m0) {
-      const uint32_t byte = valid ? (__float_as_uint(sf) >> 23) & 0xFFu : 0u;
-      scale = __shfl_sync(~0u, byte, 0) | (__shfl_sync(~0u, byte, 8) << 8) |
-              (__shfl_sync(~0u, byte, 16) << 16) | (__shfl_sync(~0u, byte, 24) << 24);
-      scale_index = c >> 5;
-      write_scale = valid && lane == 0;
-    }
+    const kernels::Fp8Piece piece = kernels::cast_fp8_piece(raw, c, valid, p.round_scale, p.ue8m0);
     for (uint64_t m = mask; m != 0; m &= m - 1) {
       char* msg = message(p, __ffsll(static_cast<long long>(m)) - 1, t);
-      if (valid) reinterpret_cast<int4*>(msg)[c] = out;
-      if (write_scale) reinterpret_cast<uint32_t*>(msg + l.row_bytes)[scale_index] = scale;
+      if (valid) reinterpret_cast<int4*>(msg)[c] = piece.data;
+      if (piece.write_scale) reinterpret_cast<uint32_t*>(msg + l.row_bytes)[piece.scale_index] = piece.scale;
     }
   }
 }
@@ -368,17 +323,6 @@ __global__ void ll_weights_kernel(const __grid_constant__ LlWeightsParams p) {
   }
 }
 
-// acc += w * v, product rounded to float then added (the intranode holder's and the oracle's rounding).
-__device__ __forceinline__ void add_weighted(float (&acc)[8], int4 v, float w) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w, f.x));
-    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w, f.y));
-  }
-}
-
 __global__ void __launch_bounds__(kWarpThreads, 1)
     ll_holder_kernel(const __grid_constant__ LlHolderParams p) {
   const LlLayout& l = p.l;
@@ -415,7 +359,7 @@ __global__ void __launch_bounds__(kWarpThreads, 1)
 #pragma unroll
       for (int i = 0; i < kUnroll; ++i)
         if (first + 32 * i < vecs)
-          add_weighted(acc[i], kernels::ld_nc_v4(p.x + o + (first + 32 * i) * 16), wk);
+          kernels::add_weighted(acc[i], kernels::ld_nc_v4(p.x + o + (first + 32 * i) * 16), wk);
     }
     int4* dst = reinterpret_cast<int4*>(out_pair(p.areas, p.rank, s, l.partial_pair, l.partial_offset) +
                                         static_cast<int64_t>(t) * 2 * l.hidden);

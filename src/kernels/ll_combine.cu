@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 
 #include "check.hpp"
+#include "kernels/ll_numerics.cuh"
 #include "kernels/ll_protocol.cuh"
 
 namespace expertlink::kernels {
@@ -21,17 +22,6 @@ constexpr int kBatch = 2;
 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
-// acc += w * v, product rounded to float then added (the oracle's per-term rounding; no FMA).
-__device__ __forceinline__ void add_weighted(float (&acc)[8], int4 v, float w) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w, f.x));
-    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w, f.y));
-  }
 }
 
 // What a warp carries across its send units: whether it has seen every peer free this parity's combine

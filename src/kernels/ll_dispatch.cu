@@ -6,13 +6,12 @@
 #include <cuda_fp8.h>
 
 #include "check.hpp"
+#include "kernels/ll_numerics.cuh"
 #include "kernels/ll_protocol.cuh"
 
 namespace expertlink::kernels {
 namespace {
 
-constexpr float kE4m3Max = 448.0f;
-constexpr float kAmaxFloor = 1e-4f;
 // BF16 input vectors a thread holds per token: H / 8 <= kLlMaxHidden / 8 = kXVecs * kLlThreads. For FP8 a
 // thread holds the 2 vectors (16 channels) of one chunk per pair.
 constexpr int kXVecs = kLlMaxHidden / 8 / kLlThreads;
@@ -127,7 +126,7 @@ __device__ __forceinline__ void load_x(const LlDispatchParams& p, int t, int4 (&
 // oracle's cast.
 __device__ void send_row_fp8(const LlDispatchParams& p, int t, uint64_t mask, const int4 (&xr)[kXVecs]) {
   const LlGeometry& g = p.g;
-  const int lane = threadIdx.x & 31, chunks = g.hidden / 16;
+  const int chunks = g.hidden / 16;
 #pragma unroll
   for (int it = 0; it < kXVecs / 2; ++it) {
     const int base = it * kLlThreads;
@@ -135,55 +134,11 @@ __device__ void send_row_fp8(const LlDispatchParams& p, int t, uint64_t mask, co
     const int c = base + threadIdx.x;
     const bool valid = c < chunks;
     const int4 raw[2] = {xr[2 * it], xr[2 * it + 1]};  // zeros where not valid
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(raw);
-    float f[16];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float2 v = __bfloat1622float2(h[i]);
-      f[2 * i] = v.x;
-      f[2 * i + 1] = v.y;
-    }
-    float amax = 0.f;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
-    amax = fmaxf(amax, __shfl_xor_sync(~0u, amax, 4));
-    amax = fmaxf(amax, __shfl_xor_sync(~0u, amax, 2));
-    amax = fmaxf(amax, __shfl_xor_sync(~0u, amax, 1));
-    amax = fmaxf(amax, kAmaxFloor);
-    float sf = __fdiv_rn(amax, kE4m3Max);
-    if (p.round_scale) {
-      uint32_t u = __float_as_uint(sf);
-      if ((u & 0x7F800000u) != 0x7F800000u && (u & 0x007FFFFFu) != 0) u = (u & 0xFF800000u) + 0x00800000u;
-      sf = __uint_as_float(u);
-    }
-    uint32_t q[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      q[i] = 0;
-#pragma unroll
-      for (int b = 0; b < 4; ++b)
-        q[i] |= static_cast<uint32_t>(
-                    __nv_cvt_float_to_fp8(__fdiv_rn(f[4 * i + b], sf), __NV_SATFINITE, __NV_E4M3))
-                << (8 * b);
-    }
-    const int4 out = make_int4(static_cast<int>(q[0]), static_cast<int>(q[1]), static_cast<int>(q[2]),
-                               static_cast<int>(q[3]));
-    // Scales: a float per group from its first lane, or 4 UE8M0 bytes per word from the warp's lane 0
-    // (a warp covers 4 whole groups; groups past the row give byte 0).
-    uint32_t scale = __float_as_uint(sf);
-    int scale_index = c >> 3;
-    bool write_scale = valid && (lane & 7) == 0;
-    if (p.ue8m0) {
-      const uint32_t byte = valid ? (__float_as_uint(sf) >> 23) & 0xFFu : 0u;
-      scale = __shfl_sync(~0u, byte, 0) | (__shfl_sync(~0u, byte, 8) << 8) |
-              (__shfl_sync(~0u, byte, 16) << 16) | (__shfl_sync(~0u, byte, 24) << 24);
-      scale_index = c >> 5;
-      write_scale = valid && lane == 0;
-    }
+    const Fp8Piece piece = cast_fp8_piece(raw, c, valid, p.round_scale, p.ue8m0);
     for (uint64_t m = mask; m != 0; m &= m - 1) {
       char* msg = message(p, __ffsll(static_cast<long long>(m)) - 1, t);
-      if (valid) reinterpret_cast<int4*>(msg)[c] = out;
-      if (write_scale) reinterpret_cast<uint32_t*>(msg + g.row_bytes)[scale_index] = scale;
+      if (valid) reinterpret_cast<int4*>(msg)[c] = piece.data;
+      if (piece.write_scale) reinterpret_cast<uint32_t*>(msg + g.row_bytes)[piece.scale_index] = piece.scale;
     }
   }
 }

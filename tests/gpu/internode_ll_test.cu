@@ -157,61 +157,10 @@ GPU_CASE(internode_ll_hook_two_in_flight_third_rejected, 2, 300) {
   if (check_env(ctx, env) != 0) return 1;
   Buffer& buf = env.buffer;
   cudaStream_t st = env.stream;
-  LlIo a(c, R, ctx.rank), b(c, R, ctx.rank), third(c, R, ctx.rank);
-  for (int round = 0; round < 3; ++round) {
-    const uint64_t seed = env.seed + 100 * round;
-    LlRound ra = llt::make_round(c, R, seed, llt::full_tokens(c, R));
-    LlRound rb = llt::make_round(c, R, seed + 50, std::vector<int>(R, 7 + round));
-    a.load(ra, st);
-    b.load(rb, st);
-    third.load(ra, st);
-    LlRecvHook ha = buf.ll_dispatch(a.dispatch_args(true), a.handle, a.dispatch_outputs(), st);
-    LlRecvHook hb = buf.ll_dispatch(b.dispatch_args(true), b.handle, b.dispatch_outputs(), st);
-    GPU_EXPECT(ha.valid() && hb.valid(), "split dispatches return hooks");
-    if (expect_invalid(
-            ctx,
-            [&] { buf.ll_dispatch(third.dispatch_args(false), third.handle, third.dispatch_outputs(), st); },
-            "third call in flight", "a third dispatch while two wait for their hooks") != 0)
-      return 1;
-    if (expect_invalid(
-            ctx, [&] { buf.ll_combine(a.combine_args(false), a.handle, a.combine_outputs(), st); },
-            "receive hook has not been called",
-            "a combine along a handle whose dispatch hook is pending") != 0)
-      return 1;
-    ha(st);
-    hb.receive(st);
-    if (expect_invalid(
-            ctx, [&] { hb(st); }, "holds no receive half", "a hook called twice") != 0)
-      return 1;
-    buf.synchronize(st);
-    if (llt::check_dispatch(ctx, a, ra) != 0 || llt::check_dispatch(ctx, b, rb) != 0) return 1;
-    a.fill_expert_outputs(seed + 1, st);
-    b.fill_expert_outputs(seed + 2, st);
-    LlRecvHook ca = buf.ll_combine(a.combine_args(true), a.handle, a.combine_outputs(), st);
-    LlRecvHook cb = buf.ll_combine(b.combine_args(true), b.handle, b.combine_outputs(), st);
-    if (expect_invalid(
-            ctx, [&] { buf.ll_combine(a.combine_args(false), a.handle, a.combine_outputs(), st); },
-            "third call in flight", "a third combine while two wait for their hooks") != 0)
-      return 1;
-    cb(st);  // hooks in the other order
-    ca(st);
-    buf.synchronize(st);
-    if (llt::check_combine(ctx, a, ra, seed + 1) != 0 || llt::check_combine(ctx, b, rb, seed + 2) != 0)
-      return 1;
-    // A split dispatch beside a fused one, then the fused combine of the split one.
-    LlRecvHook h2 = buf.ll_dispatch(a.dispatch_args(true), a.handle, a.dispatch_outputs(), st);
-    buf.ll_dispatch(b.dispatch_args(false), b.handle, b.dispatch_outputs(), st);
-    h2(st);
-    buf.ll_combine(a.combine_args(false), a.handle, a.combine_outputs(), st);
-    buf.synchronize(st);
-    if (llt::check_dispatch(ctx, a, ra) != 0 || llt::check_dispatch(ctx, b, rb) != 0 ||
-        llt::check_combine(ctx, a, ra, seed + 1) != 0)
-      return 1;
-    buf.ll_clean(st);
-    if (ctx.rank == 0) std::printf("ok: round %d\n", round);
-  }
-  // Hooks on a second stream (ordered after the call's stream by an event, as the caller must), then the
-  // next calls of the same parities back on the first stream.
+  if (llt::run_hook_rounds(ctx, buf, st, c, env.seed, 3) != 0) return 1;
+  // Hooks on a second stream (ordered after the call's stream by an event, as the caller must); each
+  // round's calls are issued on the first stream again.
+  LlIo a(c, R, ctx.rank);
   cudaStream_t other;
   cudaStreamCreateWithFlags(&other, cudaStreamNonBlocking);
   cudaEvent_t ev;

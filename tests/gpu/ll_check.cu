@@ -39,7 +39,8 @@ int64_t scale_offset(const LlCase& c, int64_t slots, int j, int64_t slot, int co
 
 }  // namespace
 
-LlRound make_round(const LlCase& c, int num_ranks, uint64_t seed, const std::vector<int>& tokens, int dead_rank) {
+LlRound make_round(const LlCase& c, int num_ranks, uint64_t seed, const std::vector<int>& tokens,
+                   int dead_rank) {
   LlRound r;
   r.seed = seed;
   r.in.resize(num_ranks);
@@ -369,6 +370,66 @@ int run_two_split(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, L
   buffer.synchronize(stream);
   return check_dispatch(ctx, a, ra) != 0 || check_dispatch(ctx, b, rb) != 0 ||
          check_combine(ctx, a, ra, y_seed_a) != 0 || check_combine(ctx, b, rb, y_seed_b) != 0;
+}
+
+int run_hook_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, const LlCase& c,
+                    uint64_t seed0, int rounds) {
+  const int R = ctx.num_ranks;
+  LlIo a(c, R, ctx.rank), b(c, R, ctx.rank), third(c, R, ctx.rank);
+  for (int round = 0; round < rounds; ++round) {
+    const uint64_t seed = seed0 + 100 * round;
+    LlRound ra = make_round(c, R, seed, full_tokens(c, R));
+    LlRound rb = make_round(c, R, seed + 50, std::vector<int>(R, 7 + round));
+    a.load(ra, stream);
+    b.load(rb, stream);
+    third.load(ra, stream);
+    LlRecvHook ha = buffer.ll_dispatch(a.dispatch_args(true), a.handle, a.dispatch_outputs(), stream);
+    LlRecvHook hb = buffer.ll_dispatch(b.dispatch_args(true), b.handle, b.dispatch_outputs(), stream);
+    GPU_EXPECT(ha.valid() && hb.valid(), "split dispatches return hooks");
+    if (expect_invalid(
+            ctx,
+            [&] {
+              buffer.ll_dispatch(third.dispatch_args(false), third.handle, third.dispatch_outputs(), stream);
+            },
+            "third call in flight", "a third dispatch while two wait for their hooks") != 0)
+      return 1;
+    if (expect_invalid(
+            ctx, [&] { buffer.ll_combine(a.combine_args(false), a.handle, a.combine_outputs(), stream); },
+            "receive hook has not been called",
+            "a combine along a handle whose dispatch hook is pending") != 0)
+      return 1;
+    ha(stream);
+    hb.receive(stream);
+    if (expect_invalid(
+            ctx, [&] { hb(stream); }, "holds no receive half", "a hook called twice") != 0)
+      return 1;
+    buffer.synchronize(stream);
+    if (check_dispatch(ctx, a, ra) != 0 || check_dispatch(ctx, b, rb) != 0) return 1;
+    a.fill_expert_outputs(seed + 1, stream);
+    b.fill_expert_outputs(seed + 2, stream);
+    LlRecvHook ca = buffer.ll_combine(a.combine_args(true), a.handle, a.combine_outputs(), stream);
+    LlRecvHook cb = buffer.ll_combine(b.combine_args(true), b.handle, b.combine_outputs(), stream);
+    if (expect_invalid(
+            ctx, [&] { buffer.ll_combine(a.combine_args(false), a.handle, a.combine_outputs(), stream); },
+            "third call in flight", "a third combine while two wait for their hooks") != 0)
+      return 1;
+    cb(stream);  // hooks in the other order
+    ca(stream);
+    buffer.synchronize(stream);
+    if (check_combine(ctx, a, ra, seed + 1) != 0 || check_combine(ctx, b, rb, seed + 2) != 0) return 1;
+    // A split dispatch beside a fused one, then the fused combine of the split one.
+    LlRecvHook h2 = buffer.ll_dispatch(a.dispatch_args(true), a.handle, a.dispatch_outputs(), stream);
+    buffer.ll_dispatch(b.dispatch_args(false), b.handle, b.dispatch_outputs(), stream);
+    h2(stream);
+    buffer.ll_combine(a.combine_args(false), a.handle, a.combine_outputs(), stream);
+    buffer.synchronize(stream);
+    if (check_dispatch(ctx, a, ra) != 0 || check_dispatch(ctx, b, rb) != 0 ||
+        check_combine(ctx, a, ra, seed + 1) != 0)
+      return 1;
+    buffer.ll_clean(stream);
+    if (ctx.rank == 0) std::printf("ok: round %d\n", round);
+  }
+  return 0;
 }
 
 }  // namespace expertlink::test::llt

@@ -112,6 +112,12 @@ int run_two_split(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, L
 // Per-rank token counts: all N, or given.
 std::vector<int> full_tokens(const LlCase& c, int num_ranks);
 
+// Split calls, `rounds` times on one buffer: two dispatches in flight, a third refused before anything is
+// enqueued, a combine along a pending handle refused, a hook called twice refused; the combines' hooks in
+// the other order; a split dispatch beside a fused one. Every result against the oracle.
+int run_hook_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, const LlCase& c, uint64_t seed0,
+                    int rounds);
+
 // ll_bytes covering every case.
 size_t ll_bytes_for(std::initializer_list<LlCase> cases, int num_ranks);
 
