@@ -194,26 +194,7 @@ GPU_CASE(internode_ll_zero_copy_combine_buffer, 2, 180) {
   LlCase c{"bf16 N=32 H=4096 top-8", 32, 4096, 8, 16 * R, false};
   NodeEnv env(ctx, 0, llt::ll_bytes_for({c}, R));
   if (check_env(ctx, env) != 0) return 1;
-  LlIo io(c, R, ctx.rank);
-  for (int round = 0; round < 4; ++round) {  // both parities, fused and split
-    const bool hook = round >= 2;
-    const uint64_t seed = env.seed + 10 * round;
-    LlRound r = llt::make_round(c, R, seed, llt::full_tokens(c, R));
-    io.load(r, env.stream);
-    env.buffer.ll_dispatch(io.dispatch_args(false), io.handle, io.dispatch_outputs(), env.stream);
-    TensorView zc = env.buffer.get_next_ll_combine_buffer(io.handle);
-    GPU_EXPECT(
-        zc.ndim == 3 && zc.shape[0] == io.local_experts && zc.shape[1] == io.slots && zc.shape[2] == c.hidden,
-        "combine buffer shape %s", zc.describe().c_str());
-    io.fill_expert_outputs(seed + 1, env.stream, zc.ptr<uint16_t>());
-    LlRecvHook h =
-        env.buffer.ll_combine(io.combine_args(hook, true), io.handle, io.combine_outputs(), env.stream);
-    if (hook) h(env.stream);
-    env.buffer.synchronize(env.stream);
-    if (llt::check_dispatch(ctx, io, r) != 0 || llt::check_combine(ctx, io, r, seed + 1) != 0) return 1;
-  }
-  if (ctx.rank == 0) std::printf("ok: %s, zero-copy, fused and split\n", c.name);
-  return 0;
+  return llt::run_zero_copy_rounds(ctx, env.buffer, env.stream, c, env.seed);
 }
 
 // Dispatch + combine captured in one CUDA graph (the kernels and the grouped NCCL sends/receives), fused

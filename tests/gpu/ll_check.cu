@@ -432,4 +432,28 @@ int run_hook_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream,
   return 0;
 }
 
+int run_zero_copy_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, const LlCase& c,
+                         uint64_t seed0) {
+  const int R = ctx.num_ranks;
+  LlIo io(c, R, ctx.rank);
+  for (int round = 0; round < 4; ++round) {  // both parities, fused and split
+    const bool hook = round >= 2;
+    const uint64_t seed = seed0 + 10 * round;
+    LlRound r = make_round(c, R, seed, full_tokens(c, R));
+    io.load(r, stream);
+    buffer.ll_dispatch(io.dispatch_args(false), io.handle, io.dispatch_outputs(), stream);
+    TensorView zc = buffer.get_next_ll_combine_buffer(io.handle);
+    GPU_EXPECT(
+        zc.ndim == 3 && zc.shape[0] == io.local_experts && zc.shape[1] == io.slots && zc.shape[2] == c.hidden,
+        "combine buffer shape %s", zc.describe().c_str());
+    io.fill_expert_outputs(seed + 1, stream, zc.ptr<uint16_t>());
+    LlRecvHook h = buffer.ll_combine(io.combine_args(hook, true), io.handle, io.combine_outputs(), stream);
+    if (hook) h(stream);
+    buffer.synchronize(stream);
+    if (check_dispatch(ctx, io, r) != 0 || check_combine(ctx, io, r, seed + 1) != 0) return 1;
+  }
+  if (ctx.rank == 0) std::printf("ok: %s, zero-copy, fused and split\n", c.name);
+  return 0;
+}
+
 }  // namespace expertlink::test::llt

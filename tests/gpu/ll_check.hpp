@@ -118,6 +118,11 @@ std::vector<int> full_tokens(const LlCase& c, int num_ranks);
 int run_hook_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, const LlCase& c, uint64_t seed0,
                     int rounds);
 
+// Zero-copy combine, 4 rounds (both parities; fused, then split): expert outputs written straight into
+// get_next_ll_combine_buffer (its shape checked). Every result against the oracle.
+int run_zero_copy_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, const LlCase& c,
+                         uint64_t seed0);
+
 // ll_bytes covering every case.
 size_t ll_bytes_for(std::initializer_list<LlCase> cases, int num_ranks);
 
