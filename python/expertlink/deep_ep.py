@@ -64,7 +64,8 @@ class Config:
                                       self.size_hint_topk)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes, num_ranks):
-        """0: there is no internode (RDMA) path yet."""
+        """0: the internode path (docs/internode.md) stages in device memory the Buffer sizes itself; there is
+        no RDMA buffer to reserve."""
         return 0
 
     def __repr__(self):
