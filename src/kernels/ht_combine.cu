@@ -14,8 +14,9 @@ namespace {
 // lane, 32 KB per SM. Staging the rows in shared memory with bulk (TMA) loads takes the bytes in flight out
 // of the registers: each reducing warp keeps kReduceStages pieces of kReducePieceBytes in flight (lane 0
 // issues, every lane sums its 4 vectors of a piece from shared memory), 192 KB per SM. Measured on 2x H200
-// (2026-11-28, T = 4096, H = 7168): combine 374 -> 348 us at 24 SMs, 723 -> 683 us at 8 SMs; less than
-// the ~220 us predicted at 24 SMs (the trace: the sums took 220 -> 190-213 us per block; docs).
+// (2026-11-28, T = 4096, H = 7168, work by tickets): combine 336 -> 316 us at 24 SMs, 674 -> 653 us at 8,
+// far from the ~220 us predicted; alone (el_reduce_probe) bulk loads are slower than the register path,
+// so the gain comes from sharing the SM with the sending half (docs/ht_performance.md).
 // Bulk sending (EXPERTLINK_HT_COPY=bulk) needs the same shared memory: with it, combine reduces with warps.
 inline constexpr int kReducePieceBytes = 32 * 4 * 16;
 inline constexpr int kReduceStages = 6;

@@ -160,11 +160,12 @@ __host__ __device__ inline int64_t combine_record_bytes(int hidden, int topk) {
   return align128(2ll * hidden + 4ll * topk);
 }
 
-// Chunking of a source rank's tokens: both sides derive it from T alone. Chunks are dealt to the blocks
-// round robin; each costs the sending half a role barrier and a fenced flag. Floors of 32, 48 and 64
+// Chunking of a source rank's tokens: both sides derive it from T alone. Blocks take chunks by ticket
+// (ht_protocol.cuh); each costs the sending half a role barrier and a fenced flag. Floors of 32, 48 and 64
 // tokens measured on 2x H100 (2026-11-28, T = 4096): against 32, 64 made FP8 dispatch 2-5 % faster, BF16
 // dispatch 3 % faster at 8 SMs but 1 % slower at 24, and combine 6 % slower at 24 SMs, so 32 stays.
-// EXPERTLINK_HT_MIN_CHUNK (a build option) sets the floor for experiments.
+// EXPERTLINK_HT_MIN_CHUNK (a build option) sets the floor for experiments. A count divisible by common
+// SM budgets (96 chunks at T = 4096) did not help (2x H200, 2026-11-28: docs/ht_performance.md).
 #ifndef EXPERTLINK_HT_MIN_CHUNK
 #define EXPERTLINK_HT_MIN_CHUNK 32
 #endif
