@@ -14,6 +14,7 @@
 # Prints one row per (workload, SMs) and one column (us) per variant; NCCL's baseline runs with the first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/cmake_args.sh
 
 prepare() {
   local rev=$1 dir=${2:-.snap}
@@ -25,10 +26,7 @@ prepare() {
 }
 
 build() {  # TREE_DIR BUILD_DIR EXTRA_CMAKE_ARGS
-  local deps=() gen=()
-  [ -d "$PWD/.deps/include" ] && deps=(-DEXPERTLINK_DEPS_DIR="$PWD/.deps")
-  command -v ninja >/dev/null && gen=(-G Ninja)
-  cmake -S "$1" -B "$2" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DEXPERTLINK_BUILD_TESTS=OFF "${deps[@]}" $3 \
+  cmake -S "$1" -B "$2" "${EL_CMAKE_ARGS[@]}" -DEXPERTLINK_BUILD_TESTS=OFF $3 \
     >"$2.configure.log" 2>&1 &&
     cmake --build "$2" -j "$(($(nproc) / 2))" --target el_bench >"$2.build.log" 2>&1 ||
     { echo "build of $1 FAILED:"; tail -20 "$2.build.log" "$2.configure.log"; return 1; }

@@ -15,15 +15,12 @@ note() { summary+=("$*"); }
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
 nvidia-smi topo -m 2>/dev/null | head -5
 
-deps=()
-[ -d .deps/include ] && deps=(-DEXPERTLINK_DEPS_DIR="$PWD/.deps")
-gen=()
-command -v ninja >/dev/null && gen=(-G Ninja)
+source scripts/cmake_args.sh
 # The Python binding is built in the same tree where torch, nanobind and pytest are importable (the GPU
 # machine has them and no network, so no `pip install .`: the package is staged from the build instead).
 py=()
 [ "${EL_PYTHON:-1}" = 1 ] && python3 -c "import torch, nanobind, pytest" 2>/dev/null && py=(-DEXPERTLINK_BUILD_PYTHON=ON)
-if cmake -S . -B "$BUILD_DIR" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release "${deps[@]}" "${py[@]}" ${CMAKE_ARGS:-} >"$LOG_DIR/configure.log" 2>&1 &&
+if cmake -S . -B "$BUILD_DIR" "${EL_CMAKE_ARGS[@]}" "${py[@]}" ${CMAKE_ARGS:-} >"$LOG_DIR/configure.log" 2>&1 &&
    cmake --build "$BUILD_DIR" -j "$(nproc)" >"$LOG_DIR/build.log" 2>&1; then
   note "build: ok ($(grep -m1 'ExpertLink: NCCL' "$LOG_DIR/configure.log" | sed 's/.*ExpertLink: //'))"
 else

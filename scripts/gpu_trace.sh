@@ -8,14 +8,12 @@
 # Timings from this build are not records: the stamps cost a little. Compare phases, not totals.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/cmake_args.sh
 export NCCL_NVLS_ENABLE=0
 dir=${TRACE_BUILD_DIR:-build-trace}
 
 build() {
-  local deps=() gen=()
-  [ -d .deps/include ] && deps=(-DEXPERTLINK_DEPS_DIR="$PWD/.deps")
-  command -v ninja >/dev/null && gen=(-G Ninja)
-  cmake -S . -B "$dir" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release "${deps[@]}" \
+  cmake -S . -B "$dir" "${EL_CMAKE_ARGS[@]}" \
     -DEXPERTLINK_HT_TRACE=ON -DEXPERTLINK_LL_TRACE=ON >"$dir.configure.log" 2>&1 &&
     cmake --build "$dir" -j "${TRACE_JOBS:-$(nproc)}" >"$dir.build.log" 2>&1 ||
     { echo "trace build FAILED:"; tail -20 "$dir.build.log" "$dir.configure.log"; return 1; }
