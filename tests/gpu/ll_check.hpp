@@ -123,6 +123,11 @@ int run_hook_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream,
 int run_zero_copy_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, const LlCase& c,
                          uint64_t seed0);
 
+// Dispatch + combine captured in one CUDA graph, fused then split (hooks), each replayed 5 times with fresh
+// inputs; a fused call before (outside capture) and after. Every result against the oracle.
+int run_graph_capture_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, const LlCase& c,
+                             uint64_t seed0);
+
 // ll_bytes covering every case.
 size_t ll_bytes_for(std::initializer_list<LlCase> cases, int num_ranks);
 

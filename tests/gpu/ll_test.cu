@@ -128,40 +128,7 @@ GPU_CASE(ll_cuda_graph_capture_replays, 2, 300) {
   const int R = ctx.num_ranks;
   LlCase c{"fp8 N=64 H=7168 top-8/288", 64, 7168, 8, 288};
   Env env(ctx, 0, llt::ll_bytes_for({c}, R));
-  Buffer& buf = env.buffer;
-  cudaStream_t st = env.stream;
-  LlIo io(c, R, ctx.rank);
-  const uint64_t y_seed = env.seed + 99;
-  // First use outside capture: initialises the LL state and sizes the handle.
-  if (run_fused(ctx, env, io, llt::make_round(c, R, env.seed, llt::full_tokens(c, R)), y_seed) != 0) return 1;
-  for (int split = 0; split < 2; ++split) {
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    GPU_EXPECT(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal) == cudaSuccess, "begin capture");
-    LlRecvHook hd = buf.ll_dispatch(io.dispatch_args(split), io.handle, io.dispatch_outputs(), st);
-    if (split) hd(st);
-    io.fill_expert_outputs(y_seed, st);
-    LlRecvHook hc = buf.ll_combine(io.combine_args(split), io.handle, io.combine_outputs(), st);
-    if (split) hc(st);
-    cudaError_t err = cudaStreamEndCapture(st, &graph);
-    GPU_EXPECT(err == cudaSuccess, "end capture: %s", cudaGetErrorString(err));
-    err = cudaGraphInstantiate(&exec, graph, 0);
-    GPU_EXPECT(err == cudaSuccess, "instantiate: %s", cudaGetErrorString(err));
-    for (int rep = 0; rep < 5; ++rep) {
-      LlRound r = llt::make_round(c, R, env.seed + 1000 * split + 7 * rep + 1, llt::full_tokens(c, R));
-      io.load(r, st);  // new inputs in the captured tensors, outputs poisoned
-      err = cudaGraphLaunch(exec, st);
-      GPU_EXPECT(err == cudaSuccess, "graph launch: %s", cudaGetErrorString(err));
-      buf.synchronize(st);
-      if (llt::check_dispatch(ctx, io, r) != 0 || llt::check_combine(ctx, io, r, y_seed) != 0) return 1;
-    }
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
-    if (ctx.rank == 0)
-      std::printf("ok: %s graph, 5 replays with fresh inputs\n", split ? "split (hooks)" : "fused");
-  }
-  // Plain calls still agree with the replays' use counts.
-  return run_fused(ctx, env, io, llt::make_round(c, R, env.seed + 5, llt::full_tokens(c, R)), y_seed + 1);
+  return llt::run_graph_capture_rounds(ctx, env.buffer, env.stream, c, env.seed);
 }
 
 // HT notify + dispatch + combine of x with no weights: every token comes back as x times the number of
