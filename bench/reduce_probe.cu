@@ -19,20 +19,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <random>
 #include <vector>
 
+#include "check.hpp"
 #include "kernels/bulk_copy.cuh"
 #include "kernels/vector_io.cuh"
-
-#define CK(x)                                                                                 \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
 
 namespace {
 
@@ -163,7 +156,9 @@ float from_bf16(uint16_t h) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+namespace {
+
+int run(int argc, char** argv) {
   const int tokens = argc > 1 ? std::atoi(argv[1]) : 4096;
   const int hidden = argc > 2 ? std::atoi(argv[2]) : 7168;
   if (tokens <= 0 || hidden <= 0 || hidden % 8 != 0) {
@@ -176,7 +171,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   cudaDeviceProp prop{};
-  CK(cudaGetDeviceProperties(&prop, 0));
+  EL_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const int64_t row_bytes = 2ll * hidden, bytes = row_bytes * tokens;
   std::vector<uint16_t> ha(bytes / 2), hb(bytes / 2), want(bytes / 2), got(bytes / 2);
   std::mt19937 rng(12345);
@@ -188,20 +183,20 @@ int main(int argc, char** argv) {
   }
   char *a, *b, *out, *flush;
   const size_t flush_bytes = size_t{256} << 20;
-  CK(cudaMalloc(&a, bytes));
-  CK(cudaMalloc(&b, bytes));
-  CK(cudaMalloc(&out, bytes));
-  CK(cudaMalloc(&flush, flush_bytes));
-  CK(cudaMemcpy(a, ha.data(), bytes, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(b, hb.data(), bytes, cudaMemcpyHostToDevice));
+  EL_CUDA_CHECK(cudaMalloc(&a, bytes));
+  EL_CUDA_CHECK(cudaMalloc(&b, bytes));
+  EL_CUDA_CHECK(cudaMalloc(&out, bytes));
+  EL_CUDA_CHECK(cudaMalloc(&flush, flush_bytes));
+  EL_CUDA_CHECK(cudaMemcpy(a, ha.data(), bytes, cudaMemcpyHostToDevice));
+  EL_CUDA_CHECK(cudaMemcpy(b, hb.data(), bytes, cudaMemcpyHostToDevice));
   WaitRecord* record;
-  CK(cudaHostAlloc(&record, sizeof(WaitRecord), cudaHostAllocMapped));
+  EL_CUDA_CHECK(cudaHostAlloc(&record, sizeof(WaitRecord), cudaHostAllocMapped));
   std::memset(record, 0, sizeof(WaitRecord));
   WaitRecord* record_dev;
-  CK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&record_dev), record, 0));
+  EL_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&record_dev), record, 0));
   cudaEvent_t start, stop;
-  CK(cudaEventCreate(&start));
-  CK(cudaEventCreate(&stop));
+  EL_CUDA_CHECK(cudaEventCreate(&start));
+  EL_CUDA_CHECK(cudaEventCreate(&stop));
 
   struct Row {
     const char* name;
@@ -219,28 +214,29 @@ int main(int argc, char** argv) {
       prop.name, prop.multiProcessorCount, tokens, hidden, static_cast<long long>(row_bytes));
   for (const Row& r : rows) {
     const size_t smem = size_t(kWorkWarps) * r.stages * kPiece;
-    CK(cudaFuncSetAttribute(r.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    EL_CUDA_CHECK(
+        cudaFuncSetAttribute(r.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     for (int blocks : {8, 24, 132}) {
       if (blocks > prop.multiProcessorCount) continue;
       Args args{a, b, out, tokens, row_bytes, r.stages, WaitContext{record_dev, 1000000000ull, 0}};
       std::vector<float> ms;
       for (int it = 0; it < 23; ++it) {
-        CK(cudaMemset(out, 0xFF, bytes));  // poison: unwritten rows show
-        CK(cudaMemsetAsync(flush, it & 0xFF, flush_bytes));
-        CK(cudaEventRecord(start));
+        EL_CUDA_CHECK(cudaMemset(out, 0xFF, bytes));  // poison: unwritten rows show
+        EL_CUDA_CHECK(cudaMemsetAsync(flush, it & 0xFF, flush_bytes));
+        EL_CUDA_CHECK(cudaEventRecord(start));
         r.kernel<<<blocks, kThreads, smem>>>(args);
-        CK(cudaEventRecord(stop));
-        CK(cudaGetLastError());
-        CK(cudaEventSynchronize(stop));
+        EL_CUDA_CHECK(cudaEventRecord(stop));
+        EL_CUDA_CHECK(cudaGetLastError());
+        EL_CUDA_CHECK(cudaEventSynchronize(stop));
         float t = 0;
-        CK(cudaEventElapsedTime(&t, start, stop));
+        EL_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
         if (it >= 3) ms.push_back(t);
       }
       if (record->flag != 0) {
         std::printf("%s: a bulk load did not land within 1 s\n", r.name);
         return 1;
       }
-      CK(cudaMemcpy(got.data(), out, bytes, cudaMemcpyDeviceToHost));
+      EL_CUDA_CHECK(cudaMemcpy(got.data(), out, bytes, cudaMemcpyDeviceToHost));
       const std::vector<uint16_t>& expect = r.is_copy ? ha : want;
       size_t bad = 0;
       for (size_t i = 0; i < got.size(); ++i) bad += got[i] != expect[i];
@@ -253,4 +249,15 @@ int main(int argc, char** argv) {
     }
   }
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {  // a failed CUDA call (EL_CUDA_CHECK)
+    std::fprintf(stderr, "el_reduce_probe: %s\n", e.what());
+    return 1;
+  }
 }
