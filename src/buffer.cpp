@@ -30,10 +30,10 @@ Buffer::Buffer(const Communicator& comm, size_t ht_bytes, size_t ll_bytes, Runti
   }
   EL_CUDA_CHECK(cudaMalloc(&s_->ht.rounds, 3 * sizeof(uint64_t)));
   EL_CUDA_CHECK(cudaMalloc(&s_->ht.done_blocks, 3 * sizeof(uint32_t)));
-  EL_CUDA_CHECK(cudaMalloc(&s_->ht.tickets, 6 * sizeof(uint32_t)));
+  EL_CUDA_CHECK(cudaMalloc(&s_->ht.tickets, kernels::kHtTicketWords * sizeof(uint32_t)));
   EL_CUDA_CHECK(cudaMemset(s_->ht.rounds, 0, 3 * sizeof(uint64_t)));
   EL_CUDA_CHECK(cudaMemset(s_->ht.done_blocks, 0, 3 * sizeof(uint32_t)));
-  EL_CUDA_CHECK(cudaMemset(s_->ht.tickets, 0, 6 * sizeof(uint32_t)));
+  EL_CUDA_CHECK(cudaMemset(s_->ht.tickets, 0, kernels::kHtTicketWords * sizeof(uint32_t)));
   EL_CUDA_CHECK(cudaMalloc(&s_->ht.scan, kernels::kScanWords * sizeof(int32_t)));
   EL_CUDA_CHECK(cudaMemset(s_->ht.scan, 0, kernels::kScanWords * sizeof(int32_t)));
   EL_CUDA_CHECK(cudaDeviceSynchronize());
@@ -82,7 +82,7 @@ void Buffer::mask_rank(int rank) {
   for (uint64_t& r : rounds) ++r;
   EL_CUDA_CHECK(cudaMemcpy(s_->ht.rounds, rounds, sizeof(rounds), cudaMemcpyHostToDevice));
   EL_CUDA_CHECK(cudaMemset(s_->ht.done_blocks, 0, 3 * sizeof(uint32_t)));
-  EL_CUDA_CHECK(cudaMemset(s_->ht.tickets, 0, 6 * sizeof(uint32_t)));  // an aborted call's draws
+  EL_CUDA_CHECK(cudaMemset(s_->ht.tickets, 0, kernels::kHtTicketWords * sizeof(uint32_t)));  // an aborted call's draws
   EL_CUDA_CHECK(cudaMemset(s_->ht.scan, 0, kernels::kScanWords * sizeof(int32_t)));  // an aborted notify's
   if (!s_->ll.ready()) return;
   // LL: per (kind, parity), send and receive counts move to one past the larger, and this rank records

@@ -21,15 +21,16 @@ struct Strided2d {
 struct HtState {
   uint64_t* rounds;       // [3]: notify, dispatch, combine rounds completed by this rank
   uint32_t* done_blocks;  // [3]: blocks of the running kernel that have finished (last one bumps the round)
-  // [3][2]: work tickets of the kernels' sending and receiving roles (ht_protocol.cuh, draw_ticket); zero
-  // between calls: the last block of a kernel zeroes its pair.
+  // [kHtTicketWords = 3 x 2]: work tickets of the kernels' sending and receiving roles (ht_protocol.cuh,
+  // draw_ticket); zero between calls: the last block of a kernel zeroes its pair.
   uint32_t* tickets;
   // [kScanWords]: notify's routing scan (many blocks) hands the notify block its per-expert pick counts
   // ([0, kMaxExpertsTotal)) and the first invalid id ([kScanBad..+3]: flag, token, slot, value); the notify
   // block reads and zeroes them, so they are zero between calls (and graph replays).
   int32_t* scan;
 };
-inline constexpr int kScanBad = 1024;  // == kMaxExpertsTotal
+inline constexpr int kHtTicketWords = 3 * 2;  // notify, dispatch, combine x sending, receiving
+inline constexpr int kScanBad = 1024;         // == kMaxExpertsTotal
 inline constexpr int kScanWords = kScanBad + 4;
 
 // Device arrays of an HT handle (src/ht/handle.hpp owns them).
