@@ -25,8 +25,8 @@ inline constexpr size_t kReduceSmemBytes = size_t(kRoleWarps) * kReduceStages * 
 template <bool kBulk, bool kBulkReduce>
 __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombineParams p) {
   static_assert(!(kBulk && kBulkReduce), "bulk sending and bulk reducing share the dynamic shared memory");
-  __shared__ int abort_flag, send_abort, recv_abort, copy_abort;
-  __shared__ int ticket[2][2];  // [role][parity]: the role's current and next item or chunk (draw_ticket)
+  __shared__ int abort_flag, send_abort, copy_abort;
+  __shared__ int ticket[2];  // [parity]: the sending half's current and next item (draw_ticket)
   __shared__ uint64_t stage_bar[kRoleWarps][2];
   __shared__ uint64_t reduce_bar[kBulkReduce ? kRoleWarps : 1][kReduceStages];
   extern __shared__ __align__(128) char stage_smem[];
@@ -43,9 +43,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
   if (threadIdx.x == 0) {
     abort_flag = wait_aborted(ctx);
     copy_abort = 0;
-    ticket[kSendRole][0] = draw_ticket(p.state, 2, kSendRole);
+    ticket[0] = draw_ticket(p.state, 2, kSendRole);
   }
-  if (threadIdx.x == kRoleThreads) ticket[kRecvRole][0] = draw_ticket(p.state, 2, kRecvRole);
   WarpStages stages{};
   if (kBulk && warp < kRoleWarps) stages = warp_stages(stage_smem, stage_bar, warp, lane);
   if (kBulkReduce && warp >= kRoleWarps && lane == 0)
@@ -57,7 +56,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
     // ---- send (first half of the warps): source s's chunk c of expert outputs back into s's area ----
     const int items = source_chunk_items(w, p.handle.src_tokens);
     for (int k = 0, mine = 0;; ++k) {  // tickets drawn; items of a live source this block published
-      const int item = ticket[kSendRole][k & 1];
+      const int item = ticket[k & 1];
       if (item >= items) break;
       const SourceChunk sc = source_chunk(w, p.handle.src_tokens, item);
       const int s = sc.source, c = sc.chunk, m = mine;
@@ -94,7 +93,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
         }
         if (kBulk && lane == 0) bulk_wait_all();
       }
-      if (threadIdx.x == 0) ticket[kSendRole][(k + 1) & 1] = draw_ticket(p.state, 2, kSendRole);
+      if (threadIdx.x == 0) ticket[(k + 1) & 1] = draw_ticket(p.state, 2, kSendRole);
       // The item's rows from every sender warp (and the next ticket), then one fenced release store, also
       // for an item with no rows: s's reduce waits for every rank's flag of each chunk.
       role_barrier(kSendBarrier);
@@ -107,28 +106,39 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
       }
     }
   } else {
-    // ---- reduce: this rank's chunk c, once every rank has sent its rows of it ----
-    const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
+    // ---- reduce: token by token. Each reducing warp draws its own tokens (tickets, in token order) and
+    // waits for every rank's flag of the token's chunk itself, so no warp waits for the others: the
+    // slowest of 16 warps no longer sets the pace of each chunk (el_reduce_probe: the reduce alone runs
+    // in about half the time it takes inside this kernel). Trace stamps: reducing warp 0's view. ----
+    const int chunk_tokens = ht_chunk_tokens(T);
     const int64_t local_row0 = p.handle.rank_prefix[me];
-    const int rwarp = warp - kRoleWarps, rtid = threadIdx.x - kRoleThreads;
-    uint32_t reduce_units = 0;  // bulk reduce: units this warp has taken through its stages (stage phases)
-    if (rtid == 0) recv_abort = 0;
-    role_barrier(kRecvBarrier);
-    for (int k = 0;; ++k) {
-      const int c = ticket[kRecvRole][k & 1];
-      if (c >= num_chunks) break;
-      if (rtid == 0) ht_stamp(p.trace, k, kHtRecvWait);
-      if (rtid < R && rtid != me && rank_live(w, rtid) &&
-          !wait_geq(control_u64(w.local_base, control::kCombineChunk, rtid * kMaxChunks + c), round, ctx,
-                    WaitSite::kHtCombineChunk, rtid, c))
-        recv_abort = 1;
-      role_barrier(kRecvBarrier);
-      if (recv_abort) break;
-      if (rtid == 0) ht_stamp(p.trace, k, kHtRecvArrived);
-      // The peers' rows were written through the generic proxy; the bulk loads read through the async one.
-      if (kBulkReduce && lane == 0) asm volatile("fence.proxy.async.global;" ::: "memory");
-      const int t_end = min(T, (c + 1) * chunk_tokens);
-      for (int t = c * chunk_tokens + rwarp; t < t_end; t += kRoleWarps) {
+    const int rwarp = warp - kRoleWarps;
+    uint32_t reduce_units = 0;     // bulk reduce: units this warp has taken through its stages (stage phases)
+    int ready_chunk = -1, k = -1;  // the chunk whose rows have all arrived; warp 0's stamped chunks
+    int t = __shfl_sync(~0u, lane == 0 ? draw_ticket(p.state, 2, kRecvRole) : 0, 0);
+    while (t < T) {
+      const int next = lane == 0 ? draw_ticket(p.state, 2, kRecvRole) : 0;  // its latency overlaps the token
+      const int c = t / chunk_tokens;
+      if (c != ready_chunk) {
+        if (rwarp == 0 && lane == 0) {
+          if (k >= 0) ht_stamp(p.trace, k, kHtRecvDone);
+          ht_stamp(p.trace, k + 1, kHtRecvWait);
+        }
+        ++k;
+        bool arrived = true;
+        for (int d = lane; d < R; d += 32)
+          if (d != me && rank_live(w, d) &&
+              !wait_geq(control_u64(w.local_base, control::kCombineChunk, d * kMaxChunks + c), round, ctx,
+                        WaitSite::kHtCombineChunk, d, c))
+            arrived = false;
+        if (!__all_sync(~0u, arrived)) break;  // recorded by wait_geq
+        __syncwarp();                          // every lane's acquire before any lane's reads of the rows
+        ready_chunk = c;
+        if (rwarp == 0 && lane == 0) ht_stamp(p.trace, k, kHtRecvArrived);
+        // The peers' rows were written through the generic proxy; the bulk loads read through the async one.
+        if (kBulkReduce && lane == 0) asm volatile("fence.proxy.async.global;" ::: "memory");
+      }
+      {
         const int32_t* pos_row = p.handle.send_pos + int64_t(t) * R;
         const int pos_lo = lane < R ? pos_row[lane] : -1, pos_hi = lane + 32 < R ? pos_row[lane + 32] : -1;
         const uint64_t mask = (static_cast<uint64_t>(__ballot_sync(~0u, pos_lo >= 0)) |
@@ -186,7 +196,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
                 ok = false;
                 break;
               }
-              const int4* piece_smem = reinterpret_cast<const int4*>(stage_buf + (g % kReduceStages) * kReducePieceBytes);
+              const int4* piece_smem =
+                  reinterpret_cast<const int4*>(stage_buf + (g % kReduceStages) * kReducePieceBytes);
 #pragma unroll
               for (int j = 0; j < 4; ++j) {
                 const int64_t v = int64_t(piece) * (kReducePieceBytes / 16) + j * 32 + lane;
@@ -202,10 +213,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
             }
           }
           reduce_units += units;
-          if (!ok) {
-            recv_abort = 1;  // recorded by mbar_wait; the next chunk's check leaves
-            break;
-          }
+          if (!ok) break;  // recorded by mbar_wait
         }
         // kUnroll vectors per lane in flight from every source row before any is summed; the trip count
         // is uniform over the warp (the shuffles need every lane).
@@ -259,10 +267,9 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
           if (lane < K) p.out_topk_weights[int64_t(t) * K + lane] = sum;
         }
       }
-      if (rtid == 0) ticket[kRecvRole][(k + 1) & 1] = draw_ticket(p.state, 2, kRecvRole);
-      role_barrier(kRecvBarrier);  // the next ticket is visible; recv_abort is rewritten for the next chunk
-      if (rtid == 0) ht_stamp(p.trace, k, kHtRecvDone);
+      t = __shfl_sync(~0u, next, 0);
     }
+    if (rwarp == 0 && lane == 0 && k >= 0) ht_stamp(p.trace, k, kHtRecvDone);
   }
   finish_round(p.state, 2, round);
 }
@@ -282,7 +289,8 @@ void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t strea
     return;
   }
   // Per device; not a stream operation, so legal during graph capture. Bulk reducing sends with warps.
-  EL_CUDA_CHECK(cudaFuncSetAttribute(ht_combine_kernel<false, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  EL_CUDA_CHECK(cudaFuncSetAttribute(ht_combine_kernel<false, true>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(kReduceSmemBytes)));
   ht_combine_kernel<false, true><<<num_sms, kHtThreads, kReduceSmemBytes, stream>>>(q);
   EL_CUDA_CHECK(cudaGetLastError());
