@@ -27,6 +27,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
   static_assert(!(kBulk && kBulkReduce), "bulk sending and bulk reducing share the dynamic shared memory");
   __shared__ int abort_flag, send_abort, copy_abort;
   __shared__ int ticket[2];  // [parity]: the sending half's current and next item (draw_ticket)
+  __shared__ uint32_t chunk_seen[kMaxChunks / 32];  // chunks whose rows have all arrived (reduce_tokens)
   __shared__ uint64_t stage_bar[kRoleWarps][2];
   __shared__ uint64_t reduce_bar[kBulkReduce ? kRoleWarps : 1][kReduceStages];
   extern __shared__ __align__(128) char stage_smem[];
@@ -42,9 +43,10 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
     st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kCombineReady, me), round);
   if (threadIdx.x == 0) {
     abort_flag = wait_aborted(ctx);
-    copy_abort = 0;
+    send_abort = copy_abort = 0;
     ticket[0] = draw_ticket(p.state, 2, kSendRole);
   }
+  if (threadIdx.x < kMaxChunks / 32) chunk_seen[threadIdx.x] = 0;
   WarpStages stages{};
   if (kBulk && warp < kRoleWarps) stages = warp_stages(stage_smem, stage_bar, warp, lane);
   if (kBulkReduce && warp >= kRoleWarps && lane == 0)
@@ -52,95 +54,59 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
   __syncthreads();
   if (abort_flag) return;
 
-  if (warp < kRoleWarps) {
-    // ---- send (first half of the warps): source s's chunk c of expert outputs back into s's area ----
-    const int items = source_chunk_items(w, p.handle.src_tokens);
-    for (int k = 0, mine = 0;; ++k) {  // tickets drawn; items of a live source this block published
-      const int item = ticket[k & 1];
-      if (item >= items) break;
-      const SourceChunk sc = source_chunk(w, p.handle.src_tokens, item);
-      const int s = sc.source, c = sc.chunk, m = mine;
-      if (sc.valid) {
-        ++mine;
-        if (threadIdx.x == 0) ht_stamp(p.trace, m, kHtSendStart);
-        const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
-        const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
-        if (r0 < r1) {
-          if (threadIdx.x == 0)
-            send_abort = !wait_geq(control_u64(w.local_base, control::kCombineReady, s), round, ctx,
-                                   WaitSite::kHtCombineReady, s, 0);
-          role_barrier(kSendBarrier);
-          if (send_abort) break;
-          const int64_t row0 = p.handle.rank_prefix[s];
-          char* seg = area_segment(w.peer_base[s], p.area_offset, me, s, p.area_rows, p.record_bytes);
-          for (int r = r0 + warp; r < r1; r += kRoleWarps) {
-            const int64_t row = row0 + r;
-            char* rec = seg + int64_t(r) * p.record_bytes;
-            const char* src = static_cast<const char*>(p.x.data) + row * p.x.row_stride * 2;
-            if constexpr (kBulk) {
-              if (!warp_bulk_send(src, 2ll * H, 1, rec, nullptr, stages, lane, ctx)) {
-                copy_abort = 1;
-                break;
-              }
-            } else {
-              warp_copy_row<true>(reinterpret_cast<const int4*>(src), reinterpret_cast<int4*>(rec), vecs,
-                                  lane);
-            }
-            if (with_weights && lane < K)
-              reinterpret_cast<float*>(rec + 2ll * H)[lane] = static_cast<const float*>(
-                  p.topk_weights.data)[row * p.topk_weights.row_stride + lane * p.topk_weights.col_stride];
-          }
-        }
-        if (kBulk && lane == 0) bulk_wait_all();
-      }
-      if (threadIdx.x == 0) ticket[(k + 1) & 1] = draw_ticket(p.state, 2, kSendRole);
-      // The item's rows from every sender warp (and the next ticket), then one fenced release store, also
-      // for an item with no rows: s's reduce waits for every rank's flag of each chunk.
-      role_barrier(kSendBarrier);
-      if (kBulk && copy_abort) break;
-      if (sc.valid && threadIdx.x == 0) {
-        ht_stamp(p.trace, m, kHtSendIssued);
-        __threadfence_system();
-        st_release_sys(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
-        ht_stamp(p.trace, m, kHtSendPublished);
-      }
-    }
-  } else {
+  // kPath: 0 the register path with 4 vectors per lane in flight, 1 the same with 2 (the sending warps
+  // joining: fewer registers for the kernel as a whole), 2 the bulk path through the warp's stages.
+  auto reduce_tokens = [&](auto path_tag) {
+    constexpr int kPath = decltype(path_tag)::value;
+    constexpr bool kB = kPath == 2;
     // ---- reduce: token by token. Each reducing warp draws its own tokens (tickets, in token order) and
     // waits for every rank's flag of the token's chunk itself, so no warp waits for the others: the
     // slowest of 16 warps no longer sets the pace of each chunk (el_reduce_probe: the reduce alone runs
     // in about half the time it takes inside this kernel). Trace stamps: reducing warp 0's view. ----
     const int chunk_tokens = ht_chunk_tokens(T);
     const int64_t local_row0 = p.handle.rank_prefix[me];
-    const int rwarp = warp - kRoleWarps;
+    const int rwarp = warp - kRoleWarps;  // bulk: this warp's stages (reducing warps only)
     uint32_t reduce_units = 0;     // bulk reduce: units this warp has taken through its stages (stage phases)
     int ready_chunk = -1, k = -1;  // the chunk whose rows have all arrived; warp 0's stamped chunks
     int t = __shfl_sync(~0u, lane == 0 ? draw_ticket(p.state, 2, kRecvRole) : 0, 0);
     while (t < T) {
       const int next = lane == 0 ? draw_ticket(p.state, 2, kRecvRole) : 0;  // its latency overlaps the token
+      // The token's positions are the handle's (not written by peers): requested before the flag's
+      // acquire, so the two loads' latencies overlap.
+      const int32_t* pos_row = p.handle.send_pos + int64_t(t) * R;
+      const int pos_lo = lane < R ? pos_row[lane] : -1, pos_hi = lane + 32 < R ? pos_row[lane + 32] : -1;
       const int c = t / chunk_tokens;
       if (c != ready_chunk) {
-        if (rwarp == 0 && lane == 0) {
+        if (warp == kRoleWarps && lane == 0) {
           if (k >= 0) ht_stamp(p.trace, k, kHtRecvDone);
           ht_stamp(p.trace, k + 1, kHtRecvWait);
         }
         ++k;
-        bool arrived = true;
-        for (int d = lane; d < R; d += 32)
-          if (d != me && rank_live(w, d) &&
-              !wait_geq(control_u64(w.local_base, control::kCombineChunk, d * kMaxChunks + c), round, ctx,
-                        WaitSite::kHtCombineChunk, d, c))
-            arrived = false;
-        if (!__all_sync(~0u, arrived)) break;  // recorded by wait_geq
-        __syncwarp();                          // every lane's acquire before any lane's reads of the rows
+        // A chunk another warp of this block has seen arrive needs no flag load: that warp acquired the
+        // flags, then fenced and set the chunk's bit; this warp reads the bit, then fences (the two CTA
+        // fences order its row reads after the peers' writes).
+        const uint32_t bit = 1u << (c & 31);
+        bool arrived = (*static_cast<volatile uint32_t*>(&chunk_seen[c >> 5]) & bit) != 0;
+        if (!arrived) {
+          arrived = true;
+          for (int d = lane; d < R; d += 32)
+            if (d != me && rank_live(w, d) &&
+                !wait_geq(control_u64(w.local_base, control::kCombineChunk, d * kMaxChunks + c), round, ctx,
+                          WaitSite::kHtCombineChunk, d, c))
+              arrived = false;
+          if (!__all_sync(~0u, arrived)) break;  // recorded by wait_geq
+          __syncwarp();                          // every lane's acquire before the bit and the rows
+          __threadfence_block();
+          if (lane == 0) atomicOr(&chunk_seen[c >> 5], bit);
+        } else {
+          __threadfence_block();
+        }
         ready_chunk = c;
-        if (rwarp == 0 && lane == 0) ht_stamp(p.trace, k, kHtRecvArrived);
+        if (warp == kRoleWarps && lane == 0) ht_stamp(p.trace, k, kHtRecvArrived);
         // The peers' rows were written through the generic proxy; the bulk loads read through the async one.
-        if (kBulkReduce && lane == 0) asm volatile("fence.proxy.async.global;" ::: "memory");
+        if (kB && lane == 0) asm volatile("fence.proxy.async.global;" ::: "memory");
       }
       {
-        const int32_t* pos_row = p.handle.send_pos + int64_t(t) * R;
-        const int pos_lo = lane < R ? pos_row[lane] : -1, pos_hi = lane + 32 < R ? pos_row[lane + 32] : -1;
         const uint64_t mask = (static_cast<uint64_t>(__ballot_sync(~0u, pos_lo >= 0)) |
                                (static_cast<uint64_t>(__ballot_sync(~0u, pos_hi >= 0)) << 32)) &
                               ~w.masked;
@@ -151,7 +117,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
                  int64_t(pos) * p.record_bytes;
         };
         char* out_row = static_cast<char*>(p.out) + int64_t(t) * p.out_row_stride * 2;
-        if constexpr (kBulkReduce) {
+        if constexpr (kB) {
           // Sources in the oracle's order: the ranks of `mask` ascending, then bias0, then bias1. Unit u is
           // piece u / n_src of source u % n_src; units go through the warp's stages in order.
           const int n_rank = __popcll(mask);
@@ -217,8 +183,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
         }
         // kUnroll vectors per lane in flight from every source row before any is summed; the trip count
         // is uniform over the warp (the shuffles need every lane).
-        constexpr int kUnroll = 4;
-        for (int64_t v0 = 0; v0 < (kBulkReduce ? 0 : vecs); v0 += 32 * kUnroll) {
+        constexpr int kUnroll = kPath == 1 ? 2 : 4;
+        for (int64_t v0 = 0; v0 < (kB ? 0 : vecs); v0 += 32 * kUnroll) {
           float acc[kUnroll][8] = {};
           auto accumulate = [&](const int4* base, bool local) {
             int4 val[kUnroll];
@@ -269,7 +235,69 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
       }
       t = __shfl_sync(~0u, next, 0);
     }
-    if (rwarp == 0 && lane == 0 && k >= 0) ht_stamp(p.trace, k, kHtRecvDone);
+    if (warp == kRoleWarps && lane == 0 && k >= 0) ht_stamp(p.trace, k, kHtRecvDone);
+
+  };
+
+  if (warp < kRoleWarps) {
+    // ---- send (first half of the warps): source s's chunk c of expert outputs back into s's area ----
+    const int items = source_chunk_items(w, p.handle.src_tokens);
+    for (int k = 0, mine = 0;; ++k) {  // tickets drawn; items of a live source this block published
+      const int item = ticket[k & 1];
+      if (item >= items) break;
+      const SourceChunk sc = source_chunk(w, p.handle.src_tokens, item);
+      const int s = sc.source, c = sc.chunk, m = mine;
+      if (sc.valid) {
+        ++mine;
+        if (threadIdx.x == 0) ht_stamp(p.trace, m, kHtSendStart);
+        const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
+        const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
+        if (r0 < r1) {
+          if (threadIdx.x == 0)
+            send_abort = !wait_geq(control_u64(w.local_base, control::kCombineReady, s), round, ctx,
+                                   WaitSite::kHtCombineReady, s, 0);
+          role_barrier(kSendBarrier);
+          if (send_abort) break;
+          const int64_t row0 = p.handle.rank_prefix[s];
+          char* seg = area_segment(w.peer_base[s], p.area_offset, me, s, p.area_rows, p.record_bytes);
+          for (int r = r0 + warp; r < r1; r += kRoleWarps) {
+            const int64_t row = row0 + r;
+            char* rec = seg + int64_t(r) * p.record_bytes;
+            const char* src = static_cast<const char*>(p.x.data) + row * p.x.row_stride * 2;
+            if constexpr (kBulk) {
+              if (!warp_bulk_send(src, 2ll * H, 1, rec, nullptr, stages, lane, ctx)) {
+                copy_abort = 1;
+                break;
+              }
+            } else {
+              warp_copy_row<true>(reinterpret_cast<const int4*>(src), reinterpret_cast<int4*>(rec), vecs,
+                                  lane);
+            }
+            if (with_weights && lane < K)
+              reinterpret_cast<float*>(rec + 2ll * H)[lane] = static_cast<const float*>(
+                  p.topk_weights.data)[row * p.topk_weights.row_stride + lane * p.topk_weights.col_stride];
+          }
+        }
+        if (kBulk && lane == 0) bulk_wait_all();
+      }
+      if (threadIdx.x == 0) ticket[(k + 1) & 1] = draw_ticket(p.state, 2, kSendRole);
+      // The item's rows from every sender warp (and the next ticket), then one fenced release store, also
+      // for an item with no rows: s's reduce waits for every rank's flag of each chunk.
+      role_barrier(kSendBarrier);
+      if (kBulk && copy_abort) break;
+      if (sc.valid && threadIdx.x == 0) {
+        ht_stamp(p.trace, m, kHtSendIssued);
+        __threadfence_system();
+        st_release_sys(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
+        ht_stamp(p.trace, m, kHtSendPublished);
+      }
+    }
+    // The block's rows are all sent: its sending warps join the reduce (register path; the shared-memory
+    // stages belong to the reducing warps), so the reduce's tail after the last rows arrive runs on every
+    // warp of the block instead of half of them.
+    if (!send_abort && !(kBulk && copy_abort)) reduce_tokens(std::integral_constant<int, 1>{});
+  } else {
+    reduce_tokens(std::integral_constant<int, kBulkReduce ? 2 : 0>{});
   }
   finish_round(p.state, 2, round);
 }
