@@ -20,7 +20,10 @@ namespace {
 // Bulk sending (EXPERTLINK_HT_COPY=bulk) needs the same shared memory: with it, combine reduces with warps.
 inline constexpr int kReducePieceBytes = 32 * 4 * 16;
 inline constexpr int kReduceStages = 6;
-inline constexpr size_t kReduceSmemBytes = size_t(kRoleWarps) * kReduceStages * kReducePieceBytes;
+inline constexpr int kMaxBulkReduceWarps = 18;  // 216 KB of stages
+inline size_t reduce_smem_bytes(int send_warps) {
+  return size_t(kHtThreads / 32 - send_warps) * kReduceStages * kReducePieceBytes;
+}
 
 template <bool kBulk, bool kBulkReduce>
 __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombineParams p) {
@@ -29,11 +32,12 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
   __shared__ int ticket[2];  // [parity]: the sending half's current and next item (draw_ticket)
   __shared__ uint32_t chunk_seen[kMaxChunks / 32];  // chunks whose rows have all arrived (reduce_tokens)
   __shared__ uint64_t stage_bar[kRoleWarps][2];
-  __shared__ uint64_t reduce_bar[kBulkReduce ? kRoleWarps : 1][kReduceStages];
+  __shared__ uint64_t reduce_bar[kBulkReduce ? kMaxBulkReduceWarps : 1][kReduceStages];
   extern __shared__ __align__(128) char stage_smem[];
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk, H = p.hidden;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int S = p.send_warps;  // warps [0, S) send, then join the reduce; warps [S, 32) reduce
   const uint64_t round = p.state.rounds[2] + 1;
   const WaitContext ctx{w.record, w.timeout_ns, me};
   const int64_t vecs = 2ll * H / 16;
@@ -49,8 +53,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
   if (threadIdx.x < kMaxChunks / 32) chunk_seen[threadIdx.x] = 0;
   WarpStages stages{};
   if (kBulk && warp < kRoleWarps) stages = warp_stages(stage_smem, stage_bar, warp, lane);
-  if (kBulkReduce && warp >= kRoleWarps && lane == 0)
-    for (int i = 0; i < kReduceStages; ++i) mbar_init(&reduce_bar[warp - kRoleWarps][i]);
+  if (kBulkReduce && warp >= S && lane == 0)
+    for (int i = 0; i < kReduceStages; ++i) mbar_init(&reduce_bar[warp - S][i]);
   __syncthreads();
   if (abort_flag) return;
 
@@ -65,7 +69,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
     // in about half the time it takes inside this kernel). Trace stamps: reducing warp 0's view. ----
     const int chunk_tokens = ht_chunk_tokens(T);
     const int64_t local_row0 = p.handle.rank_prefix[me];
-    const int rwarp = warp - kRoleWarps;  // bulk: this warp's stages (reducing warps only)
+    const int rwarp = warp - S;  // bulk: this warp's stages (reducing warps only)
     uint32_t reduce_units = 0;     // bulk reduce: units this warp has taken through its stages (stage phases)
     int ready_chunk = -1, k = -1;  // the chunk whose rows have all arrived; warp 0's stamped chunks
     int t = __shfl_sync(~0u, lane == 0 ? draw_ticket(p.state, 2, kRecvRole) : 0, 0);
@@ -77,7 +81,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
       const int pos_lo = lane < R ? pos_row[lane] : -1, pos_hi = lane + 32 < R ? pos_row[lane + 32] : -1;
       const int c = t / chunk_tokens;
       if (c != ready_chunk) {
-        if (warp == kRoleWarps && lane == 0) {
+        if (warp == S && lane == 0) {
           if (k >= 0) ht_stamp(p.trace, k, kHtRecvDone);
           ht_stamp(p.trace, k + 1, kHtRecvWait);
         }
@@ -102,7 +106,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
           __threadfence_block();
         }
         ready_chunk = c;
-        if (warp == kRoleWarps && lane == 0) ht_stamp(p.trace, k, kHtRecvArrived);
+        if (warp == S && lane == 0) ht_stamp(p.trace, k, kHtRecvArrived);
         // The peers' rows were written through the generic proxy; the bulk loads read through the async one.
         if (kB && lane == 0) asm volatile("fence.proxy.async.global;" ::: "memory");
       }
@@ -235,11 +239,11 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
       }
       t = __shfl_sync(~0u, next, 0);
     }
-    if (warp == kRoleWarps && lane == 0 && k >= 0) ht_stamp(p.trace, k, kHtRecvDone);
+    if (warp == S && lane == 0 && k >= 0) ht_stamp(p.trace, k, kHtRecvDone);
 
   };
 
-  if (warp < kRoleWarps) {
+  if (warp < S) {
     // ---- send (first half of the warps): source s's chunk c of expert outputs back into s's area ----
     const int items = source_chunk_items(w, p.handle.src_tokens);
     for (int k = 0, mine = 0;; ++k) {  // tickets drawn; items of a live source this block published
@@ -256,11 +260,11 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
           if (threadIdx.x == 0)
             send_abort = !wait_geq(control_u64(w.local_base, control::kCombineReady, s), round, ctx,
                                    WaitSite::kHtCombineReady, s, 0);
-          role_barrier(kSendBarrier);
+          role_barrier(kSendBarrier, S * 32);
           if (send_abort) break;
           const int64_t row0 = p.handle.rank_prefix[s];
           char* seg = area_segment(w.peer_base[s], p.area_offset, me, s, p.area_rows, p.record_bytes);
-          for (int r = r0 + warp; r < r1; r += kRoleWarps) {
+          for (int r = r0 + warp; r < r1; r += S) {
             const int64_t row = row0 + r;
             char* rec = seg + int64_t(r) * p.record_bytes;
             const char* src = static_cast<const char*>(p.x.data) + row * p.x.row_stride * 2;
@@ -283,7 +287,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
       if (threadIdx.x == 0) ticket[(k + 1) & 1] = draw_ticket(p.state, 2, kSendRole);
       // The item's rows from every sender warp (and the next ticket), then one fenced release store, also
       // for an item with no rows: s's reduce waits for every rank's flag of each chunk.
-      role_barrier(kSendBarrier);
+      role_barrier(kSendBarrier, S * 32);
       if (kBulk && copy_abort) break;
       if (sc.valid && threadIdx.x == 0) {
         ht_stamp(p.trace, m, kHtSendIssued);
@@ -309,18 +313,32 @@ bool ht_bulk_reduce() {
   return v == nullptr || std::strcmp(v, "warp") != 0;
 }
 
+// Warps of a combine block that send before they join the reduce (the others reduce from the start).
+// EXPERTLINK_HT_COMBINE_SENDERS (diagnostics) sets it: 1..31 with the register reduce, 14..31 with the
+// bulk one (its stages take 12 KB of shared memory per reducing warp); bulk sending needs 16.
+int ht_combine_send_warps(bool bulk_reduce) {
+  const char* v = std::getenv("EXPERTLINK_HT_COMBINE_SENDERS");
+  if (v == nullptr || ht_bulk_send()) return kRoleWarps;
+  const int n = std::atoi(v), lo = bulk_reduce ? kHtThreads / 32 - kMaxBulkReduceWarps : 1;
+  EL_CHECK(n >= lo && n < kHtThreads / 32, "EXPERTLINK_HT_COMBINE_SENDERS=%s: must be %d..%d with the %s reduce", v,
+           lo, kHtThreads / 32 - 1, bulk_reduce ? "bulk" : "register");
+  return n;
+}
+
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
   HtCombineParams q = p;
   q.trace = ht_trace_arm(HtTraceKind::kCombine, num_sms, stream);
-  if (!ht_bulk_reduce()) {
+  const bool bulk_reduce = ht_bulk_reduce();
+  q.send_warps = ht_combine_send_warps(bulk_reduce);
+  if (!bulk_reduce) {
     launch_ht_kernel(ht_combine_kernel<true, false>, ht_combine_kernel<false, false>, q, num_sms, stream);
     return;
   }
   // Per device; not a stream operation, so legal during graph capture. Bulk reducing sends with warps.
+  const size_t smem = reduce_smem_bytes(q.send_warps);
   EL_CUDA_CHECK(cudaFuncSetAttribute(ht_combine_kernel<false, true>,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(kReduceSmemBytes)));
-  ht_combine_kernel<false, true><<<num_sms, kHtThreads, kReduceSmemBytes, stream>>>(q);
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  ht_combine_kernel<false, true><<<num_sms, kHtThreads, smem, stream>>>(q);
   EL_CUDA_CHECK(cudaGetLastError());
 }
 

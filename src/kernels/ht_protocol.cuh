@@ -52,8 +52,8 @@ inline constexpr int kRoleThreads = kHtThreads / 2;
 inline constexpr int kRoleWarps = kRoleThreads / 32;
 inline constexpr int kSendBarrier = 1, kRecvBarrier = 2;
 
-__device__ __forceinline__ void role_barrier(int id) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(kRoleThreads) : "memory");
+__device__ __forceinline__ void role_barrier(int id, int threads = kRoleThreads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
 // EXPERTLINK_HT_TRACE: the calling thread stamps `point` of its block's k-th chunk (sending) or item
