@@ -10,7 +10,10 @@
 #           AB_VARIANTS lists what runs, each NAME=TREE[,VAR=VALUE...] with TREE "base" or "cur";
 #           default "base=base cur=cur". Example: AB_VARIANTS="base=base cur=cur warp=cur,EXPERTLINK_HT_REDUCE=warp"
 #           AB_CMAKE_ARGS go to both builds, AB_CMAKE_ARGS_CUR to the current tree's only (e.g.
-#           -DEXPERTLINK_HT_MIN_CHUNK=64). Default el_bench args: HT workloads, uniform routing, 24 and 8 SMs.
+#           -DEXPERTLINK_HT_MIN_CHUNK=64). AB_EXTRA adds builds of the current tree, each NAME:ARG[,ARG...],
+#           space-separated, usable as a TREE: AB_EXTRA="s6:-DEXPERTLINK_HT_COMBINE_SENDERS=6"
+#           AB_VARIANTS="base=base cur=cur s6=s6". Default el_bench args: HT workloads, uniform routing,
+#           24 and 8 SMs.
 # Prints one row per (workload, SMs) and one column (us) per variant; NCCL's baseline runs with the first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +31,7 @@ prepare() {
 build() {  # TREE_DIR BUILD_DIR EXTRA_CMAKE_ARGS
   cmake -S "$1" -B "$2" "${EL_CMAKE_ARGS[@]}" -DEXPERTLINK_BUILD_TESTS=OFF $3 \
     >"$2.configure.log" 2>&1 &&
-    cmake --build "$2" -j "$(($(nproc) / 2))" --target el_bench >"$2.build.log" 2>&1 ||
+    cmake --build "$2" -j "$(($(nproc) / (2 + $(wc -w <<<"${AB_EXTRA:-}"))))" --target el_bench >"$2.build.log" 2>&1 ||
     { echo "build of $1 FAILED:"; tail -20 "$2.build.log" "$2.configure.log"; return 1; }
 }
 
@@ -36,6 +39,9 @@ build_all() {
   local pids=()
   [ -d base ] && { build base build-ab-base "${AB_CMAKE_ARGS:-}" & pids+=($!); }
   build . build-ab-cur "${AB_CMAKE_ARGS:-} ${AB_CMAKE_ARGS_CUR:-}" & pids+=($!)
+  for extra in ${AB_EXTRA:-}; do
+    build . "build-ab-${extra%%:*}" "${AB_CMAKE_ARGS:-} ${AB_CMAKE_ARGS_CUR:-} $(tr , ' ' <<<"${extra#*:}")" & pids+=($!)
+  done
   for p in "${pids[@]}"; do wait "$p" || return 1; done
 }
 

@@ -113,7 +113,6 @@ struct HtCombineParams {
   int64_t area_rows;
   int64_t area_offset;  // of the combine area within the data region
   uint64_t* trace;      // as HtDispatchParams::trace
-  int send_warps;       // set by launch_ht_combine (ht_combine_send_warps)
 };
 
 // EXPERTLINK_HT_TRACE=N (diagnostics only, in a build configured with -DEXPERTLINK_HT_TRACE=ON, which

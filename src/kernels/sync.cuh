@@ -62,14 +62,16 @@ static __device__ __noinline__ void record_timeout(const WaitContext& ctx, WaitS
   atomicExch(&r->flag, 2);
 }
 
-// Waits until *signal >= expected. Returns false (after recording, unless another waiter already did)
+// Waits until *signal >= expected, polling every sleep_ns nanoseconds (0: back to back; many waiters
+// of one flag may want fewer polls). Returns false (after recording, unless another waiter already did)
 // when the timeout passes or another wait of this window has failed.
 __device__ __forceinline__ bool wait_geq(const uint64_t* signal, uint64_t expected, const WaitContext& ctx,
-                                         WaitSite site, int peer, int counter) {
+                                         WaitSite site, int peer, int counter, uint32_t sleep_ns = 0) {
   uint64_t seen = ld_acquire_sys(signal);
   if (seen >= expected) return true;
   const uint64_t start = global_timer_ns();
   for (uint32_t polls = 1;; ++polls) {
+    if (sleep_ns != 0) __nanosleep(sleep_ns);
     seen = ld_acquire_sys(signal);
     if (seen >= expected) return true;
     if ((polls & 255u) == 0) {

@@ -82,11 +82,9 @@ GPU_CASE(ht_edge_empty_rank_single_token_all_masked_alignment, 2, 240) {
   return run_cases(ctx, {empty, one, masked, half, sms, one_sm});
 }
 
-// Combine's register reduce (EXPERTLINK_HT_REDUCE=warp; the other cases run the default bulk reduce):
-// bitwise against the oracle with biases and without, a hidden size whose last 2 KB piece is partial, -1
-// slots, an empty rank, 1 SM, three rounds each.
-GPU_CASE(ht_warp_reduce_matches_oracle, 2, 240) {
-  setenv("EXPERTLINK_HT_REDUCE", "warp", 1);
+// Combine's reduce at its edges: bitwise against the oracle with biases and without, a hidden size whose
+// last 2 KB of a row is partial, -1 slots, an empty rank, 1 SM, three rounds each.
+GPU_CASE(ht_combine_reduce_edges_match_oracle, 2, 240) {
   HtCase big{"bf16 T=512 H=7168 top-8/256", 512, 7168, 8, 256};
   HtCase partial{"H=2880 (last piece partial) top-9/64 skewed", 300, 2880, 9, 64, Fmt::kBf16, true,
                  Routing::kSkewed};
