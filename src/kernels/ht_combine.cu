@@ -20,10 +20,11 @@ namespace {
 #define EXPERTLINK_HT_COMBINE_SENDERS 8
 #endif
 inline constexpr int kCombineSendWarps = EXPERTLINK_HT_COMBINE_SENDERS;
-// Up to 24 reducing warps per block may wait on the same chunk's flag: EXPERTLINK_HT_POLL_SLEEP_NS (a build
-// option) spaces their polls.
+// Up to 32 warps per block may wait on the same chunk's flag, so their polls are spaced (2x H200,
+// 2026-11-28: 200 ns gave combine -0.2 to -1.2 % with 8 senders and -9 % at 24 SMs with 6, where back to
+// back polling slowed the senders). EXPERTLINK_HT_POLL_SLEEP_NS (a build option) sets it.
 #ifndef EXPERTLINK_HT_POLL_SLEEP_NS
-#define EXPERTLINK_HT_POLL_SLEEP_NS 0
+#define EXPERTLINK_HT_POLL_SLEEP_NS 200
 #endif
 // 16-byte vectors per lane in flight from each source row (EXPERTLINK_HT_REDUCE_UNROLL, a build option;
 // ptxas at 64 registers: 4 spills 300 bytes, 3 156, 2 none).

@@ -17,6 +17,15 @@ __device__ __forceinline__ uint64_t warp_dest_mask(const int32_t* send_pos_row, 
          (static_cast<uint64_t>(__ballot_sync(~0u, pos_hi >= 0)) << 32);
 }
 
+// Warps of a dispatch block that send (the rest copy rows out of the receiving area): 16 / 16 measured
+// best at ... EXPERTLINK_HT_DISPATCH_SENDERS (a build option) sets it for experiments; bulk sending has
+// stages for kRoleWarps warps and keeps that count.
+#ifndef EXPERTLINK_HT_DISPATCH_SENDERS
+#define EXPERTLINK_HT_DISPATCH_SENDERS 16
+#endif
+static_assert(EXPERTLINK_HT_DISPATCH_SENDERS >= 1 && EXPERTLINK_HT_DISPATCH_SENDERS < kHtThreads / 32,
+              "EXPERTLINK_HT_DISPATCH_SENDERS: 1..31");
+
 template <bool kBulk>
 __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchParams p) {
   __shared__ int abort_flag, recv_abort, send_abort;
@@ -26,6 +35,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int S = kBulk ? kRoleWarps : EXPERTLINK_HT_DISPATCH_SENDERS;  // warps [0, S) send
   const uint64_t round = p.state.rounds[1] + 1;
   const WaitContext ctx{w.record, w.timeout_ns, me};
   const int experts_per_rank = p.num_experts > 0 ? p.num_experts / R : 1;
@@ -40,9 +50,9 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
     send_abort = 0;
     ticket[kSendRole][0] = draw_ticket(p.state, 1, kSendRole);
   }
-  if (threadIdx.x == kRoleThreads) ticket[kRecvRole][0] = draw_ticket(p.state, 1, kRecvRole);
+  if (threadIdx.x == S * 32) ticket[kRecvRole][0] = draw_ticket(p.state, 1, kRecvRole);
   WarpStages stages{};
-  if (kBulk && warp < kRoleWarps) stages = warp_stages(stage_smem, stage_bar, warp, lane);
+  if (kBulk && warp < S) stages = warp_stages(stage_smem, stage_bar, warp, lane);
   __syncthreads();
   if (abort_flag) return;
   if (threadIdx.x < R && threadIdx.x != me && T > 0 && rank_live(w, threadIdx.x) &&
@@ -52,7 +62,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   __syncthreads();
   if (abort_flag) return;
 
-  if (warp < kRoleWarps) {
+  if (warp < S) {
     // ---- send (first half of the warps): chunk c of this rank's tokens, each row to every destination ----
     const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
     const int64_t local_row0 = p.handle.rank_prefix[me];
@@ -61,7 +71,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       if (c >= num_chunks) break;
       if (threadIdx.x == 0) ht_stamp(p.trace, k, kHtSendStart);
       const int t_end = min(T, (c + 1) * chunk_tokens);
-      for (int t = c * chunk_tokens + warp; t < t_end; t += kRoleWarps) {
+      for (int t = c * chunk_tokens + warp; t < t_end; t += S) {
         int pos_lo, pos_hi;
         // A handle made before a rank was masked still names it: it gets nothing.
         uint64_t mask =
@@ -153,7 +163,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       // (bulk stores complete first), then (barrier, one system fence) the release stores of the round.
       if (kBulk && lane == 0) bulk_wait_all();
       if (threadIdx.x == 0) ticket[kSendRole][(k + 1) & 1] = draw_ticket(p.state, 1, kSendRole);
-      role_barrier(kSendBarrier);
+      role_barrier(kSendBarrier, S * 32);
       if (kBulk && send_abort) break;
       if (threadIdx.x == 0) ht_stamp(p.trace, k, kHtSendIssued);
       if (threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
@@ -165,7 +175,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
     }
   } else {
     // ---- receive (second half): copy (source, chunk) items of rows out of the area as they arrive ----
-    const int rwarp = warp - kRoleWarps, rtid = threadIdx.x - kRoleThreads;
+    constexpr int kRecvWarps = kHtThreads / 32 - S;
+    const int rwarp = warp - S, rtid = threadIdx.x - S * 32;
     const int items = source_chunk_items(w, p.handle.src_tokens);
     for (int k = 0, mine = 0;; ++k) {  // tickets drawn; items this block waited for
       const int item = ticket[kRecvRole][k & 1];
@@ -182,12 +193,12 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
           recv_abort = !wait_geq(control_u64(w.local_base, control::kDispatchChunk, s * kMaxChunks + c),
                                  round, ctx, WaitSite::kHtDispatchChunk, s, c);
         }
-        role_barrier(kRecvBarrier);
+        role_barrier(kRecvBarrier, kRecvWarps * 32);
         if (rtid == 0) ht_stamp(p.trace, m, kHtRecvArrived);
         if (recv_abort) break;
         const int64_t row0 = p.handle.rank_prefix[s];
         const char* seg = area_segment(w.local_base, p.area_offset, s, me, p.area_rows, p.record_bytes);
-        for (int r = r0 + rwarp; r < r1; r += kRoleWarps) {
+        for (int r = r0 + rwarp; r < r1; r += kRecvWarps) {
           const int64_t row = row0 + r;
           if (row >= capacity) continue;
           const char* rec = seg + int64_t(r) * p.record_bytes;
@@ -209,7 +220,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
         }
       }
       if (rtid == 0) ticket[kRecvRole][(k + 1) & 1] = draw_ticket(p.state, 1, kRecvRole);
-      role_barrier(kRecvBarrier);  // the next ticket is visible; recv_abort is rewritten for the next item
+      role_barrier(kRecvBarrier, kRecvWarps * 32);  // the next ticket is visible; recv_abort is rewritten for the next item
       if (r0 < r1 && rtid == 0) ht_stamp(p.trace, m, kHtRecvDone);
     }
   }
