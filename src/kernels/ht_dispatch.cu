@@ -17,11 +17,12 @@ __device__ __forceinline__ uint64_t warp_dest_mask(const int32_t* send_pos_row, 
          (static_cast<uint64_t>(__ballot_sync(~0u, pos_hi >= 0)) << 32);
 }
 
-// Warps of a dispatch block that send (the rest copy rows out of the receiving area): 16 / 16 measured
-// best at ... EXPERTLINK_HT_DISPATCH_SENDERS (a build option) sets it for experiments; bulk sending has
-// stages for kRoleWarps warps and keeps that count.
+// Warps of a dispatch block that send (the rest copy rows out of the receiving area). Measured on 2x H200
+// (2026-11-28, T = 4096, H = 7168, 24 / 8 SMs), against 16 senders: 24 made FP8 dispatch -1.8 / -5.6 %
+// and BF16 -0.6 / -3.4 %; 20 about half that; 12 was 9-17 % slower. EXPERTLINK_HT_DISPATCH_SENDERS (a build
+// option) sets it for experiments; bulk sending has stages for kRoleWarps warps and keeps that count.
 #ifndef EXPERTLINK_HT_DISPATCH_SENDERS
-#define EXPERTLINK_HT_DISPATCH_SENDERS 16
+#define EXPERTLINK_HT_DISPATCH_SENDERS 24
 #endif
 static_assert(EXPERTLINK_HT_DISPATCH_SENDERS >= 1 && EXPERTLINK_HT_DISPATCH_SENDERS < kHtThreads / 32,
               "EXPERTLINK_HT_DISPATCH_SENDERS: 1..31");
