@@ -3,10 +3,11 @@
 // 1024 threads whose second 16 warps reduce (the combine kernel's layout: the first half sends there).
 // Variants, each the library's own device helpers:
 //   copy          one row in, one out, 8 loads of 16 B per lane in flight (what the SMs can move)
-//   reg-seq       the register path (EXPERTLINK_HT_REDUCE=warp): per 2 KB piece, the first row's 4 loads
+//   reg-seq       the combine kernel's path: per 2 KB piece, the first row's 4 loads
 //                 per lane, add, then the second row's, add
 //   reg-pair      both rows' 4 loads per lane in flight before adding (8 per lane)
-//   bulk-S        the default path: S stages of 2 KB per warp filled by bulk (TMA) loads, lane 0 issuing,
+//   bulk-S        the bulk reduce combine had until e8bb4aa: S stages of 2 KB per warp filled by bulk (TMA)
+//                 loads, lane 0 issuing,
 //                 the pipeline drained at each token's end (S = 2, 6)
 //   bulk-cross-6  the same with the pipeline running on across the warp's tokens
 // Every output is compared bitwise with the host's sum. Times: median of 20 after an L2 flush.

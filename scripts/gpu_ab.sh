@@ -8,7 +8,7 @@
 #   Device: cd DIR && scripts/gpu_ab.sh run [el_bench args]   (builds first; `build` alone only builds, so
 #           other builds can share the CPUs before anything is timed)
 #           AB_VARIANTS lists what runs, each NAME=TREE[,VAR=VALUE...] with TREE "base" or "cur";
-#           default "base=base cur=cur". Example: AB_VARIANTS="base=base cur=cur warp=cur,EXPERTLINK_HT_REDUCE=warp"
+#           default "base=base cur=cur". Example: AB_VARIANTS="base=base cur=cur bulk=cur,EXPERTLINK_HT_COPY=bulk"
 #           AB_CMAKE_ARGS go to both builds, AB_CMAKE_ARGS_CUR to the current tree's only (e.g.
 #           -DEXPERTLINK_HT_MIN_CHUNK=64). AB_EXTRA adds builds of the current tree, each NAME:ARG[,ARG...],
 #           space-separated, usable as a TREE: AB_EXTRA="s6:-DEXPERTLINK_HT_COMBINE_SENDERS=6"
