@@ -7,8 +7,7 @@
 //                 per lane, add, then the second row's, add
 //   reg-pair      both rows' 4 loads per lane in flight before adding (8 per lane)
 //   bulk-S        the bulk reduce combine had until e8bb4aa: S stages of 2 KB per warp filled by bulk (TMA)
-//                 loads, lane 0 issuing,
-//                 the pipeline drained at each token's end (S = 2, 6)
+//                 loads, lane 0 issuing, the pipeline drained at each token's end (S = 2, 6)
 //   bulk-cross-6  the same with the pipeline running on across the warp's tokens
 // Every output is compared bitwise with the host's sum. Times: median of 20 after an L2 flush.
 // Usage: el_reduce_probe [tokens=4096] [hidden=7168]. Prints one line per (variant, blocks).
