@@ -63,11 +63,10 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
   __syncthreads();
   if (abort_flag) return;
 
+  // ---- reduce: token by token. Each warp draws its own tokens (tickets, in token order) and waits for
+  // every rank's flag of the token's chunk itself, so no warp waits for the others. Trace stamps: the
+  // first reducing warp's view. ----
   auto reduce_tokens = [&]() {
-    // ---- reduce: token by token. Each reducing warp draws its own tokens (tickets, in token order) and
-    // waits for every rank's flag of the token's chunk itself, so no warp waits for the others: the
-    // slowest of 16 warps no longer sets the pace of each chunk (el_reduce_probe: the reduce alone runs
-    // in about half the time it takes inside this kernel). Trace stamps: reducing warp 0's view. ----
     const int chunk_tokens = ht_chunk_tokens(T);
     const int64_t local_row0 = p.handle.rank_prefix[me];
     int ready_chunk = -1, k = -1;  // the chunk whose rows have all arrived; warp 0's stamped chunks
@@ -107,77 +106,74 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
         ready_chunk = c;
         if (warp == S && lane == 0) ht_stamp(p.trace, k, kHtRecvArrived);
       }
-      {
-        const uint64_t mask = (static_cast<uint64_t>(__ballot_sync(~0u, pos_lo >= 0)) |
-                               (static_cast<uint64_t>(__ballot_sync(~0u, pos_hi >= 0)) << 32)) &
-                              ~w.masked;
-        // Rows of token t, rank ascending: the local one in place, the others from the combine area.
-        auto row_of = [&](int d, int pos) -> const char* {
-          if (d == me) return static_cast<const char*>(p.x.data) + (local_row0 + pos) * p.x.row_stride * 2;
-          return area_segment(w.local_base, p.area_offset, d, me, p.area_rows, p.record_bytes) +
-                 int64_t(pos) * p.record_bytes;
-        };
-        char* out_row = static_cast<char*>(p.out) + int64_t(t) * p.out_row_stride * 2;
-        // kUnroll vectors per lane in flight from every source row before any is summed; the trip count
-        // is uniform over the warp (the shuffles need every lane).
-        constexpr int kUnroll = EXPERTLINK_HT_REDUCE_UNROLL;
-        for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kUnroll) {
-          float acc[kUnroll][8] = {};
-          auto accumulate = [&](const int4* base, bool local) {
-            int4 val[kUnroll];
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-              const int64_t v = v0 + u * 32 + lane;
-              if (v < vecs) val[u] = local ? ld_nc_v4(base + v) : __ldcg(base + v);
-            }
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u)
-              if (v0 + u * 32 + lane < vecs) add_bf16x8(acc[u], val[u]);
-          };
-          for (uint64_t m = mask; m != 0; m &= m - 1) {
-            const int d = __ffsll(m) - 1;
-            const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
-            accumulate(reinterpret_cast<const int4*>(row_of(d, pos)), d == me);
-          }
-          if (p.bias0.data != nullptr)
-            accumulate(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias0.data) +
-                                                     t * p.bias0.row_stride * 2),
-                       true);
-          if (p.bias1.data != nullptr)
-            accumulate(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias1.data) +
-                                                     t * p.bias1.row_stride * 2),
-                       true);
+      const uint64_t mask = (static_cast<uint64_t>(__ballot_sync(~0u, pos_lo >= 0)) |
+                             (static_cast<uint64_t>(__ballot_sync(~0u, pos_hi >= 0)) << 32)) &
+                            ~w.masked;
+      // Rows of token t, rank ascending: the local one in place, the others from the combine area.
+      auto row_of = [&](int d, int pos) -> const char* {
+        if (d == me) return static_cast<const char*>(p.x.data) + (local_row0 + pos) * p.x.row_stride * 2;
+        return area_segment(w.local_base, p.area_offset, d, me, p.area_rows, p.record_bytes) +
+               int64_t(pos) * p.record_bytes;
+      };
+      char* out_row = static_cast<char*>(p.out) + int64_t(t) * p.out_row_stride * 2;
+      // kUnroll vectors per lane in flight from every source row before any is summed; the trip count
+      // is uniform over the warp (the shuffles need every lane).
+      constexpr int kUnroll = EXPERTLINK_HT_REDUCE_UNROLL;
+      for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kUnroll) {
+        float acc[kUnroll][8] = {};
+        auto accumulate = [&](const int4* base, bool local) {
+          int4 val[kUnroll];
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
             const int64_t v = v0 + u * 32 + lane;
-            if (v < vecs) reinterpret_cast<int4*>(out_row)[v] = to_bf16x8(acc[u]);
+            if (v < vecs) val[u] = local ? ld_nc_v4(base + v) : __ldcg(base + v);
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u)
+            if (v0 + u * 32 + lane < vecs) add_bf16x8(acc[u], val[u]);
+        };
+        for (uint64_t m = mask; m != 0; m &= m - 1) {
+          const int d = __ffsll(m) - 1;
+          const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
+          accumulate(reinterpret_cast<const int4*>(row_of(d, pos)), d == me);
+        }
+        if (p.bias0.data != nullptr)
+          accumulate(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias0.data) +
+                                                   t * p.bias0.row_stride * 2),
+                     true);
+        if (p.bias1.data != nullptr)
+          accumulate(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias1.data) +
+                                                   t * p.bias1.row_stride * 2),
+                     true);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t v = v0 + u * 32 + lane;
+          if (v < vecs) reinterpret_cast<int4*>(out_row)[v] = to_bf16x8(acc[u]);
+        }
+      }
+      if (p.out_topk_weights != nullptr) {  // requires topk_weights (checked on the host)
+        float sum = 0.f;
+        for (uint64_t m = mask; m != 0; m &= m - 1) {
+          const int d = __ffsll(m) - 1;
+          const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
+          if (lane < K) {
+            if (d == me)
+              sum += static_cast<const float*>(
+                  p.topk_weights.data)[(local_row0 + pos) * p.topk_weights.row_stride +
+                                       lane * p.topk_weights.col_stride];
+            else
+              sum += __ldcg(reinterpret_cast<const float*>(row_of(d, pos) + 2ll * H) + lane);
           }
         }
-        if (p.out_topk_weights != nullptr) {  // requires topk_weights (checked on the host)
-          float sum = 0.f;
-          for (uint64_t m = mask; m != 0; m &= m - 1) {
-            const int d = __ffsll(m) - 1;
-            const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
-            if (lane < K) {
-              if (d == me)
-                sum += static_cast<const float*>(
-                    p.topk_weights.data)[(local_row0 + pos) * p.topk_weights.row_stride +
-                                         lane * p.topk_weights.col_stride];
-              else
-                sum += __ldcg(reinterpret_cast<const float*>(row_of(d, pos) + 2ll * H) + lane);
-            }
-          }
-          if (lane < K) p.out_topk_weights[int64_t(t) * K + lane] = sum;
-        }
+        if (lane < K) p.out_topk_weights[int64_t(t) * K + lane] = sum;
       }
       t = __shfl_sync(~0u, next, 0);
     }
     if (warp == S && lane == 0 && k >= 0) ht_stamp(p.trace, k, kHtRecvDone);
-
   };
 
   if (warp < S) {
-    // ---- send (first half of the warps): source s's chunk c of expert outputs back into s's area ----
+    // ---- send (warps [0, S)): source s's chunk c of expert outputs back into s's area ----
     const int items = source_chunk_items(w, p.handle.src_tokens);
     for (int k = 0, mine = 0;; ++k) {  // tickets drawn; items of a live source this block published
       const int item = ticket[k & 1];
