@@ -31,7 +31,7 @@ inline constexpr int kCombineSendWarps = EXPERTLINK_HT_COMBINE_SENDERS;
 #ifndef EXPERTLINK_HT_REDUCE_UNROLL
 #define EXPERTLINK_HT_REDUCE_UNROLL 4
 #endif
-static_assert(kCombineSendWarps >= 1 && kCombineSendWarps < kHtThreads / 32 && kCombineSendWarps <= kRoleWarps,
+static_assert(kCombineSendWarps >= 1 && kCombineSendWarps <= kBulkSendWarps,
               "EXPERTLINK_HT_COMBINE_SENDERS: 1..16 (bulk sending has stages for 16 warps)");
 
 template <bool kBulk>
@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
   __shared__ int abort_flag, send_abort, copy_abort;
   __shared__ int ticket[2];  // [parity]: the sending half's current and next item (draw_ticket)
   __shared__ uint32_t chunk_seen[kMaxChunks / 32];  // chunks whose rows have all arrived (reduce_tokens)
-  __shared__ uint64_t stage_bar[kRoleWarps][2];
+  __shared__ uint64_t stage_bar[kBulkSendWarps][2];
   extern __shared__ __align__(128) char stage_smem[];
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk, H = p.hidden;
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
           if (threadIdx.x == 0)
             send_abort = !wait_geq(control_u64(w.local_base, control::kCombineReady, s), round, ctx,
                                    WaitSite::kHtCombineReady, s, 0);
-          role_barrier(kSendBarrier, S * 32);
+          role_barrier(kSendBarrier, S);
           if (send_abort) break;
           const int64_t row0 = p.handle.rank_prefix[s];
           char* seg = area_segment(w.peer_base[s], p.area_offset, me, s, p.area_rows, p.record_bytes);
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
       if (threadIdx.x == 0) ticket[(k + 1) & 1] = draw_ticket(p.state, 2, kSendRole);
       // The item's rows from every sender warp (and the next ticket), then one fenced release store, also
       // for an item with no rows: s's reduce waits for every rank's flag of each chunk.
-      role_barrier(kSendBarrier, S * 32);
+      role_barrier(kSendBarrier, S);
       if (kBulk && copy_abort) break;
       if (sc.valid && threadIdx.x == 0) {
         ht_stamp(p.trace, m, kHtSendIssued);

@@ -20,7 +20,7 @@ __device__ __forceinline__ uint64_t warp_dest_mask(const int32_t* send_pos_row, 
 // Warps of a dispatch block that send (the rest copy rows out of the receiving area). Measured on 2x H200
 // (2026-11-28, T = 4096, H = 7168, 24 / 8 SMs), against 16 senders: 24 made FP8 dispatch -1.8 / -5.6 %
 // and BF16 -0.6 / -3.4 %; 20 about half that; 12 was 9-17 % slower. EXPERTLINK_HT_DISPATCH_SENDERS (a build
-// option) sets it for experiments; bulk sending has stages for kRoleWarps warps and keeps that count.
+// option) sets it for experiments; bulk sending has stages for kBulkSendWarps warps and keeps that count.
 #ifndef EXPERTLINK_HT_DISPATCH_SENDERS
 #define EXPERTLINK_HT_DISPATCH_SENDERS 24
 #endif
@@ -31,12 +31,12 @@ template <bool kBulk>
 __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchParams p) {
   __shared__ int abort_flag, recv_abort, send_abort;
   __shared__ int ticket[2][2];  // [role][parity]: the role's current and next chunk or item (draw_ticket)
-  __shared__ uint64_t stage_bar[kRoleWarps][2];
+  __shared__ uint64_t stage_bar[kBulkSendWarps][2];
   extern __shared__ __align__(128) char stage_smem[];
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  constexpr int S = kBulk ? kRoleWarps : EXPERTLINK_HT_DISPATCH_SENDERS;  // warps [0, S) send
+  constexpr int S = kBulk ? kBulkSendWarps : EXPERTLINK_HT_DISPATCH_SENDERS;  // warps [0, S) send
   const uint64_t round = p.state.rounds[1] + 1;
   const WaitContext ctx{w.record, w.timeout_ns, me};
   const int experts_per_rank = p.num_experts > 0 ? p.num_experts / R : 1;
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   if (abort_flag) return;
 
   if (warp < S) {
-    // ---- send (first half of the warps): chunk c of this rank's tokens, each row to every destination ----
+    // ---- send (warps [0, S)): chunk c of this rank's tokens, each row to every destination ----
     const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
     const int64_t local_row0 = p.handle.rank_prefix[me];
     for (int k = 0;; ++k) {
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       // (bulk stores complete first), then (barrier, one system fence) the release stores of the round.
       if (kBulk && lane == 0) bulk_wait_all();
       if (threadIdx.x == 0) ticket[kSendRole][(k + 1) & 1] = draw_ticket(p.state, 1, kSendRole);
-      role_barrier(kSendBarrier, S * 32);
+      role_barrier(kSendBarrier, S);
       if (kBulk && send_abort) break;
       if (threadIdx.x == 0) ht_stamp(p.trace, k, kHtSendIssued);
       if (threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       }
     }
   } else {
-    // ---- receive (second half): copy (source, chunk) items of rows out of the area as they arrive ----
+    // ---- receive (the other warps): copy (source, chunk) items of rows out of the area as they arrive ----
     constexpr int kRecvWarps = kHtThreads / 32 - S;
     const int rwarp = warp - S, rtid = threadIdx.x - S * 32;
     const int items = source_chunk_items(w, p.handle.src_tokens);
@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
           recv_abort = !wait_geq(control_u64(w.local_base, control::kDispatchChunk, s * kMaxChunks + c),
                                  round, ctx, WaitSite::kHtDispatchChunk, s, c);
         }
-        role_barrier(kRecvBarrier, kRecvWarps * 32);
+        role_barrier(kRecvBarrier, kRecvWarps);
         if (rtid == 0) ht_stamp(p.trace, m, kHtRecvArrived);
         if (recv_abort) break;
         const int64_t row0 = p.handle.rank_prefix[s];
@@ -221,7 +221,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
         }
       }
       if (rtid == 0) ticket[kRecvRole][(k + 1) & 1] = draw_ticket(p.state, 1, kRecvRole);
-      role_barrier(kRecvBarrier, kRecvWarps * 32);  // the next ticket is visible; recv_abort is rewritten for the next item
+      // The next ticket is visible; recv_abort is rewritten for the next item.
+      role_barrier(kRecvBarrier, kRecvWarps);
       if (r0 < r1 && rtid == 0) ht_stamp(p.trace, m, kHtRecvDone);
     }
   }

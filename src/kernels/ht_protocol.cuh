@@ -45,15 +45,15 @@ namespace expertlink::kernels {
 
 // 32 warps: bytes in flight per SM (warps x lanes x unrolled 16-byte loads) set the copy rate.
 inline constexpr int kHtThreads = 1024;
-// Dispatch and combine split each block in two roles of equal size: the first half sends, the second
-// half receives (copy-out / reduce), so that receiving overlaps sending instead of following it. Each
-// role synchronizes on its own named barrier.
-inline constexpr int kRoleThreads = kHtThreads / 2;
-inline constexpr int kRoleWarps = kRoleThreads / 32;
+// Dispatch and combine split each block in two roles: warps [0, S) send, the others receive (copy-out /
+// reduce), so that receiving overlaps sending instead of following it; each kernel sets its S (combine's
+// senders join the reduce when they are done). Each role synchronizes on its own named barrier.
 inline constexpr int kSendBarrier = 1, kRecvBarrier = 2;
+// Bulk sending (EXPERTLINK_HT_COPY=bulk) has shared-memory stages for this many sending warps.
+inline constexpr int kBulkSendWarps = 16;
 
-__device__ __forceinline__ void role_barrier(int id, int threads = kRoleThreads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+__device__ __forceinline__ void role_barrier(int id, int warps) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(warps * 32) : "memory");
 }
 
 // EXPERTLINK_HT_TRACE: the calling thread stamps `point` of its block's k-th chunk (sending) or item
@@ -116,7 +116,7 @@ __device__ __forceinline__ void warp_copy_row(const int4* __restrict__ src, int4
 // of kStageBytes, two stages per warp, so the load of piece n + 1 overlaps the stores of piece n; lane 0
 // issues the copies. The sending half's stages fill the dynamic shared memory of the block.
 inline constexpr int kStageBytes = 6144;
-inline constexpr size_t kBulkSmemBytes = size_t(kRoleWarps) * 2 * kStageBytes;
+inline constexpr size_t kBulkSmemBytes = size_t(kBulkSendWarps) * 2 * kStageBytes;
 
 struct WarpStages {
   char* buf;       // 2 x kStageBytes
