@@ -5,9 +5,9 @@
 #include <utility>
 
 #include "check.hpp"
-#include "impl_util.hpp"
 #include "expertlink/error.hpp"
 #include "expertlink/workload.hpp"
+#include "impl_util.hpp"
 
 namespace expertlink::bench {
 namespace {

@@ -6,9 +6,9 @@
 #include <utility>
 
 #include "check.hpp"
-#include "impl_util.hpp"
 #include "expertlink/error.hpp"
 #include "expertlink/reference.hpp"
+#include "impl_util.hpp"
 
 namespace expertlink::bench {
 namespace {
@@ -71,7 +71,8 @@ std::vector<Variant> ExpertLinkLlImpl::variants(Op op) const {
   const std::string inter =
       buffer_ && buffer_->num_nodes() > 1 ? "_internode" + std::to_string(buffer_->num_nodes()) + "n" : "";
   if (op == Op::kLlRoundtrip) return {Variant{0, inter}};
-  return {Variant{static_cast<int>(Mode::kWhole), inter}, Variant{static_cast<int>(Mode::kSend), inter + "_send"},
+  return {Variant{static_cast<int>(Mode::kWhole), inter},
+          Variant{static_cast<int>(Mode::kSend), inter + "_send"},
           Variant{static_cast<int>(Mode::kRecv), inter + "_recv"}};
 }
 

@@ -9,7 +9,8 @@ namespace expertlink::bench {
 int parse_options(int argc, const char* const* argv, const char* commit_env, Options& o) {
   CLI::App app{
       "el_bench: ExpertLink's MoE dispatch/combine workloads (shared/WORKLOADS.md) against an NCCL "
-      "baseline and the NVLink floor; prints a table, writes <out>/<date>_<card>x<gpus>_<commit>.json and a plot",
+      "baseline and the NVLink floor; prints a table, writes <out>/<date>_<card>x<gpus>_<commit>.json and a "
+      "plot",
       "el_bench"};
   std::vector<std::string> known;
   for (Op op : kAllOps) known.push_back(op_name(op));

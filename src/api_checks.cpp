@@ -19,10 +19,18 @@ bool query_pointer(const void* p, Memory& memory, int& device) {
   }
   device = a.device;
   switch (a.type) {
-    case cudaMemoryTypeDevice: memory = Memory::kDevice; return true;
-    case cudaMemoryTypeHost: memory = Memory::kPinnedHost; return true;
-    case cudaMemoryTypeManaged: memory = Memory::kManaged; return true;
-    case cudaMemoryTypeUnregistered: memory = Memory::kUnregistered; return true;
+    case cudaMemoryTypeDevice:
+      memory = Memory::kDevice;
+      return true;
+    case cudaMemoryTypeHost:
+      memory = Memory::kPinnedHost;
+      return true;
+    case cudaMemoryTypeManaged:
+      memory = Memory::kManaged;
+      return true;
+    case cudaMemoryTypeUnregistered:
+      memory = Memory::kUnregistered;
+      return true;
   }
   return false;
 }
@@ -72,7 +80,8 @@ int topk_idx(const TensorView& t, int64_t tokens, int max_topk, const char* name
   EL_CHECK(t.ndim == 2, "%s must be 2-D [T, K], got %s", name, t.describe().c_str());
   EL_CHECK(t.dtype == DType::kI64 || t.dtype == DType::kI32, "%s must be i64 or i32, got %s", name,
            dtype_name(t.dtype));
-  EL_CHECK(t.shape[0] == tokens, "%s has %lld rows but there are %lld tokens", name, ll(t.shape[0]), ll(tokens));
+  EL_CHECK(t.shape[0] == tokens, "%s has %lld rows but there are %lld tokens", name, ll(t.shape[0]),
+           ll(tokens));
   EL_CHECK(t.shape[1] >= 1 && t.shape[1] <= max_topk, "%s: top-k = %lld must be in [1, %d]", name,
            ll(t.shape[1]), max_topk);
   return static_cast<int>(t.shape[1]);
@@ -86,18 +95,20 @@ void num_experts(int num_experts, int num_ranks, int max_experts) {
 
 void token_rows(const TensorView& t, const char* name) {
   EL_CHECK(t.ndim == 2, "%s must be 2-D [T, H], got %s", name, t.describe().c_str());
-  EL_CHECK(t.rows_are_dense_16b(), "%s rows must be contiguous, 16-byte aligned, a multiple of 16 bytes: %s at %p",
-           name, t.describe().c_str(), t.data);
+  EL_CHECK(t.rows_are_dense_16b(),
+           "%s rows must be contiguous, 16-byte aligned, a multiple of 16 bytes: %s at %p", name,
+           t.describe().c_str(), t.data);
   EL_CHECK(t.dtype != DType::kFP8E4M3 || t.shape[1] % 128 == 0,
            "%s is fp8 with hidden = %lld, not a multiple of 128 (one scale per 128 channels)", name,
            ll(t.shape[1]));
 }
 
 void location(const char* name, const void* ptr, Memory memory, int pointer_device, int device) {
-  EL_CHECK(memory != Memory::kUnregistered,
-           "%s (%p) is not memory a GPU can reach (pageable host memory, or no allocation at all): pass device "
-           "memory of device %d",
-           name, ptr, device);
+  EL_CHECK(
+      memory != Memory::kUnregistered,
+      "%s (%p) is not memory a GPU can reach (pageable host memory, or no allocation at all): pass device "
+      "memory of device %d",
+      name, ptr, device);
   EL_CHECK(memory != Memory::kDevice || pointer_device == device,
            "%s (%p) lives on device %d but the buffer is on device %d", name, ptr, pointer_device, device);
 }

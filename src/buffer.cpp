@@ -15,7 +15,8 @@ namespace expertlink {
 Buffer::Buffer(const Communicator& comm, size_t ht_bytes, size_t ll_bytes, RuntimeOptions options)
     : s_(std::make_unique<State>(comm, options)) {
   EL_CHECK(ht_bytes + ll_bytes > 0, "ht_bytes + ll_bytes = 0: the buffer would hold nothing");
-  EL_CHECK(comm.num_ranks() <= kHtMaxRanks, "num_ranks = %d exceeds the maximum of %d", comm.num_ranks(), kHtMaxRanks);
+  EL_CHECK(comm.num_ranks() <= kHtMaxRanks, "num_ranks = %d exceeds the maximum of %d", comm.num_ranks(),
+           kHtMaxRanks);
   s_->ht_bytes = (ht_bytes + 15) / 16 * 16;
   s_->ll_bytes = (ll_bytes + 15) / 16 * 16;
   // Collective: one node takes the NVLink (symmetric window) path; several take the internode path.
@@ -47,12 +48,24 @@ Buffer::~Buffer() {
   cudaFree(s_->ht.scan);
 }
 
-int Buffer::rank() const { return s_->comm.rank(); }
-int Buffer::num_ranks() const { return s_->comm.num_ranks(); }
-size_t Buffer::ht_bytes() const { return s_->ht_bytes; }
-size_t Buffer::ll_bytes() const { return s_->ll_bytes; }
-size_t Buffer::window_bytes() const { return s_->window ? s_->window->window_bytes() : 0; }
-size_t Buffer::ll_offset() const { return s_->ht_bytes; }
+int Buffer::rank() const {
+  return s_->comm.rank();
+}
+int Buffer::num_ranks() const {
+  return s_->comm.num_ranks();
+}
+size_t Buffer::ht_bytes() const {
+  return s_->ht_bytes;
+}
+size_t Buffer::ll_bytes() const {
+  return s_->ll_bytes;
+}
+size_t Buffer::window_bytes() const {
+  return s_->window ? s_->window->window_bytes() : 0;
+}
+size_t Buffer::ll_offset() const {
+  return s_->ht_bytes;
+}
 SymmetricMemory& Buffer::window() {
   EL_CHECK(s_->window != nullptr, "window(): this buffer spans %d nodes and has no symmetric window",
            s_->topology.num_nodes);
@@ -82,7 +95,8 @@ void Buffer::mask_rank(int rank) {
   for (uint64_t& r : rounds) ++r;
   EL_CUDA_CHECK(cudaMemcpy(s_->ht.rounds, rounds, sizeof(rounds), cudaMemcpyHostToDevice));
   EL_CUDA_CHECK(cudaMemset(s_->ht.done_blocks, 0, 3 * sizeof(uint32_t)));
-  EL_CUDA_CHECK(cudaMemset(s_->ht.tickets, 0, kernels::kHtTicketWords * sizeof(uint32_t)));  // an aborted call's draws
+  EL_CUDA_CHECK(
+      cudaMemset(s_->ht.tickets, 0, kernels::kHtTicketWords * sizeof(uint32_t)));  // an aborted call's draws
   EL_CUDA_CHECK(cudaMemset(s_->ht.scan, 0, kernels::kScanWords * sizeof(int32_t)));  // an aborted notify's
   if (!s_->ll.ready()) return;
   // LL: per (kind, parity), send and receive counts move to one past the larger, and this rank records

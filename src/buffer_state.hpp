@@ -4,8 +4,8 @@
 #include <memory>
 
 #include "comm/symmetric_memory.hpp"
-#include "internode/topology.hpp"
 #include "expertlink/buffer.hpp"
+#include "internode/topology.hpp"
 #include "kernels/ht_kernels.hpp"
 #include "ll/ll_state.hpp"
 
@@ -14,15 +14,15 @@ namespace expertlink {
 namespace internode {
 struct Context;
 struct LlContext;
-}
+}  // namespace internode
 
 struct Buffer::State {
   const Communicator& comm;
   RuntimeOptions options;
   size_t ht_bytes = 0, ll_bytes = 0;
-  std::unique_ptr<SymmetricMemory> window;  // null on the internode path
-  internode::Topology topology;              // nodes of the communicator
-  std::shared_ptr<internode::Context> internode;  // set when topology spans several nodes
+  std::unique_ptr<SymmetricMemory> window;             // null on the internode path
+  internode::Topology topology;                        // nodes of the communicator
+  std::shared_ptr<internode::Context> internode;       // set when topology spans several nodes
   std::shared_ptr<internode::LlContext> internode_ll;  // and ll_bytes > 0: the LL staging
   int device_sms = 0;
   kernels::HtState ht{};  // device-local round counters of the HT kernels

@@ -36,18 +36,18 @@ std::string format(const char* fmt, Args... args) {
     if (!(cond)) EL_FAIL(::expertlink::ErrorCode::kInvalidArgument, __VA_ARGS__); \
   } while (0)
 
-#define EL_CUDA_CHECK(expr)                                                                      \
-  do {                                                                                           \
-    cudaError_t el_err_ = (expr);                                                                \
-    if (el_err_ != cudaSuccess)                                                                  \
-      EL_FAIL(::expertlink::ErrorCode::kCuda, "%s failed: %s (%s)", #expr,                       \
-              cudaGetErrorString(el_err_), cudaGetErrorName(el_err_));                           \
+#define EL_CUDA_CHECK(expr)                                                                             \
+  do {                                                                                                  \
+    cudaError_t el_err_ = (expr);                                                                       \
+    if (el_err_ != cudaSuccess)                                                                         \
+      EL_FAIL(::expertlink::ErrorCode::kCuda, "%s failed: %s (%s)", #expr, cudaGetErrorString(el_err_), \
+              cudaGetErrorName(el_err_));                                                               \
   } while (0)
 
-#define EL_NCCL_CHECK(expr)                                                                      \
-  do {                                                                                           \
-    ncclResult_t el_res_ = (expr);                                                               \
-    if (el_res_ != ncclSuccess)                                                                  \
-      EL_FAIL(::expertlink::ErrorCode::kNccl, "%s failed: %s%s%s", #expr,                        \
-              ncclGetErrorString(el_res_), " / last NCCL error: ", ncclGetLastError(nullptr));   \
+#define EL_NCCL_CHECK(expr)                                                                            \
+  do {                                                                                                 \
+    ncclResult_t el_res_ = (expr);                                                                     \
+    if (el_res_ != ncclSuccess)                                                                        \
+      EL_FAIL(::expertlink::ErrorCode::kNccl, "%s failed: %s%s%s", #expr, ncclGetErrorString(el_res_), \
+              " / last NCCL error: ", ncclGetLastError(nullptr));                                      \
   } while (0)

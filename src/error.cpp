@@ -4,12 +4,18 @@ namespace expertlink {
 
 const char* error_code_name(ErrorCode code) {
   switch (code) {
-    case ErrorCode::kInvalidArgument: return "invalid argument";
-    case ErrorCode::kCuda: return "CUDA error";
-    case ErrorCode::kNccl: return "NCCL error";
-    case ErrorCode::kTimeout: return "timeout";
-    case ErrorCode::kUnsupported: return "unsupported";
-    case ErrorCode::kInternal: return "internal error";
+    case ErrorCode::kInvalidArgument:
+      return "invalid argument";
+    case ErrorCode::kCuda:
+      return "CUDA error";
+    case ErrorCode::kNccl:
+      return "NCCL error";
+    case ErrorCode::kTimeout:
+      return "timeout";
+    case ErrorCode::kUnsupported:
+      return "unsupported";
+    case ErrorCode::kInternal:
+      return "internal error";
   }
   return "unknown error";
 }

@@ -6,29 +6,41 @@ namespace expertlink {
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::kBF16: return "bf16";
-    case DType::kFP8E4M3: return "fp8_e4m3";
-    case DType::kF32: return "f32";
-    case DType::kI32: return "i32";
-    case DType::kI64: return "i64";
-    case DType::kU8: return "u8";
-    case DType::kBool: return "bool";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kFP8E4M3:
+      return "fp8_e4m3";
+    case DType::kF32:
+      return "f32";
+    case DType::kI32:
+      return "i32";
+    case DType::kI64:
+      return "i64";
+    case DType::kU8:
+      return "u8";
+    case DType::kBool:
+      return "bool";
   }
   return "?";
 }
 
 int dtype_size(DType dtype) {
   switch (dtype) {
-    case DType::kBF16: return 2;
+    case DType::kBF16:
+      return 2;
     case DType::kF32:
-    case DType::kI32: return 4;
-    case DType::kI64: return 8;
-    default: return 1;
+    case DType::kI32:
+      return 4;
+    case DType::kI64:
+      return 8;
+    default:
+      return 1;
   }
 }
 
 TensorView::TensorView(void* p, DType t, std::initializer_list<int64_t> dims) : data(p), dtype(t) {
-  EL_CHECK(dims.size() <= size_t(kMaxDims), "a TensorView has at most %d dimensions, got %zu", kMaxDims, dims.size());
+  EL_CHECK(dims.size() <= size_t(kMaxDims), "a TensorView has at most %d dimensions, got %zu", kMaxDims,
+           dims.size());
   ndim = static_cast<int>(dims.size());
   int i = 0;
   for (int64_t d : dims) shape[i++] = d;
@@ -39,7 +51,8 @@ TensorView::TensorView(void* p, DType t, std::initializer_list<int64_t> dims) : 
   }
 }
 
-TensorView::TensorView(void* p, DType t, std::initializer_list<int64_t> dims, std::initializer_list<int64_t> strides)
+TensorView::TensorView(void* p, DType t, std::initializer_list<int64_t> dims,
+                       std::initializer_list<int64_t> strides)
     : TensorView(p, t, dims) {
   EL_CHECK(strides.size() == dims.size(), "%zu strides for %zu dimensions", strides.size(), dims.size());
   int i = 0;

@@ -4,7 +4,9 @@
 
 namespace expertlink {
 
-int nccl_version_compiled() { return NCCL_VERSION_CODE; }
+int nccl_version_compiled() {
+  return NCCL_VERSION_CODE;
+}
 
 int nccl_version_loaded() {
   int v = 0;

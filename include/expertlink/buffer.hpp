@@ -38,21 +38,21 @@ inline constexpr int kHtMaxExperts = 1024;
 inline constexpr int kHtMaxRanks = 64;
 
 struct HtDispatchArgs {
-  TensorView x;             // BF16 [T, H], or FP8 e4m3 [T, H]; rows a multiple of 16 bytes, inner dim contiguous
-  TensorView x_scales;      // FP8 only: F32 [T, H/128] or I32 [T, ceil(H/512)] (packed UE8M0); any strides
-  TensorView topk_idx;      // I64 or I32 [T, K], -1 = none; optional in cached mode / with is_token_in_rank
-  TensorView topk_weights;  // F32 [T, K], optional (requires topk_idx)
+  TensorView x;         // BF16 [T, H], or FP8 e4m3 [T, H]; rows a multiple of 16 bytes, inner dim contiguous
+  TensorView x_scales;  // FP8 only: F32 [T, H/128] or I32 [T, ceil(H/512)] (packed UE8M0); any strides
+  TensorView topk_idx;  // I64 or I32 [T, K], -1 = none; optional in cached mode / with is_token_in_rank
+  TensorView topk_weights;      // F32 [T, K], optional (requires topk_idx)
   TensorView is_token_in_rank;  // BOOL [T, R]: routing when topk_idx is not given (notify only)
-  int num_experts = 0;      // E, divisible by the ranks; required with topk_idx
+  int num_experts = 0;          // E, divisible by the ranks; required with topk_idx
   int expert_alignment = 1;
-  int num_sms = 0;          // 0: the analytic default (Buffer::default_ht_sms)
+  int num_sms = 0;  // 0: the analytic default (Buffer::default_ht_sms)
 };
 
 struct HtDispatchOutputs {
-  TensorView recv_x;             // [capacity, H], dtype of x
-  TensorView recv_x_scales;      // FP8: dtype of x_scales [capacity, cols] (any strides)
-  TensorView recv_topk_idx;      // dtype of topk_idx [capacity, K], contiguous, optional
-  TensorView recv_topk_weights;  // F32 [capacity, K], contiguous, optional
+  TensorView recv_x;                      // [capacity, H], dtype of x
+  TensorView recv_x_scales;               // FP8: dtype of x_scales [capacity, cols] (any strides)
+  TensorView recv_topk_idx;               // dtype of topk_idx [capacity, K], contiguous, optional
+  TensorView recv_topk_weights;           // F32 [capacity, K], contiguous, optional
   TensorView num_recv_tokens_per_expert;  // I32 [E / R], optional (device copy of the counts)
 };
 
@@ -142,8 +142,8 @@ class HtHandle {
   HtHandle& operator=(HtHandle&&) noexcept;
 
   bool valid() const;
-  int num_tokens() const;           // T of this rank
-  int64_t capacity() const;         // rows the outputs may hold
+  int num_tokens() const;    // T of this rank
+  int64_t capacity() const;  // rows the outputs may hold
   // Exact sizing: known on the host after ht_notify. Capacity sizing: read after the stream has passed
   // the notify (e.g. after Buffer::synchronize); -1 before.
   int64_t num_recv_tokens() const;
@@ -200,16 +200,17 @@ class Buffer {
                            cudaStream_t stream);
   void ht_notify(const HtDispatchArgs& args, HtHandle& handle, Sizing sizing, int64_t capacity,
                  cudaStream_t stream);
-  void ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtDispatchOutputs& out, cudaStream_t stream);
+  void ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtDispatchOutputs& out,
+                   cudaStream_t stream);
   void ht_combine(const HtCombineArgs& args, const HtHandle& handle, const HtCombineOutputs& out,
                   cudaStream_t stream);
 
   // The same four calls under StreamOrder (DeepEP's previous_event and async_finish; DeepEP's calls always
   // run on its comm stream: use_comm_stream = true). ht_notify with Sizing::kExact still waits on the
   // host, for the stream it ran on.
-  Event get_dispatch_layout(const TensorView& topk_idx, int num_experts, const TensorView& num_tokens_per_rank,
-                            const TensorView& num_tokens_per_expert, const TensorView& is_token_in_rank,
-                            const StreamOrder& order);
+  Event get_dispatch_layout(const TensorView& topk_idx, int num_experts,
+                            const TensorView& num_tokens_per_rank, const TensorView& num_tokens_per_expert,
+                            const TensorView& is_token_in_rank, const StreamOrder& order);
   Event ht_notify(const HtDispatchArgs& args, HtHandle& handle, Sizing sizing, int64_t capacity,
                   const StreamOrder& order);
   Event ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtDispatchOutputs& out,

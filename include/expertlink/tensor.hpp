@@ -25,7 +25,8 @@ struct TensorView {
   TensorView() = default;
   // Row-major contiguous view.
   TensorView(void* data, DType dtype, std::initializer_list<int64_t> shape);
-  TensorView(void* data, DType dtype, std::initializer_list<int64_t> shape, std::initializer_list<int64_t> stride);
+  TensorView(void* data, DType dtype, std::initializer_list<int64_t> shape,
+             std::initializer_list<int64_t> stride);
 
   bool defined() const { return ndim > 0; }  // a default-constructed view means "not given"
   int64_t numel() const;
@@ -35,7 +36,9 @@ struct TensorView {
   bool rows_are_dense_16b() const;
   std::string describe() const;  // "bf16[4096, 7168] strides [7168, 1]"
   template <typename T>
-  T* ptr() const { return static_cast<T*>(data); }
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
 };
 
 }  // namespace expertlink

@@ -18,12 +18,15 @@
 namespace expertlink::python {
 namespace {
 
-cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+cudaStream_t as_stream(uintptr_t s) {
+  return reinterpret_cast<cudaStream_t>(s);
+}
 
 ncclUniqueId id_from_bytes(nb::bytes b) {
   ncclUniqueId id;
   if (b.size() != sizeof(id.internal))
-    invalid("a unique id is " + std::to_string(sizeof(id.internal)) + " bytes, got " + std::to_string(b.size()));
+    invalid("a unique id is " + std::to_string(sizeof(id.internal)) + " bytes, got " +
+            std::to_string(b.size()));
   std::memcpy(id.internal, b.c_str(), sizeof(id.internal));
   return id;
 }
@@ -58,8 +61,9 @@ void bind_buffer(nb::module_& m) {
           "adopt",
           [](uintptr_t comm, bool split) {
             if (comm == 0)
-              invalid("nccl comm pointer is 0 (torch creates its communicator lazily: pass device_id to "
-                      "init_process_group or run a collective first)");
+              invalid(
+                  "nccl comm pointer is 0 (torch creates its communicator lazily: pass device_id to "
+                  "init_process_group or run a collective first)");
             nb::gil_scoped_release release;
             return new Communicator(reinterpret_cast<ncclComm_t>(comm),
                                     split ? Communicator::Adopt::kSplit : Communicator::Adopt::kBorrow);
@@ -107,7 +111,8 @@ void bind_buffer(nb::module_& m) {
       .def_rw("combined_x", &HtCombineOutputs::combined_x)
       .def_rw("combined_topk_weights", &HtCombineOutputs::combined_topk_weights);
 
-  nb::class_<HtHandle>(m, "HtHandle", "Opaque: where one HT dispatch's rows came from and went (owns device memory).")
+  nb::class_<HtHandle>(m, "HtHandle",
+                       "Opaque: where one HT dispatch's rows came from and went (owns device memory).")
       .def(nb::init<>())
       .def_prop_ro("valid", &HtHandle::valid)
       .def("num_tokens", &HtHandle::num_tokens)
@@ -156,22 +161,26 @@ void bind_buffer(nb::module_& m) {
       .def("num_experts", &LlHandle::num_experts)
       .def("num_ranks", &LlHandle::num_ranks);
 
-  nb::class_<LlRecvHook>(m, "LlRecvHook",
-                         "Receive half of a split LL call: call it once with a stream (int). Not valid when the "
-                         "call was not split or the hook was already called.")
+  nb::class_<LlRecvHook>(
+      m, "LlRecvHook",
+      "Receive half of a split LL call: call it once with a stream (int). Not valid when the "
+      "call was not split or the hook was already called.")
       .def(nb::init<>())
       .def_prop_ro("valid", &LlRecvHook::valid)
-      .def("__call__", [](LlRecvHook& h, uintptr_t stream) { h.receive(as_stream(stream)); }, nb::arg("stream"),
-           Release())
-      .def("receive", [](LlRecvHook& h, uintptr_t stream) { h.receive(as_stream(stream)); }, nb::arg("stream"),
-           Release());
+      .def(
+          "__call__", [](LlRecvHook& h, uintptr_t stream) { h.receive(as_stream(stream)); },
+          nb::arg("stream"), Release())
+      .def(
+          "receive", [](LlRecvHook& h, uintptr_t stream) { h.receive(as_stream(stream)); }, nb::arg("stream"),
+          Release());
 
   nb::class_<Buffer>(m, "Buffer",
                      "Buffer(comm, ht_bytes, ll_bytes=0, timeout_s=None): collective; one symmetric window "
                      "with an HT and an LL region. Keeps the Communicator alive.")
       .def(
           "__init__",
-          [](Buffer* self, const Communicator& comm, size_t ht_bytes, size_t ll_bytes, std::optional<double> timeout) {
+          [](Buffer* self, const Communicator& comm, size_t ht_bytes, size_t ll_bytes,
+             std::optional<double> timeout) {
             RuntimeOptions o = make_options(timeout);
             nb::gil_scoped_release release;
             new (self) Buffer(comm, ht_bytes, ll_bytes, o);
@@ -201,7 +210,8 @@ void bind_buffer(nb::module_& m) {
           "ht_notify",
           [](Buffer& b, const HtDispatchArgs& args, HtHandle& handle, Sizing sizing, int64_t capacity,
              uintptr_t stream) { b.ht_notify(args, handle, sizing, capacity, as_stream(stream)); },
-          nb::arg("args"), nb::arg("handle"), nb::arg("sizing"), nb::arg("capacity"), nb::arg("stream"), Release())
+          nb::arg("args"), nb::arg("handle"), nb::arg("sizing"), nb::arg("capacity"), nb::arg("stream"),
+          Release())
       .def(
           "ht_dispatch",
           [](Buffer& b, const HtDispatchArgs& args, HtHandle& handle, const HtDispatchOutputs& out,
@@ -212,26 +222,30 @@ void bind_buffer(nb::module_& m) {
           [](Buffer& b, const HtCombineArgs& args, const HtHandle& handle, const HtCombineOutputs& out,
              uintptr_t stream) { b.ht_combine(args, handle, out, as_stream(stream)); },
           nb::arg("args"), nb::arg("handle"), nb::arg("out"), nb::arg("stream"), Release())
-      .def("synchronize", [](Buffer& b, uintptr_t stream) { b.synchronize(as_stream(stream)); }, nb::arg("stream"),
-           Release())
-      .def("barrier", [](Buffer& b, uintptr_t stream) { b.barrier(as_stream(stream)); }, nb::arg("stream"),
-           Release())
+      .def(
+          "synchronize", [](Buffer& b, uintptr_t stream) { b.synchronize(as_stream(stream)); },
+          nb::arg("stream"), Release())
+      .def(
+          "barrier", [](Buffer& b, uintptr_t stream) { b.barrier(as_stream(stream)); }, nb::arg("stream"),
+          Release())
       .def(
           "ll_dispatch",
-          [](Buffer& b, const LlDispatchArgs& args, LlHandle& handle, const LlDispatchOutputs& out, uintptr_t stream) {
-            return b.ll_dispatch(args, handle, out, as_stream(stream));
-          },
-          nb::arg("args"), nb::arg("handle"), nb::arg("out"), nb::arg("stream"), Release(), nb::keep_alive<0, 1>())
+          [](Buffer& b, const LlDispatchArgs& args, LlHandle& handle, const LlDispatchOutputs& out,
+             uintptr_t stream) { return b.ll_dispatch(args, handle, out, as_stream(stream)); },
+          nb::arg("args"), nb::arg("handle"), nb::arg("out"), nb::arg("stream"), Release(),
+          nb::keep_alive<0, 1>())
       .def(
           "ll_combine",
           [](Buffer& b, const LlCombineArgs& args, const LlHandle& handle, const LlCombineOutputs& out,
              uintptr_t stream) { return b.ll_combine(args, handle, out, as_stream(stream)); },
-          nb::arg("args"), nb::arg("handle"), nb::arg("out"), nb::arg("stream"), Release(), nb::keep_alive<0, 1>())
+          nb::arg("args"), nb::arg("handle"), nb::arg("out"), nb::arg("stream"), Release(),
+          nb::keep_alive<0, 1>())
       .def("get_next_ll_combine_buffer", &Buffer::get_next_ll_combine_buffer, nb::arg("handle"),
            "BF16 [E_local, R*N, H] device buffer (a TensorView; valid while the Buffer lives) that the next "
            "ll_combine with zero_copy reads.")
-      .def("ll_clean", [](Buffer& b, uintptr_t stream) { b.ll_clean(as_stream(stream)); }, nb::arg("stream"),
-           Release());
+      .def(
+          "ll_clean", [](Buffer& b, uintptr_t stream) { b.ll_clean(as_stream(stream)); }, nb::arg("stream"),
+          Release());
 }
 
 }  // namespace expertlink::python

@@ -61,20 +61,23 @@ template <class T>
 int64_t rows_of(const In<T>& a, int64_t cols, const char* what) {
   if (a.ndim() != 2) invalid(std::string(what) + " must be 2-D, got " + std::to_string(a.ndim()) + "-D");
   if (cols >= 0 && int64_t(a.shape(1)) != cols)
-    invalid(std::string(what) + " has " + std::to_string(a.shape(1)) + " columns, expected " + std::to_string(cols));
+    invalid(std::string(what) + " has " + std::to_string(a.shape(1)) + " columns, expected " +
+            std::to_string(cols));
   return int64_t(a.shape(0));
 }
 
 void bind_numerics(nb::module_& m) {
   m.def("bf16_to_float", &map<uint16_t, float, ref::bf16_to_float>, "uint16 bit patterns -> float32 (exact)");
-  m.def("float_to_bf16", &map<float, uint16_t, ref::float_to_bf16>, "float32 -> uint16 (RNE, as __float2bfloat16)");
+  m.def("float_to_bf16", &map<float, uint16_t, ref::float_to_bf16>,
+        "float32 -> uint16 (RNE, as __float2bfloat16)");
   m.def("float_to_e4m3", &map<float, uint8_t, ref::float_to_e4m3>, "float32 -> uint8 (RNE, SATFINITE)");
   m.def("e4m3_to_float", &map<uint8_t, float, ref::e4m3_to_float>, "uint8 -> float32 (exact)");
   m.def("ue8m0_from_scale", &ref::ue8m0_from_scale);
   m.def("ue8m0_to_scale", &ref::ue8m0_to_scale);
   m.def("ue8m0_words_per_row", &ref::ue8m0_words_per_row);
   m.def(
-      "fp8_group_scale", [](const In<uint16_t>& x, bool round_scale) {
+      "fp8_group_scale",
+      [](const In<uint16_t>& x, bool round_scale) {
         return ref::fp8_group_scale(x.data(), int64_t(x.size()), round_scale);
       },
       nb::arg("x"), nb::arg("round_scale") = false);
@@ -87,7 +90,8 @@ void bind_numerics(nb::module_& m) {
       .value("fp8", ref::RowFormat::kFp8)
       .value("fp8_ue8m0", ref::RowFormat::kFp8Ue8m0);
 
-  nb::class_<ref::TokenRows> rows(m, "TokenRows", "[rows, hidden] BF16, or FP8 e4m3 + per-128-channel scales");
+  nb::class_<ref::TokenRows> rows(m, "TokenRows",
+                                  "[rows, hidden] BF16, or FP8 e4m3 + per-128-channel scales");
   rows.def(nb::init<>())
       .def_static(
           "from_bf16",
@@ -98,7 +102,8 @@ void bind_numerics(nb::module_& m) {
       .def_static(
           "from_fp8",
           [](const In<uint8_t>& q, const In<float>& scales) {
-            ref::TokenRows r = ref::make_token_rows(ref::RowFormat::kFp8, rows_of(q, -1, "x"), int64_t(q.shape(1)));
+            ref::TokenRows r =
+                ref::make_token_rows(ref::RowFormat::kFp8, rows_of(q, -1, "x"), int64_t(q.shape(1)));
             r.fp8 = to_vec(q);
             r.scales = to_vec(scales);
             ref::validate_rows(r, "x");
@@ -248,7 +253,8 @@ void bind_ll(nb::module_& m) {
       .def_rw("handle", &ref::LlDispatchOutput::handle);
   m.def("ll_dispatch", &ref::ll_dispatch, nb::arg("params"), nb::arg("inputs"));
   m.def(
-      "canonicalize_ll_recv", [](ref::LlDispatchOutput recv) {
+      "canonicalize_ll_recv",
+      [](ref::LlDispatchOutput recv) {
         ref::canonicalize_ll_recv(recv);
         return recv;
       },

@@ -16,7 +16,9 @@ namespace expertlink::python {
 namespace nb = nanobind;
 
 // Raises expertlink.Error(kInvalidArgument) from binding-side checks, so Python sees one error type.
-[[noreturn]] inline void invalid(const std::string& message) { throw Error(ErrorCode::kInvalidArgument, message); }
+[[noreturn]] inline void invalid(const std::string& message) {
+  throw Error(ErrorCode::kInvalidArgument, message);
+}
 
 void bind_tensor(nb::module_& m);
 void bind_buffer(nb::module_& m);

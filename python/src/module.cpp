@@ -20,10 +20,18 @@ DType parse_dtype(const std::string& name) {
   static const struct {
     const char* name;
     DType dtype;
-  } kNames[] = {{"bf16", DType::kBF16}, {"bfloat16", DType::kBF16},     {"fp8_e4m3", DType::kFP8E4M3},
-                {"float8_e4m3fn", DType::kFP8E4M3}, {"f32", DType::kF32}, {"float32", DType::kF32},
-                {"i32", DType::kI32}, {"int32", DType::kI32},           {"i64", DType::kI64},
-                {"int64", DType::kI64}, {"u8", DType::kU8},             {"uint8", DType::kU8},
+  } kNames[] = {{"bf16", DType::kBF16},
+                {"bfloat16", DType::kBF16},
+                {"fp8_e4m3", DType::kFP8E4M3},
+                {"float8_e4m3fn", DType::kFP8E4M3},
+                {"f32", DType::kF32},
+                {"float32", DType::kF32},
+                {"i32", DType::kI32},
+                {"int32", DType::kI32},
+                {"i64", DType::kI64},
+                {"int64", DType::kI64},
+                {"u8", DType::kU8},
+                {"uint8", DType::kU8},
                 {"bool", DType::kBool}};
   for (const auto& n : kNames)
     if (name == n.name) return n.dtype;
@@ -43,12 +51,14 @@ TensorView make_view(uintptr_t data, const std::string& dtype, const std::vector
   v.ndim = static_cast<int>(shape.size());
   int64_t st = 1;
   for (int k = v.ndim - 1; k >= 0; --k) {
-    if (shape[k] < 0) invalid("shape[" + std::to_string(k) + "] = " + std::to_string(shape[k]) + " is negative");
+    if (shape[k] < 0)
+      invalid("shape[" + std::to_string(k) + "] = " + std::to_string(shape[k]) + " is negative");
     v.shape[k] = shape[k];
     v.stride[k] = strides.empty() ? st : strides[k];
     st *= shape[k];
   }
-  if (data == 0 && v.numel() > 0) invalid("a TensorView of " + std::to_string(v.numel()) + " elements has data = 0");
+  if (data == 0 && v.numel() > 0)
+    invalid("a TensorView of " + std::to_string(v.numel()) + " elements has data = 0");
   return v;
 }
 
@@ -64,17 +74,22 @@ void bind_tensor(nb::module_& m) {
       .value("u8", DType::kU8)
       .value("bool", DType::kBool);
 
-  nb::class_<TensorView>(m, "TensorView",
-                         "Non-owning view of device memory: data pointer (int), dtype name, shape, strides in "
-                         "elements (row-major when omitted). The caller keeps the memory alive.")
+  nb::class_<TensorView>(
+      m, "TensorView",
+      "Non-owning view of device memory: data pointer (int), dtype name, shape, strides in "
+      "elements (row-major when omitted). The caller keeps the memory alive.")
       .def(nb::init<>(), "An undefined view (the C++ API reads it as 'not given').")
-      .def("__init__",
-           [](TensorView* self, uintptr_t data, const std::string& dtype, const std::vector<int64_t>& shape,
-              const std::vector<int64_t>& strides) { new (self) TensorView(make_view(data, dtype, shape, strides)); },
-           nb::arg("data"), nb::arg("dtype"), nb::arg("shape"), nb::arg("strides") = std::vector<int64_t>{})
+      .def(
+          "__init__",
+          [](TensorView* self, uintptr_t data, const std::string& dtype, const std::vector<int64_t>& shape,
+             const std::vector<int64_t>& strides) {
+            new (self) TensorView(make_view(data, dtype, shape, strides));
+          },
+          nb::arg("data"), nb::arg("dtype"), nb::arg("shape"), nb::arg("strides") = std::vector<int64_t>{})
       .def_prop_ro("data", [](const TensorView& v) { return reinterpret_cast<uintptr_t>(v.data); })
       .def_prop_ro("dtype", [](const TensorView& v) { return std::string(dtype_name(v.dtype)); })
-      .def_prop_ro("shape", [](const TensorView& v) { return std::vector<int64_t>(v.shape, v.shape + v.ndim); })
+      .def_prop_ro("shape",
+                   [](const TensorView& v) { return std::vector<int64_t>(v.shape, v.shape + v.ndim); })
       .def_prop_ro("strides",
                    [](const TensorView& v) { return std::vector<int64_t>(v.stride, v.stride + v.ndim); })
       .def_prop_ro("defined", &TensorView::defined)
@@ -121,12 +136,12 @@ NB_MODULE(_C, m) {
 
   m.def("error_code_name", [](ErrorCode c) { return std::string(error_code_name(c)); });
   m.def(
-      "_raise_for_test",
-      [](ErrorCode c, const std::string& message) { throw Error(c, message); },
+      "_raise_for_test", [](ErrorCode c, const std::string& message) { throw Error(c, message); },
       "Raises expertlink::Error(code, message) from C++ (tests the translation).");
 
   python::bind_tensor(m);
   python::bind_buffer(m);
-  nb::module_ ref = m.def_submodule("reference", "The CPU oracle (include/expertlink/reference.hpp) on numpy");
+  nb::module_ ref =
+      m.def_submodule("reference", "The CPU oracle (include/expertlink/reference.hpp) on numpy");
   python::bind_reference(ref);
 }

@@ -13,10 +13,11 @@ namespace {
 void check_loaded_nccl() {
   int loaded = nccl_version_loaded(), compiled = nccl_version_compiled();
   if (loaded / 100 != compiled / 100) {
-    EL_FAIL(ErrorCode::kUnsupported,
-            "the libnccl loaded in this process is version code %d but ExpertLink was compiled against %d; "
-            "load the same major.minor (e.g. torch's nvidia-nccl wheel, or rebuild with EXPERTLINK_NCCL_ROOT)",
-            loaded, compiled);
+    EL_FAIL(
+        ErrorCode::kUnsupported,
+        "the libnccl loaded in this process is version code %d but ExpertLink was compiled against %d; "
+        "load the same major.minor (e.g. torch's nvidia-nccl wheel, or rebuild with EXPERTLINK_NCCL_ROOT)",
+        loaded, compiled);
   }
   if (loaded != compiled) {
     std::fprintf(stderr, "expertlink: warning: libnccl version code %d loaded, compiled against %d\n", loaded,
@@ -47,8 +48,9 @@ Communicator::Communicator(const ncclUniqueId& id, int rank, int num_ranks, int 
 }
 
 Communicator::Communicator(ncclComm_t comm, Adopt mode) {
-  EL_CHECK(comm != nullptr, "comm is null (a torch communicator is created lazily: pass device_id to "
-                            "init_process_group or run a collective first)");
+  EL_CHECK(comm != nullptr,
+           "comm is null (a torch communicator is created lazily: pass device_id to "
+           "init_process_group or run a collective first)");
   check_loaded_nccl();
   if (mode == Adopt::kSplit) {
     int rank = 0;

@@ -9,7 +9,7 @@
 namespace expertlink {
 
 inline constexpr int kMaxRanks = 64;
-inline constexpr int kMaxChunks = 256;       // token chunks per source rank in the HT protocol
+inline constexpr int kMaxChunks = 256;  // token chunks per source rank in the HT protocol
 inline constexpr int kMaxExpertsTotal = 1024;
 inline constexpr size_t kWindowAlignment = 2u << 20;
 
@@ -59,6 +59,7 @@ inline constexpr size_t kEnd = kCombineFree + kArrayBytes;
 inline constexpr size_t kControlBytes = kWindowAlignment;
 static_assert(control::kCombineChunk + 8ull * kMaxRanks * kMaxChunks <= control::kMeta, "control overlap");
 static_assert(control::kEnd <= kControlBytes, "control region too small");
-static_assert(control::kEnd <= control::ll::kBase && control::ll::kEnd <= kControlBytes, "LL control slots overlap");
+static_assert(control::kEnd <= control::ll::kBase && control::ll::kEnd <= kControlBytes,
+              "LL control slots overlap");
 
 }  // namespace expertlink

@@ -14,28 +14,42 @@ RuntimeOptions::RuntimeOptions() : timeout_s(5.0) {
   if (const char* env = std::getenv("EXPERTLINK_TIMEOUT_S")) {
     char* end = nullptr;
     double v = std::strtod(env, &end);
-    EL_CHECK(end != env && *end == '\0' && v > 0, "EXPERTLINK_TIMEOUT_S = '%s' is not a positive number of seconds",
-             env);
+    EL_CHECK(end != env && *end == '\0' && v > 0,
+             "EXPERTLINK_TIMEOUT_S = '%s' is not a positive number of seconds", env);
     timeout_s = v;
   }
 }
 
 const char* wait_site_name(WaitSite site) {
   switch (site) {
-    case WaitSite::kNone: return "none";
-    case WaitSite::kBarrier: return "barrier";
-    case WaitSite::kHtNotify: return "HT notify (count exchange)";
-    case WaitSite::kHtDispatchReady: return "HT dispatch (receiver ready)";
-    case WaitSite::kHtDispatchChunk: return "HT dispatch (chunk arrival)";
-    case WaitSite::kHtCombineReady: return "HT combine (receiver ready)";
-    case WaitSite::kHtCombineChunk: return "HT combine (chunk arrival)";
-    case WaitSite::kLlDispatchFree: return "LL dispatch (receiver's buffer free)";
-    case WaitSite::kLlDispatchData: return "LL dispatch (data arrival)";
-    case WaitSite::kLlCombineFree: return "LL combine (receiver's buffer free)";
-    case WaitSite::kLlCombineWeights: return "LL combine (weights arrival)";
-    case WaitSite::kLlCombineData: return "LL combine (data arrival)";
-    case WaitSite::kBulkCopy: return "bulk copy (local, TMA)";
-    case WaitSite::kMismatch: return "argument mismatch";
+    case WaitSite::kNone:
+      return "none";
+    case WaitSite::kBarrier:
+      return "barrier";
+    case WaitSite::kHtNotify:
+      return "HT notify (count exchange)";
+    case WaitSite::kHtDispatchReady:
+      return "HT dispatch (receiver ready)";
+    case WaitSite::kHtDispatchChunk:
+      return "HT dispatch (chunk arrival)";
+    case WaitSite::kHtCombineReady:
+      return "HT combine (receiver ready)";
+    case WaitSite::kHtCombineChunk:
+      return "HT combine (chunk arrival)";
+    case WaitSite::kLlDispatchFree:
+      return "LL dispatch (receiver's buffer free)";
+    case WaitSite::kLlDispatchData:
+      return "LL dispatch (data arrival)";
+    case WaitSite::kLlCombineFree:
+      return "LL combine (receiver's buffer free)";
+    case WaitSite::kLlCombineWeights:
+      return "LL combine (weights arrival)";
+    case WaitSite::kLlCombineData:
+      return "LL combine (data arrival)";
+    case WaitSite::kBulkCopy:
+      return "bulk copy (local, TMA)";
+    case WaitSite::kMismatch:
+      return "argument mismatch";
   }
   return "unknown site";
 }
@@ -43,14 +57,15 @@ const char* wait_site_name(WaitSite site) {
 std::string describe(const WaitRecord& r) {
   if (r.site == static_cast<int32_t>(WaitSite::kMismatch)) {
     static const char* names[] = {"hidden", "topk", "num_experts"};
-    return detail::format("rank %d and rank %d called with different %s: %llu here, %llu there", r.rank, r.peer,
-                          names[r.counter < 3 ? r.counter : 0], static_cast<unsigned long long>(r.expected),
+    return detail::format("rank %d and rank %d called with different %s: %llu here, %llu there", r.rank,
+                          r.peer, names[r.counter < 3 ? r.counter : 0],
+                          static_cast<unsigned long long>(r.expected),
                           static_cast<unsigned long long>(r.seen));
   }
-  return detail::format("rank %d timed out after %.3f s in %s waiting for rank %d: counter %d expected >= %llu, saw %llu",
-                        r.rank, r.waited_ns * 1e-9, wait_site_name(static_cast<WaitSite>(r.site)), r.peer,
-                        r.counter, static_cast<unsigned long long>(r.expected),
-                        static_cast<unsigned long long>(r.seen));
+  return detail::format(
+      "rank %d timed out after %.3f s in %s waiting for rank %d: counter %d expected >= %llu, saw %llu",
+      r.rank, r.waited_ns * 1e-9, wait_site_name(static_cast<WaitSite>(r.site)), r.peer, r.counter,
+      static_cast<unsigned long long>(r.expected), static_cast<unsigned long long>(r.seen));
 }
 
 void raise_if_recorded(WaitRecord* record) {
@@ -77,7 +92,8 @@ void wait_for_stream(cudaStream_t stream, double timeout_s, WaitRecord* record, 
     const auto now = Clock::now();
     if (now > deadline) {
       raise_if_recorded(record);
-      EL_FAIL(ErrorCode::kTimeout, "rank %d: stream work did not finish within %.3f s", rank, 1.5 * timeout_s + 0.5);
+      EL_FAIL(ErrorCode::kTimeout, "rank %d: stream work did not finish within %.3f s", rank,
+              1.5 * timeout_s + 0.5);
     }
     if (now < spin_until) {
       std::this_thread::yield();

@@ -10,14 +10,17 @@
 namespace expertlink {
 namespace {
 
-size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+size_t round_up(size_t x, size_t a) {
+  return (x + a - 1) / a * a;
+}
 
 }  // namespace
 
 SymmetricMemory::SymmetricMemory(const Communicator& comm, size_t data_bytes, RuntimeOptions options)
     : comm_(comm), options_(options) {
   const int num_ranks = comm.num_ranks(), rank = comm.rank();
-  EL_CHECK(num_ranks <= kMaxRanks, "num_ranks = %d exceeds the supported maximum of %d", num_ranks, kMaxRanks);
+  EL_CHECK(num_ranks <= kMaxRanks, "num_ranks = %d exceeds the supported maximum of %d", num_ranks,
+           kMaxRanks);
   EL_CHECK(options.timeout_s > 0, "timeout_s = %g must be positive", options.timeout_s);
   EL_CUDA_CHECK(cudaSetDevice(comm.device()));
 
@@ -68,11 +71,12 @@ SymmetricMemory::SymmetricMemory(const Communicator& comm, size_t data_bytes, Ru
 
   kernels::launch_fill_peer_table(window_, num_ranks, peer_base_dev_, nullptr);
   peer_bases_host_.resize(num_ranks);
-  EL_CUDA_CHECK(cudaMemcpy(peer_bases_host_.data(), peer_base_dev_, sizeof(char*) * num_ranks,
-                           cudaMemcpyDeviceToHost));
+  EL_CUDA_CHECK(
+      cudaMemcpy(peer_bases_host_.data(), peer_base_dev_, sizeof(char*) * num_ranks, cudaMemcpyDeviceToHost));
   for (int p = 0; p < num_ranks; ++p) {
     if (peer_bases_host_[p] == nullptr)
-      EL_FAIL(ErrorCode::kUnsupported, "rank %d: NCCL gave no load/store address for rank %d's window", rank, p);
+      EL_FAIL(ErrorCode::kUnsupported, "rank %d: NCCL gave no load/store address for rank %d's window", rank,
+              p);
   }
 
   view_.peer_base = peer_base_dev_;
@@ -94,7 +98,8 @@ SymmetricMemory::~SymmetricMemory() {
   const bool aborted = comm_.aborted();
   if (window_ != nullptr && !aborted) {
     ncclResult_t res = ncclCommWindowDeregister(comm_.nccl(), window_);
-    if (res != ncclSuccess) std::fprintf(stderr, "expertlink: ncclCommWindowDeregister: %s\n", ncclGetErrorString(res));
+    if (res != ncclSuccess)
+      std::fprintf(stderr, "expertlink: ncclCommWindowDeregister: %s\n", ncclGetErrorString(res));
   }
   if (window_ptr_ != nullptr) ncclMemFree(window_ptr_);
   if (dev_comm_created_ && !aborted) ncclDevCommDestroy(comm_.nccl(), &dev_comm_);
@@ -112,7 +117,9 @@ void SymmetricMemory::synchronize(cudaStream_t stream) {
   wait_for_stream(stream, options_.timeout_s, record_host_, view_.rank);
 }
 
-void SymmetricMemory::raise_if_device_error() const { raise_if_recorded(record_host_); }
+void SymmetricMemory::raise_if_device_error() const {
+  raise_if_recorded(record_host_);
+}
 
 void SymmetricMemory::mask_rank(int rank) {
   EL_CHECK(rank >= 0 && rank < view_.num_ranks, "mask_rank(rank = %d): rank must be in [0, %d)", rank,

@@ -24,13 +24,12 @@
 
 namespace expertlink {
 
-
 // What a kernel needs to reach the window: by value as a kernel argument.
 struct SymmetricView {
-  char* const* peer_base;  // device array [num_ranks]: peer_base[r] = rank r's window, as mapped here
-  char* local_base;        // == peer_base[rank]
+  char* const* peer_base;   // device array [num_ranks]: peer_base[r] = rank r's window, as mapped here
+  char* local_base;         // == peer_base[rank]
   uint64_t* barrier_epoch;  // device-local counter of barriers this rank has entered
-  WaitRecord* record;      // host-mapped
+  WaitRecord* record;       // host-mapped
   uint64_t timeout_ns;
   int rank;
   int num_ranks;
@@ -40,7 +39,9 @@ struct SymmetricView {
 };
 
 // Rank r is live (not masked) in view v. Host and device.
-__host__ __device__ inline bool rank_live(const SymmetricView& v, int r) { return ((v.masked >> r) & 1u) == 0; }
+__host__ __device__ inline bool rank_live(const SymmetricView& v, int r) {
+  return ((v.masked >> r) & 1u) == 0;
+}
 
 class SymmetricMemory {
  public:

@@ -14,10 +14,10 @@ namespace expertlink {
 
 enum class WaitSite : int32_t {
   kNone = 0,
-  kBarrier = 1,   // counter = the peer's barrier signal slot
-  kHtNotify = 3,      // counter = the peer's notify slot (its meta record for this round)
-  kHtDispatchReady = 4,   // the peer has not started this dispatch round (its area may be in use)
-  kHtDispatchChunk = 5,   // counter = chunk index of the peer's rows
+  kBarrier = 1,          // counter = the peer's barrier signal slot
+  kHtNotify = 3,         // counter = the peer's notify slot (its meta record for this round)
+  kHtDispatchReady = 4,  // the peer has not started this dispatch round (its area may be in use)
+  kHtDispatchChunk = 5,  // counter = chunk index of the peer's rows
   kHtCombineReady = 6,
   kHtCombineChunk = 7,
   // Low-latency path: counter = buffer parity (0 or 1).
@@ -28,15 +28,16 @@ enum class WaitSite : int32_t {
   kLlCombineData = 24,     // the peer's combine partial sums of this use have not arrived
   kBulkCopy = 30,          // a local bulk (TMA) copy did not complete; peer = this rank
   // Not waits: errors found on the device, reported through the same record.
-  kMismatch = 101,    // counter = which argument (0 hidden, 1 topk, 2 num_experts); expected = ours, seen = peer's
+  kMismatch =
+      101,  // counter = which argument (0 hidden, 1 topk, 2 num_experts); expected = ours, seen = peer's
 };
 
 struct WaitRecord {
-  int32_t flag;      // 0 none, 1 being written, 2 complete
-  int32_t site;      // WaitSite
-  int32_t rank;      // the rank that waited
-  int32_t peer;      // the rank it waited for (-1: unknown / local)
-  int32_t counter;   // which counter/slot (site specific)
+  int32_t flag;     // 0 none, 1 being written, 2 complete
+  int32_t site;     // WaitSite
+  int32_t rank;     // the rank that waited
+  int32_t peer;     // the rank it waited for (-1: unknown / local)
+  int32_t counter;  // which counter/slot (site specific)
   int32_t reserved;
   uint64_t expected;  // waited until value >= expected
   uint64_t seen;      // last value read

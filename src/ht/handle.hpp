@@ -31,8 +31,8 @@ struct HtHandleState {
   int32_t* src_tokens = nullptr;
   int32_t* expert_count = nullptr;
   int32_t* recv_src_token = nullptr;
-  int32_t* host_counts = nullptr;      // pinned, mapped
-  int32_t* host_counts_dev = nullptr;  // its device address
+  int32_t* host_counts = nullptr;                     // pinned, mapped
+  int32_t* host_counts_dev = nullptr;                 // its device address
   std::shared_ptr<internode::HandleExtra> internode;  // the plan and lists of an internode notify
 
   ~HtHandleState();

@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <climits>
 
-#include "buffer_state.hpp"
 #include "api_checks.hpp"
+#include "buffer_state.hpp"
 #include "check.hpp"
 #include "comm/host_wait.hpp"
 #include "ht/handle.hpp"
@@ -85,11 +85,12 @@ Area plan_area(size_t ht_bytes, int num_ranks, int64_t record, bool combine, int
   Area a;
   a.rows = num_ranks <= 1 ? INT_MAX : static_cast<int64_t>(half / (size_t(num_ranks - 1) * record));
   a.offset = combine ? static_cast<int64_t>(half) : 0;
-  EL_CHECK(tokens <= a.rows,
-           "this rank has %lld tokens but the buffer's HT region (%zu bytes) holds %lld %s rows per source of "
-           "this size; it needs ht_bytes >= %zu (Buffer::ht_size_hint)",
-           static_cast<long long>(tokens), ht_bytes, static_cast<long long>(a.rows), combine ? "combine" : "dispatch",
-           2 * size_t(num_ranks - 1) * size_t(tokens) * size_t(record));
+  EL_CHECK(
+      tokens <= a.rows,
+      "this rank has %lld tokens but the buffer's HT region (%zu bytes) holds %lld %s rows per source of "
+      "this size; it needs ht_bytes >= %zu (Buffer::ht_size_hint)",
+      static_cast<long long>(tokens), ht_bytes, static_cast<long long>(a.rows),
+      combine ? "combine" : "dispatch", 2 * size_t(num_ranks - 1) * size_t(tokens) * size_t(record));
   return a;
 }
 
@@ -102,10 +103,11 @@ void check_dispatch_inputs(const HtDispatchArgs& args, int device, cudaStream_t 
                    {&args.topk_weights, "topk_weights"},
                    {&args.is_token_in_rank, "is_token_in_rank"}},
                   device, stream);
-  EL_CHECK(args.x.dtype == DType::kBF16 || args.x.dtype == DType::kFP8E4M3, "x must be bf16 or fp8_e4m3, got %s",
-           dtype_name(args.x.dtype));
+  EL_CHECK(args.x.dtype == DType::kBF16 || args.x.dtype == DType::kFP8E4M3,
+           "x must be bf16 or fp8_e4m3, got %s", dtype_name(args.x.dtype));
   checks::token_rows(args.x, "x");
-  EL_CHECK(args.x.shape[0] <= INT_MAX / 2, "x has %lld tokens: too many", static_cast<long long>(args.x.shape[0]));
+  EL_CHECK(args.x.shape[0] <= INT_MAX / 2, "x has %lld tokens: too many",
+           static_cast<long long>(args.x.shape[0]));
 }
 
 }  // namespace

@@ -5,8 +5,12 @@
 
 namespace expertlink {
 
-int Buffer::num_nodes() const { return s_->topology.num_nodes; }
-int Buffer::num_local_ranks() const { return s_->topology.local_size; }
+int Buffer::num_nodes() const {
+  return s_->topology.num_nodes;
+}
+int Buffer::num_local_ranks() const {
+  return s_->topology.local_size;
+}
 size_t Buffer::internode_staging_bytes() const {
   return (s_->internode ? internode::staging_bytes(*s_->internode) : 0) +
          (s_->internode_ll ? internode::ll_staging_bytes(*s_->internode_ll) : 0);

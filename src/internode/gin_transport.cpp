@@ -22,7 +22,8 @@ class GinTransport final : public Transport {
  public:
   const char* name() const override { return "nccl-gin"; }
   void exchange(const std::vector<Message>&, const std::vector<Message>&, cudaStream_t) override {
-    EL_FAIL(ErrorCode::kUnsupported, "the NCCL GIN transport is designed (docs/internode.md) but not implemented");
+    EL_FAIL(ErrorCode::kUnsupported,
+            "the NCCL GIN transport is designed (docs/internode.md) but not implemented");
   }
 };
 
@@ -33,7 +34,9 @@ std::unique_ptr<Transport> make_gin_transport(ncclComm_t) {
   return nullptr;
 }
 #else
-std::unique_ptr<Transport> make_gin_transport(ncclComm_t) { return nullptr; }
+std::unique_ptr<Transport> make_gin_transport(ncclComm_t) {
+  return nullptr;
+}
 #endif
 
 }  // namespace expertlink::internode

@@ -38,7 +38,9 @@ struct DeviceBytes {
     bytes = n;
   }
   template <typename T>
-  T* as() const { return static_cast<T*>(ptr); }
+  T* as() const {
+    return static_cast<T*>(ptr);
+  }
 };
 
 Offsets offsets(const std::vector<int64_t>& v) {
@@ -77,9 +79,11 @@ struct HandleExtra {
   DeviceBytes list1, pos1, masks_send, masks_recv, list2, pos2;
 };
 
-std::shared_ptr<Context> make_context(const Communicator& comm, const Topology& topo, RuntimeOptions options) {
+std::shared_ptr<Context> make_context(const Communicator& comm, const Topology& topo,
+                                      RuntimeOptions options) {
   EL_CHECK(topo.num_ranks <= kHtMaxRanks && topo.num_nodes <= kMaxTargets && topo.local_size <= kMaxTargets,
-           "internode: %d ranks on %d nodes exceed the limits (%d ranks)", topo.num_ranks, topo.num_nodes, kHtMaxRanks);
+           "internode: %d ranks on %d nodes exceed the limits (%d ranks)", topo.num_ranks, topo.num_nodes,
+           kHtMaxRanks);
   auto ctx = std::make_shared<Context>();
   ctx->topo = topo;
   ctx->options = options;
@@ -97,22 +101,25 @@ size_t staging_bytes(const Context& ctx) {
   return n;
 }
 
-const char* transport_name(const Context& ctx) { return ctx.transport->name(); }
+const char* transport_name(const Context& ctx) {
+  return ctx.transport->name();
+}
 
 void synchronize(Context& ctx, cudaStream_t stream) {
   wait_for_stream(stream, ctx.options.timeout_s, &ctx.record, ctx.topo.rank);
 }
 
 void barrier(Context& ctx, cudaStream_t stream) {
-  EL_NCCL_CHECK(ncclAllReduce(ctx.barrier_word.ptr, ctx.barrier_word.ptr, 1, ncclInt32, ncclSum, ctx.comm, stream));
+  EL_NCCL_CHECK(
+      ncclAllReduce(ctx.barrier_word.ptr, ctx.barrier_word.ptr, 1, ncclInt32, ncclSum, ctx.comm, stream));
 }
 
 namespace {
 
 // Messages of one hop. Stage 1 (network): this rank <-> rank (n, local_rank) of every node n, blocks of
 // `count[n]` records at `off[n]`. Stage 2 (NVLink): this rank <-> rank (node, j) of its own node.
-void add_messages(std::vector<Message>& out, const Topology& topo, bool network, const std::vector<int64_t>& off,
-                  char* base, int64_t record_bytes) {
+void add_messages(std::vector<Message>& out, const Topology& topo, bool network,
+                  const std::vector<int64_t>& off, char* base, int64_t record_bytes) {
   const int targets = network ? topo.num_nodes : topo.local_size;
   for (int k = 0; k < targets; ++k) {
     const int64_t count = off[k + 1] - off[k];
@@ -179,8 +186,9 @@ void ht_notify(Buffer::State& s, const HtDispatchArgs& args, std::unique_ptr<HtH
                                 cudaMemcpyHostToDevice, stream));
   CountParams cp{};
   cp.topk_idx = has_topk ? args.topk_idx.data : nullptr;
-  cp.idx_type = !has_topk ? kernels::IdxType::kNone
-                          : (args.topk_idx.dtype == DType::kI64 ? kernels::IdxType::kI64 : kernels::IdxType::kI32);
+  cp.idx_type = !has_topk
+                    ? kernels::IdxType::kNone
+                    : (args.topk_idx.dtype == DType::kI64 ? kernels::IdxType::kI64 : kernels::IdxType::kI32);
   cp.idx_rs = has_topk ? args.topk_idx.stride[0] : 0;
   cp.idx_cs = has_topk ? args.topk_idx.stride[1] : 0;
   cp.in_rank = has_topk ? nullptr : args.is_token_in_rank.ptr<uint8_t>();
@@ -208,7 +216,8 @@ void ht_notify(Buffer::State& s, const HtDispatchArgs& args, std::unique_ptr<HtH
   synchronize(ctx, stream);
   // A bad expert id is ignored (as intranode) and reported at the end, once every rank is past the
   // collective steps of this notify.
-  const std::vector<int32_t> bad(ctx.errors_host.begin() + kBadExpert, ctx.errors_host.begin() + kBadExpert + 4);
+  const std::vector<int32_t> bad(ctx.errors_host.begin() + kBadExpert,
+                                 ctx.errors_host.begin() + kBadExpert + 4);
 
   // 2. The plan (every rank derives it from the same gathered counts; a disagreement raises everywhere).
   x.plan = make_plan(topo, layout, ctx.gathered_host);
@@ -230,7 +239,8 @@ void ht_notify(Buffer::State& s, const HtDispatchArgs& args, std::unique_ptr<HtH
   //    forwarder can list, per local rank, the records it will forward.
   launch_lists(h.token_mask, T, N, 0, L, L, offsets(p.send1_off), x.list1.as<int32_t>(), x.pos1.as<int32_t>(),
                ctx.errors.as<int32_t>(), stream);
-  launch_gather_masks(h.token_mask, x.list1.as<int32_t>(), p.send1_total(), x.masks_send.as<uint64_t>(), stream);
+  launch_gather_masks(h.token_mask, x.list1.as<int32_t>(), p.send1_total(), x.masks_send.as<uint64_t>(),
+                      stream);
   hop(ctx, /*network=*/true, p.send1_off, x.masks_send.as<char>(), p.recv1_off, x.masks_recv.as<char>(),
       sizeof(uint64_t), stream);
   launch_lists(x.masks_recv.as<uint64_t>(), p.recv1_total(), L, topo.node * L, 1, 1, offsets(p.send2_off),
@@ -277,7 +287,8 @@ void ht_dispatch(Buffer::State& s, const HtDispatchArgs& args, HtHandleState& h,
   const Topology& topo = ctx.topo;
   const int64_t H = args.x.shape[1];
   const bool fp8 = args.x.dtype == DType::kFP8E4M3;
-  const int scale_cols = !fp8 ? 0 : (args.x_scales.dtype == DType::kF32 ? int(H / 128) : int((H + 511) / 512));
+  const int scale_cols =
+      !fp8 ? 0 : (args.x_scales.dtype == DType::kF32 ? int(H / 128) : int((H + 511) / 512));
   // The layout depends only on what every rank shares (dtype, H, the handle's top-k): ids and weights
   // slots are always there when the handle has top-k, so every rank's messages have the planned sizes.
   const RecordLayout rl = make_record_layout(H * dtype_size(args.x.dtype), scale_cols, h.topk, h.topk > 0);
@@ -298,8 +309,9 @@ void ht_dispatch(Buffer::State& s, const HtDispatchArgs& args, HtHandleState& h,
   pk.elem_bytes = dtype_size(args.x.dtype);
   if (scale_cols > 0) pk.scales = {args.x_scales.data, args.x_scales.stride[0], args.x_scales.stride[1]};
   pk.topk_idx = has_idx ? args.topk_idx.data : nullptr;
-  pk.idx_type = !has_idx ? kernels::IdxType::kNone
-                         : (args.topk_idx.dtype == DType::kI64 ? kernels::IdxType::kI64 : kernels::IdxType::kI32);
+  pk.idx_type = !has_idx
+                    ? kernels::IdxType::kNone
+                    : (args.topk_idx.dtype == DType::kI64 ? kernels::IdxType::kI64 : kernels::IdxType::kI32);
   pk.idx_rs = has_idx ? args.topk_idx.stride[0] : 0;
   pk.idx_cs = has_idx ? args.topk_idx.stride[1] : 0;
   if (args.topk_weights.defined())
@@ -328,18 +340,20 @@ void ht_dispatch(Buffer::State& s, const HtDispatchArgs& args, HtHandleState& h,
     up.scales_cs = out.recv_x_scales.stride[1];
   }
   up.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.data : nullptr;
-  up.idx_type = out.recv_topk_idx.defined() && out.recv_topk_idx.dtype == DType::kI32 ? kernels::IdxType::kI32
-                                                                                        : kernels::IdxType::kI64;
+  up.idx_type = out.recv_topk_idx.defined() && out.recv_topk_idx.dtype == DType::kI32
+                    ? kernels::IdxType::kI32
+                    : kernels::IdxType::kI64;
   up.recv_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
   up.recv_src_token = h.recv_src_token;
   launch_unpack(up, stream);
   if (out.num_recv_tokens_per_expert.defined() && h.num_experts > 0)
     EL_CUDA_CHECK(cudaMemcpyAsync(out.num_recv_tokens_per_expert.data, h.expert_count,
-                                  sizeof(int32_t) * (h.num_experts / topo.num_ranks), cudaMemcpyDeviceToDevice, stream));
+                                  sizeof(int32_t) * (h.num_experts / topo.num_ranks),
+                                  cudaMemcpyDeviceToDevice, stream));
 }
 
-void ht_combine(Buffer::State& s, const HtCombineArgs& args, const HtHandleState& h, const HtCombineOutputs& out,
-                cudaStream_t stream) {
+void ht_combine(Buffer::State& s, const HtCombineArgs& args, const HtHandleState& h,
+                const HtCombineOutputs& out, cudaStream_t stream) {
   Context& ctx = *s.internode;
   EL_CHECK(h.internode != nullptr, "handle was not filled by an internode ht_notify");
   const HandleExtra& x = *h.internode;

@@ -34,8 +34,8 @@ void ht_notify(Buffer::State& s, const HtDispatchArgs& args, std::unique_ptr<HtH
                Sizing sizing, int64_t capacity, cudaStream_t stream);
 void ht_dispatch(Buffer::State& s, const HtDispatchArgs& args, HtHandleState& h, const HtDispatchOutputs& out,
                  cudaStream_t stream);
-void ht_combine(Buffer::State& s, const HtCombineArgs& args, const HtHandleState& h, const HtCombineOutputs& out,
-                cudaStream_t stream);
+void ht_combine(Buffer::State& s, const HtCombineArgs& args, const HtHandleState& h,
+                const HtCombineOutputs& out, cudaStream_t stream);
 
 void synchronize(Context& ctx, cudaStream_t stream);
 void barrier(Context& ctx, cudaStream_t stream);

@@ -7,8 +7,8 @@
 // (local ranks at the forwarder, then nodes at the source), then bias0, then bias1, rounding once to BF16
 // per stage. With one GPU per node this is exactly the oracle's order and rounding (bitwise equal); with
 // several, the forwarder's partial sum is rounded to BF16 before the network hop (as DeepEP does).
-#include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
+#include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 
@@ -23,10 +23,13 @@ using kernels::IdxType;
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 4096;
 
-int blocks_for(int64_t items) { return static_cast<int>(std::min<int64_t>(std::max<int64_t>(items, 1), kMaxBlocks)); }
+int blocks_for(int64_t items) {
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(items, 1), kMaxBlocks));
+}
 
 __device__ __forceinline__ int64_t load_idx(const void* p, IdxType type, int64_t off) {
-  return type == IdxType::kI64 ? static_cast<const int64_t*>(p)[off] : int64_t{static_cast<const int32_t*>(p)[off]};
+  return type == IdxType::kI64 ? static_cast<const int64_t*>(p)[off]
+                               : int64_t{static_cast<const int32_t*>(p)[off]};
 }
 
 __device__ __forceinline__ uint64_t bit_range(int lo, int width) {
@@ -58,7 +61,8 @@ __global__ void count_kernel(CountParams p) {
         }
         mask |= 1ull << (e / local);
         bool first = true;  // a token counts once per distinct expert
-        for (int j = 0; j < k && first; ++j) first = load_idx(p.topk_idx, p.idx_type, t * p.idx_rs + j * p.idx_cs) != e;
+        for (int j = 0; j < k && first; ++j)
+          first = load_idx(p.topk_idx, p.idx_type, t * p.idx_rs + j * p.idx_cs) != e;
         if (first) atomicAdd(&p.counts[p.per_expert_at + e], 1);
       }
     } else {
@@ -73,9 +77,9 @@ __global__ void count_kernel(CountParams p) {
   }
 }
 
-__global__ void __launch_bounds__(kThreads) lists_kernel(const uint64_t* masks, int64_t n, int targets, int first,
-                                                          int stride, int width, Offsets off, int32_t* list,
-                                                          int32_t* pos, int32_t* errors) {
+__global__ void __launch_bounds__(kThreads)
+    lists_kernel(const uint64_t* masks, int64_t n, int targets, int first, int stride, int width, Offsets off,
+                 int32_t* list, int32_t* pos, int32_t* errors) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage temp;
   const int k = blockIdx.x;
@@ -103,7 +107,8 @@ __global__ void __launch_bounds__(kThreads) lists_kernel(const uint64_t* masks, 
 }
 
 __global__ void gather_masks_kernel(const uint64_t* masks, const int32_t* list, int64_t n, uint64_t* dst) {
-  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < n; r += int64_t(gridDim.x) * blockDim.x)
+  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < n;
+       r += int64_t(gridDim.x) * blockDim.x)
     dst[r] = masks[list[r]];
 }
 
@@ -120,24 +125,28 @@ __global__ void pack_kernel(PackParams p) {
     copy16(rec, static_cast<const char*>(p.x.data) + t * p.x.row_stride * p.elem_bytes, rl.row_bytes);
     const int32_t* sc = static_cast<const int32_t*>(p.scales.data);
     for (int c = threadIdx.x; c < rl.scale_cols; c += blockDim.x)
-      reinterpret_cast<int32_t*>(rec + rl.scale_off)[c] = sc[t * p.scales.row_stride + c * p.scales.col_stride];
+      reinterpret_cast<int32_t*>(rec + rl.scale_off)[c] =
+          sc[t * p.scales.row_stride + c * p.scales.col_stride];
     if (threadIdx.x == 0) *reinterpret_cast<int32_t*>(rec + rl.token_off) = static_cast<int32_t>(t);
     // Cached mode (no topk_idx) or no weights: the slots still travel (fixed record size), as -1 / 0.
     for (int k = threadIdx.x; k < rl.topk; k += blockDim.x) {
       reinterpret_cast<int32_t*>(rec + rl.idx_off)[k] =
-          p.topk_idx != nullptr ? static_cast<int32_t>(load_idx(p.topk_idx, p.idx_type, t * p.idx_rs + k * p.idx_cs))
-                                : -1;
+          p.topk_idx != nullptr
+              ? static_cast<int32_t>(load_idx(p.topk_idx, p.idx_type, t * p.idx_rs + k * p.idx_cs))
+              : -1;
       if (rl.weights)
         reinterpret_cast<float*>(rec + rl.weight_off)[k] =
             p.weights.data != nullptr
-                ? static_cast<const float*>(p.weights.data)[t * p.weights.row_stride + k * p.weights.col_stride]
+                ? static_cast<const float*>(
+                      p.weights.data)[t * p.weights.row_stride + k * p.weights.col_stride]
                 : 0.0f;
     }
   }
 }
 
 __global__ void forward_kernel(const char* src, const int32_t* list, int64_t n, int64_t bytes, char* dst) {
-  for (int64_t r = blockIdx.x; r < n; r += gridDim.x) copy16(dst + r * bytes, src + int64_t(list[r]) * bytes, bytes);
+  for (int64_t r = blockIdx.x; r < n; r += gridDim.x)
+    copy16(dst + r * bytes, src + int64_t(list[r]) * bytes, bytes);
 }
 
 __global__ void unpack_kernel(UnpackParams p) {
@@ -163,7 +172,8 @@ __global__ void unpack_kernel(UnpackParams p) {
           static_cast<int32_t*>(p.recv_topk_idx)[o * rl.topk + k] = static_cast<int32_t>(id);
       }
       if (p.recv_weights != nullptr)
-        p.recv_weights[o * rl.topk + k] = here ? reinterpret_cast<const float*>(rec + rl.weight_off)[k] : 0.0f;
+        p.recv_weights[o * rl.topk + k] =
+            here ? reinterpret_cast<const float*>(rec + rl.weight_off)[k] : 0.0f;
     }
   }
 }
@@ -207,7 +217,9 @@ __global__ void reduce_kernel(ReduceParams p) {
     for (int kk = threadIdx.x; kk < p.topk; kk += blockDim.x) {
       float a = 0.0f;
       for (int k = 0; k < p.targets; ++k)
-        if (pos[k] >= 0) a = a + reinterpret_cast<const float*>(p.in + (p.off.v[k] + pos[k]) * p.in_rec_bytes + 2 * p.hidden)[kk];
+        if (pos[k] >= 0)
+          a = a + reinterpret_cast<const float*>(p.in + (p.off.v[k] + pos[k]) * p.in_rec_bytes +
+                                                 2 * p.hidden)[kk];
       if (p.weights_to_record)
         reinterpret_cast<float*>(p.out + q * p.out_stride + 2 * p.hidden)[kk] = a;
       else if (p.out_weights != nullptr)
@@ -242,13 +254,16 @@ void launch_lists(const uint64_t* masks, int64_t n, int targets, int first, int 
                   const Offsets& off, int32_t* list, int32_t* pos, int32_t* errors, cudaStream_t stream) {
   EL_CHECK(targets >= 1 && targets <= kMaxTargets, "internal: %d list targets", targets);
   // Runs even for n = 0: it checks the planned counts (all zero then).
-  lists_kernel<<<targets, kThreads, 0, stream>>>(masks, n, targets, first, stride, width, off, list, pos, errors);
+  lists_kernel<<<targets, kThreads, 0, stream>>>(masks, n, targets, first, stride, width, off, list, pos,
+                                                 errors);
   EL_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_gather_masks(const uint64_t* masks, const int32_t* list, int64_t n, uint64_t* dst, cudaStream_t stream) {
+void launch_gather_masks(const uint64_t* masks, const int32_t* list, int64_t n, uint64_t* dst,
+                         cudaStream_t stream) {
   if (n == 0) return;
-  gather_masks_kernel<<<blocks_for((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(masks, list, n, dst);
+  gather_masks_kernel<<<blocks_for((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(masks, list, n,
+                                                                                          dst);
   EL_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -258,7 +273,8 @@ void launch_pack(const PackParams& p, cudaStream_t stream) {
   EL_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_forward(const char* src, const int32_t* list, int64_t n, int64_t bytes, char* dst, cudaStream_t stream) {
+void launch_forward(const char* src, const int32_t* list, int64_t n, int64_t bytes, char* dst,
+                    cudaStream_t stream) {
   if (n == 0) return;
   forward_kernel<<<blocks_for(n), 128, 0, stream>>>(src, list, n, bytes, dst);
   EL_CUDA_CHECK(cudaGetLastError());

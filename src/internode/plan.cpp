@@ -7,16 +7,18 @@ namespace expertlink::internode {
 Plan make_plan(const Topology& topo, const CountLayout& layout, const std::vector<int32_t>& gathered) {
   const int R = topo.num_ranks, N = topo.num_nodes, L = topo.local_size, me = topo.rank;
   const int b = topo.node, i_me = topo.local_rank;
-  EL_CHECK(layout.num_ranks == R && layout.num_nodes == N, "make_plan: layout of %d ranks / %d nodes, topology %d / %d",
-           layout.num_ranks, layout.num_nodes, R, N);
+  EL_CHECK(layout.num_ranks == R && layout.num_nodes == N,
+           "make_plan: layout of %d ranks / %d nodes, topology %d / %d", layout.num_ranks, layout.num_nodes,
+           R, N);
   EL_CHECK(static_cast<int64_t>(gathered.size()) == int64_t(R) * layout.ints(),
            "make_plan: %zu gathered ints, expected %d ranks x %d", gathered.size(), R, layout.ints());
   auto block = [&](int s) { return gathered.data() + size_t(s) * layout.ints(); };
   static const char* names[] = {"num_tokens", "hidden", "topk", "num_experts"};
   for (int s = 0; s < R; ++s) {
     for (int f = 1; f < CountLayout::kHeader; ++f)
-      EL_CHECK(block(s)[f] == block(0)[f], "rank %d and rank %d called with different %s: %d there, %d at rank 0", s,
-               0, names[f], block(s)[f], block(0)[f]);
+      EL_CHECK(block(s)[f] == block(0)[f],
+               "rank %d and rank %d called with different %s: %d there, %d at rank 0", s, 0, names[f],
+               block(s)[f], block(0)[f]);
   }
   auto per_rank = [&](int s, int d) { return int64_t(block(s)[layout.per_rank() + d]); };
   auto per_node = [&](int s, int n) { return int64_t(block(s)[layout.per_node() + n]); };

@@ -21,8 +21,8 @@ namespace expertlink::internode {
 struct CountLayout {
   static constexpr int kHeader = 4;  // [0] num_tokens, [1] hidden, [2] topk, [3] num_experts
   int num_ranks = 0, num_nodes = 0, max_experts = 0;
-  int per_rank() const { return kHeader; }                    // [R]: tokens going to each rank
-  int per_node() const { return kHeader + num_ranks; }        // [N]: tokens going to each node
+  int per_rank() const { return kHeader; }                            // [R]: tokens going to each rank
+  int per_node() const { return kHeader + num_ranks; }                // [N]: tokens going to each node
   int per_expert() const { return kHeader + num_ranks + num_nodes; }  // [max_experts]: tokens per expert
   int ints() const { return kHeader + num_ranks + num_nodes + max_experts; }
 };
@@ -38,8 +38,8 @@ struct Plan {
   std::vector<int64_t> recv2_off;  // [L + 1]
   // Output rows from source rank s are [rank_prefix[s], rank_prefix[s + 1]); the first of them is record
   // src_record[s] of the stage-2 receive buffer (the rest follow it).
-  std::vector<int32_t> rank_prefix;  // [R + 1]
-  std::vector<int64_t> src_record;   // [R]
+  std::vector<int32_t> rank_prefix;   // [R + 1]
+  std::vector<int64_t> src_record;    // [R]
   std::vector<int32_t> expert_count;  // [E / R] rows per local expert, not yet aligned (empty without topk)
 
   int64_t num_recv() const { return rank_prefix.back(); }

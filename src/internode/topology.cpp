@@ -41,10 +41,11 @@ Topology derive_topology(const std::vector<uint64_t>& host_hashes, int rank) {
     }
     for (size_t n = 0; n < nodes.size(); ++n) {
       if (nodes[n] == host_hashes[r])
-        EL_FAIL(ErrorCode::kUnsupported,
-                "rank %d is on the same host as ranks of node %zu but not next to them: ranks must be numbered "
-                "node-major (all ranks of a host contiguous)",
-                r, n);
+        EL_FAIL(
+            ErrorCode::kUnsupported,
+            "rank %d is on the same host as ranks of node %zu but not next to them: ranks must be numbered "
+            "node-major (all ranks of a host contiguous)",
+            r, n);
     }
     node_of[r] = static_cast<int>(nodes.size());
     nodes.push_back(host_hashes[r]);
@@ -56,10 +57,11 @@ Topology derive_topology(const std::vector<uint64_t>& host_hashes, int rank) {
   t.local_size = R / t.num_nodes;
   for (int r = 0; r < R; ++r) {
     if (node_of[r] != r / t.local_size)
-      EL_FAIL(ErrorCode::kUnsupported,
-              "the %d ranks span %d hosts of unequal sizes (rank %d is on host %d, expected %d with %d ranks per "
-              "host): every node must hold the same number of ranks",
-              R, t.num_nodes, r, node_of[r], r / t.local_size, t.local_size);
+      EL_FAIL(
+          ErrorCode::kUnsupported,
+          "the %d ranks span %d hosts of unequal sizes (rank %d is on host %d, expected %d with %d ranks per "
+          "host): every node must hold the same number of ranks",
+          R, t.num_nodes, r, node_of[r], r / t.local_size, t.local_size);
   }
   t.node = rank / t.local_size;
   t.local_rank = rank % t.local_size;

@@ -33,7 +33,8 @@ __device__ __forceinline__ bool barrier_block(const SymmetricView& v) {
     st_release_sys(barrier_signal(v.peer_base[p], v.rank), epoch);
   }
   for (int p = threadIdx.x; p < v.num_ranks; p += blockDim.x) {
-    if (rank_live(v, p) && !wait_geq(barrier_signal(v.local_base, p), epoch, ctx, WaitSite::kBarrier, p, p)) ok = 0;
+    if (rank_live(v, p) && !wait_geq(barrier_signal(v.local_base, p), epoch, ctx, WaitSite::kBarrier, p, p))
+      ok = 0;
   }
   __syncthreads();
   return ok != 0;

@@ -206,7 +206,8 @@ __device__ __forceinline__ int source_chunk_items(const SymmetricView& w, const 
     if (s != w.rank && rank_live(w, s)) most = max(most, ht_num_chunks(src_tokens[s]));
   return (w.num_ranks - 1) * most;
 }
-__device__ __forceinline__ SourceChunk source_chunk(const SymmetricView& w, const int32_t* src_tokens, int item) {
+__device__ __forceinline__ SourceChunk source_chunk(const SymmetricView& w, const int32_t* src_tokens,
+                                                    int item) {
   const int j = item % (w.num_ranks - 1), s = j < w.rank ? j : j + 1, c = item / (w.num_ranks - 1);
   return {s, c, rank_live(w, s) && c < ht_num_chunks(src_tokens[s])};
 }

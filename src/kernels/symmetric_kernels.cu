@@ -14,7 +14,9 @@ __global__ void fill_peer_table_kernel(ncclWindow_t window, int num_ranks, char*
   }
 }
 
-__global__ void barrier_kernel(SymmetricView view) { barrier_block(view); }
+__global__ void barrier_kernel(SymmetricView view) {
+  barrier_block(view);
+}
 
 }  // namespace
 

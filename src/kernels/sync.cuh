@@ -38,7 +38,7 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 
 // Everything a bounded wait needs to report a timeout.
 struct WaitContext {
-  WaitRecord* record;   // host-mapped
+  WaitRecord* record;  // host-mapped
   uint64_t timeout_ns;
   int rank;
 };
@@ -47,8 +47,9 @@ __device__ __forceinline__ bool wait_aborted(const WaitContext& ctx) {
   return *reinterpret_cast<const volatile int32_t*>(&ctx.record->flag) != 0;
 }
 
-static __device__ __noinline__ void record_timeout(const WaitContext& ctx, WaitSite site, int peer, int counter,
-                                            uint64_t expected, uint64_t seen, uint64_t waited_ns) {
+static __device__ __noinline__ void record_timeout(const WaitContext& ctx, WaitSite site, int peer,
+                                                   int counter, uint64_t expected, uint64_t seen,
+                                                   uint64_t waited_ns) {
   if (atomicCAS(&ctx.record->flag, 0, 1) != 0) return;  // someone else reports
   WaitRecord* r = ctx.record;
   r->site = static_cast<int32_t>(site);

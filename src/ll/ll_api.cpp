@@ -332,11 +332,9 @@ LlRecvHook Buffer::ll_combine(const LlCombineArgs& args, const LlHandle& handle,
            "handle: its dispatch was split (return_recv_hook) and its receive hook has not been called yet");
   const int N = h.capacity, H = h.hidden, K = h.topk, E = h.num_experts, EL = E / R, T = h.num_tokens;
   const int64_t slots = int64_t(R) * N;
-  checks::tensors({{&args.x, "x"},
-                   {&args.topk_idx, "topk_idx"},
-                   {&args.topk_weights, "topk_weights"},
-                   {&out.out, "out"}},
-                  s.comm.device(), stream);
+  checks::tensors(
+      {{&args.x, "x"}, {&args.topk_idx, "topk_idx"}, {&args.topk_weights, "topk_weights"}, {&out.out, "out"}},
+      s.comm.device(), stream);
   begin_call(s, "ll_combine");
   LlState& st = s.ll;
   const int parity = static_cast<int>(st.combine_calls & 1);

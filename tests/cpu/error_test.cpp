@@ -19,7 +19,9 @@ TEST(ErrorModel, CheckFailureCarriesCodeArgumentAndLocation) {
   }
 }
 
-TEST(ErrorModel, CheckPassingDoesNotThrow) { EXPECT_NO_THROW(EL_CHECK(1 + 1 == 2, "arithmetic")); }
+TEST(ErrorModel, CheckPassingDoesNotThrow) {
+  EXPECT_NO_THROW(EL_CHECK(1 + 1 == 2, "arithmetic"));
+}
 
 TEST(ErrorModel, CudaCheckNamesTheCallAndError) {
   try {

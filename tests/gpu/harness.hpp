@@ -31,9 +31,9 @@ struct Registrar {
 
 }  // namespace expertlink::test
 
-#define GPU_CASE(name, min_ranks, timeout_s)                                                   \
-  static int name(const ::expertlink::test::RankContext& ctx);                                 \
-  static ::expertlink::test::Registrar registrar_##name(#name, min_ranks, timeout_s, name);    \
+#define GPU_CASE(name, min_ranks, timeout_s)                                                \
+  static int name(const ::expertlink::test::RankContext& ctx);                              \
+  static ::expertlink::test::Registrar registrar_##name(#name, min_ranks, timeout_s, name); \
   static int name(const ::expertlink::test::RankContext& ctx)
 
 // Fails the rank (return 1) with file:line, the condition and a formatted explanation.

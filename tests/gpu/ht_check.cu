@@ -21,8 +21,10 @@ std::vector<RankInputs> make_inputs(const HtCase& c, int R, uint64_t seed) {
     const int T = tokens_of(c, s);
     auto x = workload::make_bf16(size_t(T) * c.hidden, seed, s);
     all[s].in.x = c.fmt == Fmt::kBf16 ? ref::bf16_rows(T, c.hidden, x)
-                                     : ref::cast_to_fp8(x.data(), T, c.hidden, c.fmt == Fmt::kFp8Ue8m0, c.fmt == Fmt::kFp8Ue8m0);
-    all[s].in.topk_idx = workload::make_topk_idx(T, c.topk, c.experts, R, c.routing, seed + 1, s, c.masked_slots);
+                                      : ref::cast_to_fp8(x.data(), T, c.hidden, c.fmt == Fmt::kFp8Ue8m0,
+                                                         c.fmt == Fmt::kFp8Ue8m0);
+    all[s].in.topk_idx =
+        workload::make_topk_idx(T, c.topk, c.experts, R, c.routing, seed + 1, s, c.masked_slots);
     all[s].in.topk_weights = workload::make_topk_weights(all[s].in.topk_idx, c.topk, seed + 2, s);
     if (c.with_bias) {
       all[s].bias0 = workload::make_bf16(size_t(T) * c.hidden, seed + 3, s);
@@ -68,8 +70,10 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
 
   // Device inputs.
   const auto& xr = mine.in.x;
-  DeviceArray<uint8_t> x_dev(xr.is_fp8() ? xr.fp8 : std::vector<uint8_t>(reinterpret_cast<const uint8_t*>(xr.bf16.data()),
-                                                                         reinterpret_cast<const uint8_t*>(xr.bf16.data() + xr.bf16.size())));
+  DeviceArray<uint8_t> x_dev(
+      xr.is_fp8() ? xr.fp8
+                  : std::vector<uint8_t>(reinterpret_cast<const uint8_t*>(xr.bf16.data()),
+                                         reinterpret_cast<const uint8_t*>(xr.bf16.data() + xr.bf16.size())));
   DeviceArray<float> scales_dev(xr.scales);
   DeviceArray<int32_t> packed_dev(xr.packed_scales);
   std::vector<int32_t> idx32(mine.in.topk_idx.begin(), mine.in.topk_idx.end());
@@ -80,8 +84,10 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   HtDispatchArgs args;
   args.x = TensorView(x_dev.get(), x_dtype(c.fmt), {T, H});
   if (c.fmt == Fmt::kFp8) args.x_scales = TensorView(scales_dev.get(), DType::kF32, {T, H / 128});
-  if (c.fmt == Fmt::kFp8Ue8m0) args.x_scales = TensorView(packed_dev.get(), DType::kI32, {T, (H + 511) / 512});
-  args.topk_idx = c.idx_i32 ? TensorView(idx32_dev.get(), DType::kI32, {T, K}) : TensorView(idx64_dev.get(), DType::kI64, {T, K});
+  if (c.fmt == Fmt::kFp8Ue8m0)
+    args.x_scales = TensorView(packed_dev.get(), DType::kI32, {T, (H + 511) / 512});
+  args.topk_idx = c.idx_i32 ? TensorView(idx32_dev.get(), DType::kI32, {T, K})
+                            : TensorView(idx64_dev.get(), DType::kI64, {T, K});
   args.topk_weights = TensorView(w_dev.get(), DType::kF32, {T, K});
   args.num_experts = c.experts;
   args.expert_alignment = c.expert_alignment;
@@ -110,8 +116,11 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
 
   HtDispatchOutputs out;
   out.recv_x = TensorView(rx.get(), x_dtype(c.fmt), {rows, H});
-  if (c.fmt != Fmt::kBf16) out.recv_x_scales = TensorView(rs.get(), c.fmt == Fmt::kFp8 ? DType::kF32 : DType::kI32, {rows, scale_cols});
-  out.recv_topk_idx = c.idx_i32 ? TensorView(ridx32.get(), DType::kI32, {rows, K}) : TensorView(ridx64.get(), DType::kI64, {rows, K});
+  if (c.fmt != Fmt::kBf16)
+    out.recv_x_scales =
+        TensorView(rs.get(), c.fmt == Fmt::kFp8 ? DType::kF32 : DType::kI32, {rows, scale_cols});
+  out.recv_topk_idx = c.idx_i32 ? TensorView(ridx32.get(), DType::kI32, {rows, K})
+                                : TensorView(ridx64.get(), DType::kI64, {rows, K});
   out.recv_topk_weights = TensorView(rw.get(), DType::kF32, {rows, K});
   out.num_recv_tokens_per_expert = TensorView(rcount.get(), DType::kI32, {E_local});
   buffer.ht_dispatch(args, handle, out, stream);
@@ -126,17 +135,19 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   const uint8_t* want_x = wx.is_fp8() ? wx.fp8.data() : reinterpret_cast<const uint8_t*>(wx.bf16.data());
   for (int64_t i = 0; i < int64_t(N * row_bytes); ++i) {
     if (got_x[i] != want_x[i]) {
-      GPU_EXPECT(false, "[%s] recv_x row %lld byte %lld: expected 0x%02x, got 0x%02x (source rank %d token %d)", c.name,
-                 (long long)(i / row_bytes), (long long)(i % row_bytes), want_x[i], got_x[i],
+      GPU_EXPECT(false,
+                 "[%s] recv_x row %lld byte %lld: expected 0x%02x, got 0x%02x (source rank %d token %d)",
+                 c.name, (long long)(i / row_bytes), (long long)(i % row_bytes), want_x[i], got_x[i],
                  mine_ref.handle.recv_src_rank[i / row_bytes], mine_ref.handle.recv_src_token[i / row_bytes]);
     }
   }
   if (c.fmt != Fmt::kBf16) {
     auto got_s = rs.download(N * scale_cols);
-    const int32_t* want_s = c.fmt == Fmt::kFp8 ? reinterpret_cast<const int32_t*>(wx.scales.data()) : wx.packed_scales.data();
+    const int32_t* want_s =
+        c.fmt == Fmt::kFp8 ? reinterpret_cast<const int32_t*>(wx.scales.data()) : wx.packed_scales.data();
     for (int64_t i = 0; i < N * scale_cols; ++i)
-      GPU_EXPECT(got_s[i] == want_s[i], "[%s] recv_x_scales row %lld col %lld: expected 0x%08x, got 0x%08x", c.name,
-                 (long long)(i / scale_cols), (long long)(i % scale_cols), want_s[i], got_s[i]);
+      GPU_EXPECT(got_s[i] == want_s[i], "[%s] recv_x_scales row %lld col %lld: expected 0x%08x, got 0x%08x",
+                 c.name, (long long)(i / scale_cols), (long long)(i % scale_cols), want_s[i], got_s[i]);
   }
   {
     std::vector<int64_t> got_idx(N * K);
@@ -148,8 +159,9 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
     }
     auto got_w = rw.download(N * K);
     for (int64_t i = 0; i < N * K; ++i) {
-      GPU_EXPECT(got_idx[i] == mine_ref.topk_idx[i], "[%s] recv_topk_idx[%lld][%lld]: expected %lld, got %lld", c.name,
-                 (long long)(i / K), (long long)(i % K), (long long)mine_ref.topk_idx[i], (long long)got_idx[i]);
+      GPU_EXPECT(got_idx[i] == mine_ref.topk_idx[i],
+                 "[%s] recv_topk_idx[%lld][%lld]: expected %lld, got %lld", c.name, (long long)(i / K),
+                 (long long)(i % K), (long long)mine_ref.topk_idx[i], (long long)got_idx[i]);
       GPU_EXPECT(std::memcmp(&got_w[i], &mine_ref.topk_weights[i], 4) == 0,
                  "[%s] recv_topk_weights[%lld][%lld]: expected %g, got %g", c.name, (long long)(i / K),
                  (long long)(i % K), mine_ref.topk_weights[i], got_w[i]);
@@ -158,20 +170,23 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
     std::vector<int32_t> got_src(N);
     if (N) cudaMemcpy(got_src.data(), handle.recv_src_token(), N * 4, cudaMemcpyDeviceToHost);
     for (int64_t i = 0; i < N; ++i)
-      GPU_EXPECT(got_src[i] == mine_ref.handle.recv_src_token[i], "[%s] recv_src_token[%lld]: expected %d, got %d", c.name,
-                 (long long)i, mine_ref.handle.recv_src_token[i], got_src[i]);
+      GPU_EXPECT(got_src[i] == mine_ref.handle.recv_src_token[i],
+                 "[%s] recv_src_token[%lld]: expected %d, got %d", c.name, (long long)i,
+                 mine_ref.handle.recv_src_token[i], got_src[i]);
     std::vector<int32_t> got_prefix(R + 1);
     cudaMemcpy(got_prefix.data(), handle.rank_prefix(), (R + 1) * 4, cudaMemcpyDeviceToHost);
     for (int s = 0; s <= R; ++s)
-      GPU_EXPECT(got_prefix[s] == mine_ref.handle.rank_prefix[s], "[%s] rank_prefix[%d]: expected %d, got %d", c.name,
-                 s, mine_ref.handle.rank_prefix[s], got_prefix[s]);
+      GPU_EXPECT(got_prefix[s] == mine_ref.handle.rank_prefix[s], "[%s] rank_prefix[%d]: expected %d, got %d",
+                 c.name, s, mine_ref.handle.rank_prefix[s], got_prefix[s]);
     auto got_count = rcount.download();
     auto host_count = handle.num_recv_tokens_per_expert();
     for (int j = 0; j < E_local; ++j) {
-      GPU_EXPECT(got_count[j] == mine_ref.num_recv_tokens_per_expert[j], "[%s] num_recv_tokens_per_expert[%d]: expected %d, got %d",
-                 c.name, j, mine_ref.num_recv_tokens_per_expert[j], got_count[j]);
-      GPU_EXPECT(host_count[j] == mine_ref.num_recv_tokens_per_expert[j], "[%s] host per-expert count [%d]: expected %d, got %d",
-                 c.name, j, mine_ref.num_recv_tokens_per_expert[j], host_count[j]);
+      GPU_EXPECT(got_count[j] == mine_ref.num_recv_tokens_per_expert[j],
+                 "[%s] num_recv_tokens_per_expert[%d]: expected %d, got %d", c.name, j,
+                 mine_ref.num_recv_tokens_per_expert[j], got_count[j]);
+      GPU_EXPECT(host_count[j] == mine_ref.num_recv_tokens_per_expert[j],
+                 "[%s] host per-expert count [%d]: expected %d, got %d", c.name, j,
+                 mine_ref.num_recv_tokens_per_expert[j], host_count[j]);
     }
   }
 
@@ -195,8 +210,11 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
     buffer.ht_dispatch(a2, handle, o2, stream);
     buffer.synchronize(stream);
     auto g2 = rx.download(N * row_bytes);
-    int64_t d = first_diff(g2, std::vector<uint8_t>(reinterpret_cast<const uint8_t*>(want_cached[me].bf16.data()),
-                                                    reinterpret_cast<const uint8_t*>(want_cached[me].bf16.data()) + N * row_bytes), N * row_bytes);
+    int64_t d = first_diff(
+        g2,
+        std::vector<uint8_t>(reinterpret_cast<const uint8_t*>(want_cached[me].bf16.data()),
+                             reinterpret_cast<const uint8_t*>(want_cached[me].bf16.data()) + N * row_bytes),
+        N * row_bytes);
     GPU_EXPECT(d < 0, "[%s] cached dispatch recv_x row %lld differs", c.name, (long long)(d / row_bytes));
   }
 
@@ -238,16 +256,20 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   for (int64_t i = 0; i < int64_t(T) * H; ++i) {
     const float g = ref::bf16_to_float(got_c[i]), w = ref::bf16_to_float(want_comb[me].x[i]);
     if (got_c[i] != want_comb[me].x[i]) ++inexact;
-    GPU_EXPECT(std::fabs(g - w) <= 2e-2f * std::fabs(w) + 2e-2f, "[%s] combined_x[%lld][%lld]: expected %g, got %g", c.name,
-               (long long)(i / H), (long long)(i % H), w, g);
+    GPU_EXPECT(std::fabs(g - w) <= 2e-2f * std::fabs(w) + 2e-2f,
+               "[%s] combined_x[%lld][%lld]: expected %g, got %g", c.name, (long long)(i / H),
+               (long long)(i % H), w, g);
     GPU_EXPECT(!c.combine_bitwise || got_c[i] == want_comb[me].x[i],
-               "[%s] combined_x[%lld][%lld]: expected bits 0x%04x (%g), got 0x%04x (%g): the kernels must sum in the "
-               "oracle's order", c.name, (long long)(i / H), (long long)(i % H), want_comb[me].x[i], w, got_c[i], g);
+               "[%s] combined_x[%lld][%lld]: expected bits 0x%04x (%g), got 0x%04x (%g): the kernels must "
+               "sum in the "
+               "oracle's order",
+               c.name, (long long)(i / H), (long long)(i % H), want_comb[me].x[i], w, got_c[i], g);
   }
   // Each slot's weight comes from the one rank of its expert (the others add 0): its sum is exact.
   const std::vector<float>& want_cw = want_comb[me].topk_weights;
   for (int64_t i = 0; i < int64_t(T) * K; ++i)
-    GPU_EXPECT(c.combine_bitwise ? std::memcmp(&got_cw[i], &want_cw[i], 4) == 0 : std::fabs(got_cw[i] - want_cw[i]) <= 1e-6f,
+    GPU_EXPECT(c.combine_bitwise ? std::memcmp(&got_cw[i], &want_cw[i], 4) == 0
+                                 : std::fabs(got_cw[i] - want_cw[i]) <= 1e-6f,
                "[%s] combined_topk_weights[%lld][%lld]: expected %g, got %g", c.name, (long long)(i / K),
                (long long)(i % K), want_cw[i], got_cw[i]);
   if (stats != nullptr) *stats = RoundStats{T, N, inexact};

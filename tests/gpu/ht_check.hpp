@@ -24,7 +24,7 @@ enum class Fmt { kBf16, kFp8, kFp8Ue8m0 };
 
 struct HtCase {
   const char* name;
-  int tokens;             // per rank (rank 1 may get zero_tokens_rank)
+  int tokens;  // per rank (rank 1 may get zero_tokens_rank)
   int hidden, topk, experts;
   Fmt fmt = Fmt::kBf16;
   bool idx_i32 = false;
@@ -50,7 +50,9 @@ struct RoundStats {
   int64_t combine_inexact = 0;  // combined values within the tolerance but not bitwise equal
 };
 
-inline DType x_dtype(Fmt f) { return f == Fmt::kBf16 ? DType::kBF16 : DType::kFP8E4M3; }
+inline DType x_dtype(Fmt f) {
+  return f == Fmt::kBf16 ? DType::kBF16 : DType::kFP8E4M3;
+}
 
 // First differing element of two equal-length arrays, or -1.
 template <typename A, typename B>

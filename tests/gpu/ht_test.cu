@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "ht_check.hpp"
@@ -25,7 +25,8 @@ int run_cases(const RankContext& ctx, std::initializer_list<HtCase> cases, int r
   Communicator comm(ctx.id, ctx.rank, ctx.num_ranks, ctx.device);
   size_t bytes = 0;
   for (const auto& c : cases)
-    bytes = std::max(bytes, Buffer::ht_size_hint(ctx.num_ranks, c.tokens + 3, c.hidden, c.topk) + (size_t(c.hidden) << 5));
+    bytes = std::max(
+        bytes, Buffer::ht_size_hint(ctx.num_ranks, c.tokens + 3, c.hidden, c.topk) + (size_t(c.hidden) << 5));
   Buffer buffer(comm, bytes, 0);
   cudaStream_t stream;
   cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
@@ -48,21 +49,23 @@ GPU_CASE(ht_bf16_exact_uniform_7168, 2, 240) {
 }
 
 GPU_CASE(ht_fp8_scales_capacity_skewed, 2, 240) {
-  HtCase a{"fp8 T=300 H=2048 top-6/64 i32 skewed capacity", 300, 2048, 6, 64, Fmt::kFp8, true, Routing::kSkewed};
+  HtCase a{
+      "fp8 T=300 H=2048 top-6/64 i32 skewed capacity", 300, 2048, 6, 64, Fmt::kFp8, true, Routing::kSkewed};
   a.sizing = Sizing::kCapacity;
   HtCase b{"fp8-ue8m0 T=257 H=7168 top-8/256", 257, 7168, 8, 256, Fmt::kFp8Ue8m0};
   return run_cases(ctx, {a, b});
 }
 
 GPU_CASE(ht_shapes_hidden_topk_experts, 2, 300) {
-  return run_cases(ctx, {
-      {"H=128 top-1/8", 64, 128, 1, 8},
-      {"H=2880 top-2/64 i32", 96, 2880, 2, 64, Fmt::kBf16, true},
-      {"H=8192 top-9/256", 80, 8192, 9, 256},
-      {"fp8 H=2880 top-6/64", 70, 2944, 6, 64, Fmt::kFp8},
-      {"H=2048 top-32/64 skewed", 50, 2048, 32, 64, Fmt::kBf16, false, Routing::kSkewed},
-      {"fp8 H=7168 top-8/8", 40, 7168, 8, 8, Fmt::kFp8},
-  });
+  return run_cases(ctx,
+                   {
+                       {"H=128 top-1/8", 64, 128, 1, 8},
+                       {"H=2880 top-2/64 i32", 96, 2880, 2, 64, Fmt::kBf16, true},
+                       {"H=8192 top-9/256", 80, 8192, 9, 256},
+                       {"fp8 H=2880 top-6/64", 70, 2944, 6, 64, Fmt::kFp8},
+                       {"H=2048 top-32/64 skewed", 50, 2048, 32, 64, Fmt::kBf16, false, Routing::kSkewed},
+                       {"fp8 H=7168 top-8/8", 40, 7168, 8, 8, Fmt::kFp8},
+                   });
 }
 
 GPU_CASE(ht_edge_empty_rank_single_token_all_masked_alignment, 2, 240) {
@@ -86,8 +89,8 @@ GPU_CASE(ht_edge_empty_rank_single_token_all_masked_alignment, 2, 240) {
 // last 2 KB of a row is partial, -1 slots, an empty rank, 1 SM, three rounds each.
 GPU_CASE(ht_combine_reduce_edges_match_oracle, 2, 240) {
   HtCase big{"bf16 T=512 H=7168 top-8/256", 512, 7168, 8, 256};
-  HtCase partial{"H=2880 (last piece partial) top-9/64 skewed", 300, 2880, 9, 64, Fmt::kBf16, true,
-                 Routing::kSkewed};
+  HtCase partial{
+      "H=2880 (last piece partial) top-9/64 skewed", 300, 2880, 9, 64, Fmt::kBf16, true, Routing::kSkewed};
   HtCase small{"H=136 no bias", 77, 136, 2, 8};
   small.with_bias = false;
   HtCase empty{"rank 1 has no tokens", 64, 1024, 4, 64};
@@ -119,10 +122,13 @@ namespace {
 __global__ void sleep_kernel(uint64_t ns) {
   uint64_t t0, t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); while (t - t0 < ns);
+  do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  while (t - t0 < ns);
 }
 
-void gpu_sleep(cudaStream_t stream, uint64_t ns) { sleep_kernel<<<1, 1, 0, stream>>>(ns); }
+void gpu_sleep(cudaStream_t stream, uint64_t ns) {
+  sleep_kernel<<<1, 1, 0, stream>>>(ns);
+}
 
 // Kernel-level timing of the HT phases on the bench shape (FIGURE lines): where the time goes.
 GPU_CASE(ht_timing_breakdown, 2, 300) {
@@ -176,7 +182,8 @@ GPU_CASE(ht_timing_breakdown, 2, 300) {
       cudaEventRecord(e0, stream);
       const auto h0 = std::chrono::steady_clock::now();
       call();
-      host[i].push_back(std::chrono::duration<float, std::micro>(std::chrono::steady_clock::now() - h0).count());
+      host[i].push_back(
+          std::chrono::duration<float, std::micro>(std::chrono::steady_clock::now() - h0).count());
       cudaEventRecord(e1, stream);
       buffer.synchronize(stream);
       float ms = 0;
@@ -192,10 +199,10 @@ GPU_CASE(ht_timing_breakdown, 2, 300) {
       std::sort(v.begin(), v.end());
       return v[v.size() / 2];
     };
-    std::printf("FIGURE ht breakdown rank %d, %d SMs, %s-copy sender, BF16 T=4096 H=7168, GPU time: notify %.1f "
-                "us, dispatch %.1f us, combine %.1f us; host time of the calls: %.1f / %.1f / %.1f us\n",
-                ctx.rank, sms, copy, med(gpu[0]), med(gpu[1]), med(gpu[2]), med(host[0]), med(host[1]),
-                med(host[2]));
+    std::printf(
+        "FIGURE ht breakdown rank %d, %d SMs, %s-copy sender, BF16 T=4096 H=7168, GPU time: notify %.1f "
+        "us, dispatch %.1f us, combine %.1f us; host time of the calls: %.1f / %.1f / %.1f us\n",
+        ctx.rank, sms, copy, med(gpu[0]), med(gpu[1]), med(gpu[2]), med(host[0]), med(host[1]), med(host[2]));
   }
   unsetenv("EXPERTLINK_HT_COPY");
   cudaStreamDestroy(stream);
@@ -259,7 +266,8 @@ GPU_CASE(ht_graph_capture_replays, 2, 240) {
 
   cudaGraph_t graph;
   cudaGraphExec_t exec;
-  GPU_EXPECT(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess, "begin capture");
+  GPU_EXPECT(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess,
+             "begin capture");
   run();
   GPU_EXPECT(cudaStreamEndCapture(stream, &graph) == cudaSuccess, "end capture");
   GPU_EXPECT(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess, "instantiate");
@@ -290,8 +298,8 @@ GPU_CASE(ht_graph_capture_replays, 2, 240) {
                (long long)handle.num_recv_tokens(), (long long)N);
     auto got = rx.download(N * H);
     int64_t d = first_diff(got, want[me].x.bf16, N * H);
-    GPU_EXPECT(d < 0, "replay %d: recv_x row %lld col %lld: expected 0x%04x, got 0x%04x", replay, (long long)(d / H),
-               (long long)(d % H), d < 0 ? 0 : want[me].x.bf16[d], d < 0 ? 0 : got[d]);
+    GPU_EXPECT(d < 0, "replay %d: recv_x row %lld col %lld: expected 0x%04x, got 0x%04x", replay,
+               (long long)(d / H), (long long)(d % H), d < 0 ? 0 : want[me].x.bf16[d], d < 0 ? 0 : got[d]);
     auto got_c = out.download();
     d = first_diff(got_c, want_comb[me].x, size_t(T) * H);
     GPU_EXPECT(d < 0, "replay %d: combined_x row %lld col %lld: expected 0x%04x, got 0x%04x", replay,

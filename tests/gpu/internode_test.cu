@@ -7,8 +7,8 @@
 #include <cstdlib>
 #include <string>
 
-#include "expertlink/buffer.hpp"
 #include "emulated_nodes.hpp"
+#include "expertlink/buffer.hpp"
 #include "expertlink/workload.hpp"
 #include "harness.hpp"
 #include "ht_check.hpp"
@@ -57,15 +57,16 @@ GPU_CASE(internode_2nodes_x1_bf16_fp8_exact, 2, 240) {
   const int64_t max_tokens = 1100;
   Buffer buffer(comm, Buffer::ht_size_hint(R, max_tokens, 7168, 8));
   GPU_EXPECT(buffer.num_nodes() == 2 && buffer.num_local_ranks() == local,
-             "topology: %d nodes x %d local ranks, expected 2 x %d (NCCL_HOSTID per rank)", buffer.num_nodes(),
-             buffer.num_local_ranks(), local);
+             "topology: %d nodes x %d local ranks, expected 2 x %d (NCCL_HOSTID per rank)",
+             buffer.num_nodes(), buffer.num_local_ranks(), local);
   GPU_EXPECT(buffer.window_bytes() == 0, "the internode path holds no symmetric window, got %zu bytes",
              buffer.window_bytes());
   cudaStream_t stream;
   cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
   const uint64_t seed = run_seed(ctx.id);
   const bool bitwise = local == 1;
-  HtCase empty_rank1{"bf16_skewed_empty_rank1", 200, 1024, 8, 32 * R, Fmt::kBf16, false, Routing::kSkewed, 20};
+  HtCase empty_rank1{"bf16_skewed_empty_rank1", 200, 1024, 8, 32 * R, Fmt::kBf16, false,
+                     Routing::kSkewed,          20};
   empty_rank1.zero_tokens_rank = 1;
   HtCase capacity{"fp8_capacity_aligned", 180, 2048, 6, 12 * R, Fmt::kFp8, false, Routing::kUniform, 10};
   capacity.sizing = Sizing::kCapacity;
@@ -99,8 +100,8 @@ GPU_CASE(internode_single_node_takes_intranode_path, 2, 120) {
   Communicator comm(ctx.id, ctx.rank, ctx.num_ranks, ctx.device);
   Buffer buffer(comm, Buffer::ht_size_hint(ctx.num_ranks, 400, 2048, 8));
   GPU_EXPECT(buffer.num_nodes() == 1 && buffer.num_local_ranks() == ctx.num_ranks,
-             "topology: %d nodes x %d local ranks, expected 1 x %d", buffer.num_nodes(), buffer.num_local_ranks(),
-             ctx.num_ranks);
+             "topology: %d nodes x %d local ranks, expected 1 x %d", buffer.num_nodes(),
+             buffer.num_local_ranks(), ctx.num_ranks);
   GPU_EXPECT(buffer.window_bytes() > 0, "the intranode path must hold a symmetric window");
   GPU_EXPECT(buffer.internode_staging_bytes() == 0, "no internode staging expected, got %zu",
              buffer.internode_staging_bytes());

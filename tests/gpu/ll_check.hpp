@@ -115,8 +115,8 @@ std::vector<int> full_tokens(const LlCase& c, int num_ranks);
 // Split calls, `rounds` times on one buffer: two dispatches in flight, a third refused before anything is
 // enqueued, a combine along a pending handle refused, a hook called twice refused; the combines' hooks in
 // the other order; a split dispatch beside a fused one. Every result against the oracle.
-int run_hook_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, const LlCase& c, uint64_t seed0,
-                    int rounds);
+int run_hook_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, const LlCase& c,
+                    uint64_t seed0, int rounds);
 
 // Zero-copy combine, 4 rounds (both parities; fused, then split): expert outputs written straight into
 // get_next_ll_combine_buffer (its shape checked). Every result against the oracle.

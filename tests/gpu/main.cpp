@@ -43,8 +43,8 @@ int main(int argc, char** argv) {
   }
   if (ranks == 0) ranks = gpus;
   if (ranks > gpus || ranks < it->min_ranks) {
-    std::fprintf(stderr, "--ranks %d: this case needs %d to %d ranks here (one per GPU)\n", ranks, it->min_ranks,
-                 gpus);
+    std::fprintf(stderr, "--ranks %d: this case needs %d to %d ranks here (one per GPU)\n", ranks,
+                 it->min_ranks, gpus);
     return 2;
   }
   std::printf("RUN  %s on %d rank(s), %d GPU(s)\n", it->name, ranks, gpus);

@@ -103,9 +103,10 @@ GPU_CASE(mask_dead_rank_others_match_oracle, 2, 240) {
     }
   }
   buffer.synchronize(stream);
-  std::printf("FIGURE masking: rank %d masked rank %d and ran %d HT + LL rounds on the same Buffer, all equal "
-              "to the oracle without it\n",
-              me, dead, rounds);
+  std::printf(
+      "FIGURE masking: rank %d masked rank %d and ran %d HT + LL rounds on the same Buffer, all equal "
+      "to the oracle without it\n",
+      me, dead, rounds);
   cudaStreamDestroy(stream);
   return 0;
 }

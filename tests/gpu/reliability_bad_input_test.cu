@@ -56,7 +56,8 @@ GPU_CASE(reliability_bad_arguments_refused_buffer_still_correct, 2, 300) {
   auto verify = [&]() -> int {
     const uint64_t s = seed + 7919ull * ++verified;
     if (htt::run_round(ctx, ht_good, buffer, ht_handle, s, st, false) != 0) return 1;
-    return llt::run_fused(ctx, buffer, st, io, llt::make_round(ll_good, R, s, llt::full_tokens(ll_good, R)), s + 1);
+    return llt::run_fused(ctx, buffer, st, io, llt::make_round(ll_good, R, s, llt::full_tokens(ll_good, R)),
+                          s + 1);
   };
   if (verify() != 0) return 1;
 
@@ -101,7 +102,9 @@ GPU_CASE(reliability_bad_arguments_refused_buffer_still_correct, 2, 300) {
   auto dispatch = [&](const HtDispatchArgs& a, const HtDispatchOutputs& o) {
     buffer.ht_dispatch(a, ht_handle, o, st);
   };
-  auto combine = [&](const HtCombineArgs& a, const HtCombineOutputs& o) { buffer.ht_combine(a, ht_handle, o, st); };
+  auto combine = [&](const HtCombineArgs& a, const HtCombineOutputs& o) {
+    buffer.ht_combine(a, ht_handle, o, st);
+  };
   // LL: this rank's inputs of ll_good are in `io` after each correct round.
   LlIo io2(ll_good, R, me), io3(ll_good, R, me), io4(ll_good, R, me);  // io4: foreign handle
   DeviceArray<uint16_t> x17(size_t(17) * 512);
@@ -115,36 +118,99 @@ GPU_CASE(reliability_bad_arguments_refused_buffer_still_correct, 2, 300) {
 
   std::vector<Kind> kinds = {
       // ---- HT notify: refused before the notify kernel ----
-      {"HT x not given", "x is required", [&] { auto a = ht_args(); a.x = TensorView(); notify(a); }},
+      {"HT x not given", "x is required",
+       [&] {
+         auto a = ht_args();
+         a.x = TensorView();
+         notify(a);
+       }},
       {"HT x.data null", "x.data is null",
-       [&] { auto a = ht_args(); a.x = TensorView(nullptr, DType::kBF16, {T, H}); notify(a); }},
+       [&] {
+         auto a = ht_args();
+         a.x = TensorView(nullptr, DType::kBF16, {T, H});
+         notify(a);
+       }},
       {"HT x negative extent", "extent -1",
-       [&] { auto a = ht_args(); a.x = TensorView(x.get(), DType::kBF16, {-1, H}); notify(a); }},
+       [&] {
+         auto a = ht_args();
+         a.x = TensorView(x.get(), DType::kBF16, {-1, H});
+         notify(a);
+       }},
       {"HT x dtype f32", "x must be bf16 or fp8_e4m3, got f32",
-       [&] { auto a = ht_args(); a.x = TensorView(f32.get(), DType::kF32, {T, H}); notify(a); }},
+       [&] {
+         auto a = ht_args();
+         a.x = TensorView(f32.get(), DType::kF32, {T, H});
+         notify(a);
+       }},
       {"HT x inner stride 2", "x rows must be contiguous",
-       [&] { auto a = ht_args(); a.x = TensorView(x.get(), DType::kBF16, {T, H / 2}, {H, 2}); notify(a); }},
+       [&] {
+         auto a = ht_args();
+         a.x = TensorView(x.get(), DType::kBF16, {T, H / 2}, {H, 2});
+         notify(a);
+       }},
       {"HT fp8 hidden 144 (not a multiple of 128)", "hidden = 144",
-       [&] { auto a = ht_args(); a.x = TensorView(fp8.get(), DType::kFP8E4M3, {T, 144}); notify(a); }},
+       [&] {
+         auto a = ht_args();
+         a.x = TensorView(fp8.get(), DType::kFP8E4M3, {T, 144});
+         notify(a);
+       }},
       {"HT topk_idx dtype f32", "topk_idx must be i64 or i32",
-       [&] { auto a = ht_args(); a.topk_idx = TensorView(w.get(), DType::kF32, {T, K}); notify(a); }},
+       [&] {
+         auto a = ht_args();
+         a.topk_idx = TensorView(w.get(), DType::kF32, {T, K});
+         notify(a);
+       }},
       {"HT topk_idx rows != tokens", "topk_idx has",
-       [&] { auto a = ht_args(); a.topk_idx = TensorView(idx.get(), DType::kI64, {T - 1, K}); notify(a); }},
+       [&] {
+         auto a = ht_args();
+         a.topk_idx = TensorView(idx.get(), DType::kI64, {T - 1, K});
+         notify(a);
+       }},
       {"HT top-k 33 > 32", "top-k = 33",
-       [&] { auto a = ht_args(); a.topk_idx = TensorView(idx33.get(), DType::kI64, {T, 33}); a.topk_weights = {}; notify(a); }},
+       [&] {
+         auto a = ht_args();
+         a.topk_idx = TensorView(idx33.get(), DType::kI64, {T, 33});
+         a.topk_weights = {};
+         notify(a);
+       }},
       {"HT num_experts 15 not divisible by 2 ranks", "num_experts = 15",
-       [&] { auto a = ht_args(); a.num_experts = 15; notify(a); }},
+       [&] {
+         auto a = ht_args();
+         a.num_experts = 15;
+         notify(a);
+       }},
       {"HT num_experts 2048 > 1024", "num_experts = 2048",
-       [&] { auto a = ht_args(); a.num_experts = 2048; notify(a); }},
+       [&] {
+         auto a = ht_args();
+         a.num_experts = 2048;
+         notify(a);
+       }},
       {"HT expert_alignment 0", "expert_alignment = 0",
-       [&] { auto a = ht_args(); a.expert_alignment = 0; notify(a); }},
-      {"HT capacity -5", "capacity = -5", [&] { buffer.ht_notify(ht_args(), scratch, Sizing::kCapacity, -5, st); }},
+       [&] {
+         auto a = ht_args();
+         a.expert_alignment = 0;
+         notify(a);
+       }},
+      {"HT capacity -5", "capacity = -5",
+       [&] { buffer.ht_notify(ht_args(), scratch, Sizing::kCapacity, -5, st); }},
       {"HT buffer too small for hidden 8192", "ht_size_hint",
-       [&] { auto a = ht_args(); a.x = TensorView(wide.get(), DType::kBF16, {T, 8192}); notify(a); }},
+       [&] {
+         auto a = ht_args();
+         a.x = TensorView(wide.get(), DType::kBF16, {T, 8192});
+         notify(a);
+       }},
       {"HT x on the other GPU", "lives on device",
-       [&] { auto a = ht_args(); a.x = TensorView(x_other, DType::kBF16, {T, H}); notify(a); }},
+       [&] {
+         auto a = ht_args();
+         a.x = TensorView(x_other, DType::kBF16, {T, H});
+         notify(a);
+       }},
       {"HT x in pageable host memory", "not memory a GPU can reach",
-       [&] { auto a = ht_args(); a.x = TensorView(pageable.data(), DType::kBF16, {T, H}); notify(a); }},
+       [&] {
+         auto a = ht_args();
+         a.x = TensorView(pageable.data(), DType::kBF16, {T, H});
+         notify(a);
+       }},
       {"HT stream of the other GPU", "stream belongs to device",
        [&] { buffer.ht_notify(ht_args(), scratch, Sizing::kExact, 0, other_stream); }},
       // ---- HT dispatch along the last correct round's handle: refused before the dispatch kernel ----
@@ -153,9 +219,17 @@ GPU_CASE(reliability_bad_arguments_refused_buffer_still_correct, 2, 300) {
       {"HT handle from another Buffer", "a handle belongs to one Buffer",
        [&] { buffer.ht_dispatch(ht_args(), foreign, ht_out(), st); }},
       {"HT bf16 x with x_scales", "x_scales must not be given",
-       [&] { auto a = ht_args(); a.x_scales = TensorView(f32.get(), DType::kF32, {T, H / 128}); dispatch(a, ht_out()); }},
+       [&] {
+         auto a = ht_args();
+         a.x_scales = TensorView(f32.get(), DType::kF32, {T, H / 128});
+         dispatch(a, ht_out());
+       }},
       {"HT fp8 x without x_scales", "x_scales is required",
-       [&] { auto a = ht_args(); a.x = TensorView(fp8.get(), DType::kFP8E4M3, {T, H}); dispatch(a, ht_out()); }},
+       [&] {
+         auto a = ht_args();
+         a.x = TensorView(fp8.get(), DType::kFP8E4M3, {T, H});
+         dispatch(a, ht_out());
+       }},
       {"HT fp8 x_scales [T, 3]", "x_scales must be",
        [&] {
          auto a = ht_args();
@@ -172,7 +246,11 @@ GPU_CASE(reliability_bad_arguments_refused_buffer_still_correct, 2, 300) {
          dispatch(a, ht_out());
        }},
       {"HT topk_weights [T, K+1]", "topk_weights must be",
-       [&] { auto a = ht_args(); a.topk_weights = TensorView(w.get(), DType::kF32, {T, K + 1}); dispatch(a, ht_out()); }},
+       [&] {
+         auto a = ht_args();
+         a.topk_weights = TensorView(w.get(), DType::kF32, {T, K + 1});
+         dispatch(a, ht_out());
+       }},
       {"HT recv_x one row short", "recv_x holds",
        [&] {
          auto o = ht_out();
@@ -180,17 +258,42 @@ GPU_CASE(reliability_bad_arguments_refused_buffer_still_correct, 2, 300) {
          dispatch(ht_args(), o);
        }},
       {"HT recv_x dtype f32", "recv_x must be bf16",
-       [&] { auto o = ht_out(); o.recv_x.dtype = DType::kF32; dispatch(ht_args(), o); }},
-      {"HT num_sms 100000", "num_sms = 100000", [&] { auto a = ht_args(); a.num_sms = 100000; dispatch(a, ht_out()); }},
+       [&] {
+         auto o = ht_out();
+         o.recv_x.dtype = DType::kF32;
+         dispatch(ht_args(), o);
+       }},
+      {"HT num_sms 100000", "num_sms = 100000",
+       [&] {
+         auto a = ht_args();
+         a.num_sms = 100000;
+         dispatch(a, ht_out());
+       }},
       // ---- HT combine ----
       {"HT combine x dtype f32", "combine x must be bf16",
-       [&] { auto a = ht_comb_args(); a.x.dtype = DType::kF32; combine(a, ht_comb_out()); }},
+       [&] {
+         auto a = ht_comb_args();
+         a.x.dtype = DType::kF32;
+         combine(a, ht_comb_out());
+       }},
       {"HT combine x fewer rows than received", "received row count",
-       [&] { auto a = ht_comb_args(); a.x.shape[0] -= 1; combine(a, ht_comb_out()); }},
+       [&] {
+         auto a = ht_comb_args();
+         a.x.shape[0] -= 1;
+         combine(a, ht_comb_out());
+       }},
       {"HT combined_x [T, H + 8]", "combined_x must be",
-       [&] { auto o = ht_comb_out(); o.combined_x = TensorView(comb.get(), DType::kBF16, {T, H + 8}); combine(ht_comb_args(), o); }},
+       [&] {
+         auto o = ht_comb_out();
+         o.combined_x = TensorView(comb.get(), DType::kBF16, {T, H + 8});
+         combine(ht_comb_args(), o);
+       }},
       {"HT bias0 [T - 1, H]", "bias0 must be",
-       [&] { auto a = ht_comb_args(); a.bias0 = TensorView(comb.get(), DType::kBF16, {T - 1, H}); combine(a, ht_comb_out()); }},
+       [&] {
+         auto a = ht_comb_args();
+         a.bias0 = TensorView(comb.get(), DType::kBF16, {T - 1, H});
+         combine(a, ht_comb_out());
+       }},
       // ---- LL dispatch: refused before the kernel ----
       {"LL T = 17 > N = 16", "num_max_dispatch_tokens_per_rank = 16",
        [&] {
@@ -200,23 +303,60 @@ GPU_CASE(reliability_bad_arguments_refused_buffer_still_correct, 2, 300) {
          ll_dispatch(a, io.dispatch_outputs());
        }},
       {"LL N = 2000 > 1024", "num_max_dispatch_tokens_per_rank = 2000",
-       [&] { auto a = io.dispatch_args(false); a.num_max_dispatch_tokens_per_rank = 2000; ll_dispatch(a, io.dispatch_outputs()); }},
+       [&] {
+         auto a = io.dispatch_args(false);
+         a.num_max_dispatch_tokens_per_rank = 2000;
+         ll_dispatch(a, io.dispatch_outputs());
+       }},
       {"LL top-k 17 > 16", "top-k = 17",
-       [&] { auto a = io.dispatch_args(false); a.topk_idx = TensorView(idx17.get(), DType::kI64, {io.tokens, 17}); ll_dispatch(a, io.dispatch_outputs()); }},
+       [&] {
+         auto a = io.dispatch_args(false);
+         a.topk_idx = TensorView(idx17.get(), DType::kI64, {io.tokens, 17});
+         ll_dispatch(a, io.dispatch_outputs());
+       }},
       {"LL num_experts 15 not divisible by 2 ranks", "num_experts = 15",
-       [&] { auto a = io.dispatch_args(false); a.num_experts = 15; ll_dispatch(a, io.dispatch_outputs()); }},
+       [&] {
+         auto a = io.dispatch_args(false);
+         a.num_experts = 15;
+         ll_dispatch(a, io.dispatch_outputs());
+       }},
       {"LL fp8 hidden 200", "hidden = 200 must be a multiple of 128",
-       [&] { auto a = io.dispatch_args(false); a.x = TensorView(io.x.get(), DType::kBF16, {8, 200}); a.topk_idx.shape[0] = 8; ll_dispatch(a, io.dispatch_outputs()); }},
+       [&] {
+         auto a = io.dispatch_args(false);
+         a.x = TensorView(io.x.get(), DType::kBF16, {8, 200});
+         a.topk_idx.shape[0] = 8;
+         ll_dispatch(a, io.dispatch_outputs());
+       }},
       {"LL use_ue8m0 without round_scale", "round_scale",
-       [&] { auto a = io.dispatch_args(false); a.options.use_ue8m0 = true; ll_dispatch(a, io.dispatch_outputs()); }},
+       [&] {
+         auto a = io.dispatch_args(false);
+         a.options.use_ue8m0 = true;
+         ll_dispatch(a, io.dispatch_outputs());
+       }},
       {"LL recv_x one slot short", "recv_x must be",
-       [&] { auto o = io.dispatch_outputs(); o.recv_x.shape[1] -= 1; ll_dispatch(io.dispatch_args(false), o); }},
+       [&] {
+         auto o = io.dispatch_outputs();
+         o.recv_x.shape[1] -= 1;
+         ll_dispatch(io.dispatch_args(false), o);
+       }},
       {"LL fp8 without recv_scales", "recv_scales must be",
-       [&] { auto o = io.dispatch_outputs(); o.recv_scales = TensorView(); ll_dispatch(io.dispatch_args(false), o); }},
+       [&] {
+         auto o = io.dispatch_outputs();
+         o.recv_scales = TensorView();
+         ll_dispatch(io.dispatch_args(false), o);
+       }},
       {"LL recv_count null", "recv_count.data is null",
-       [&] { auto o = io.dispatch_outputs(); o.recv_count.data = nullptr; ll_dispatch(io.dispatch_args(false), o); }},
+       [&] {
+         auto o = io.dispatch_outputs();
+         o.recv_count.data = nullptr;
+         ll_dispatch(io.dispatch_args(false), o);
+       }},
       {"LL x on the other GPU", "lives on device",
-       [&] { auto a = io.dispatch_args(false); a.x = TensorView(x_other, DType::kBF16, {io.tokens, 512}); ll_dispatch(a, io.dispatch_outputs()); }},
+       [&] {
+         auto a = io.dispatch_args(false);
+         a.x = TensorView(x_other, DType::kBF16, {io.tokens, 512});
+         ll_dispatch(a, io.dispatch_outputs());
+       }},
       {"LL stream of the other GPU", "stream belongs to device",
        [&] { buffer.ll_dispatch(io.dispatch_args(false), io.handle, io.dispatch_outputs(), other_stream); }},
       {"LL third call in flight", "third call in flight",
@@ -245,7 +385,11 @@ GPU_CASE(reliability_bad_arguments_refused_buffer_still_correct, 2, 300) {
       {"LL handle from another Buffer", "a handle belongs to one Buffer",
        [&] { buffer.ll_combine(io4.combine_args(false), io4.handle, io4.combine_outputs(), st); }},
       {"LL topk_weights [T, K + 1]", "topk_weights must be",
-       [&] { auto a = io.combine_args(false); a.topk_weights.shape[1] += 1; ll_combine(a, io.combine_outputs()); }},
+       [&] {
+         auto a = io.combine_args(false);
+         a.topk_weights.shape[1] += 1;
+         ll_combine(a, io.combine_outputs());
+       }},
       {"LL zero_copy before get_next_ll_combine_buffer", "get_next_ll_combine_buffer",
        [&] { ll_combine(io.combine_args(false, true), io.combine_outputs()); }},
       {"LL combine out in pageable host memory", "not memory a GPU can reach",
@@ -283,7 +427,8 @@ GPU_CASE(reliability_bad_arguments_refused_buffer_still_correct, 2, 300) {
     ids[std::min<size_t>(7, ids.size() - 1)] = bad;
     idx.upload(ids);
     const std::string needle = "= " + std::to_string(bad);
-    if (expect_invalid(ctx, [&] { notify(ht_args()); }, needle.c_str(), "HT expert id out of range (exact notify)") != 0)
+    if (expect_invalid(
+            ctx, [&] { notify(ht_args()); }, needle.c_str(), "HT expert id out of range (exact notify)") != 0)
       return 1;
     idx.upload(idx_host);
     if (verify() != 0) return 1;
@@ -299,8 +444,9 @@ GPU_CASE(reliability_bad_arguments_refused_buffer_still_correct, 2, 300) {
     buffer.synchronize(st);
     io.idx64.upload(good_ids);
     const std::string needle = "= " + std::to_string(bad);
-    if (expect_invalid(ctx, [&] { ll_dispatch(io.dispatch_args(false), io.dispatch_outputs()); }, needle.c_str(),
-                       "LL expert id out of range (raised by the next LL call)") != 0)
+    if (expect_invalid(
+            ctx, [&] { ll_dispatch(io.dispatch_args(false), io.dispatch_outputs()); }, needle.c_str(),
+            "LL expert id out of range (raised by the next LL call)") != 0)
       return 1;
     if (verify() != 0) return 1;
     ++device_found;
@@ -309,9 +455,10 @@ GPU_CASE(reliability_bad_arguments_refused_buffer_still_correct, 2, 300) {
   cudaStreamDestroy(other_stream);
   cudaStreamDestroy(st);
   if (me == 0)
-    std::printf("FIGURE bad input: %d kinds refused before any kernel ran + %d out-of-range expert ids found by the "
-                "kernels and raised; the same Buffer matched the oracle after each (%d HT + %d LL rounds)\n",
-                refused, device_found, verified, verified);
+    std::printf(
+        "FIGURE bad input: %d kinds refused before any kernel ran + %d out-of-range expert ids found by the "
+        "kernels and raised; the same Buffer matched the oracle after each (%d HT + %d LL rounds)\n",
+        refused, device_found, verified, verified);
   return 0;
 }
 

@@ -32,10 +32,14 @@ enum class Step { kHtDispatch, kHtCombine, kLlDispatch, kLlCombine };
 
 const char* step_name(Step s) {
   switch (s) {
-    case Step::kHtDispatch: return "HT dispatch";
-    case Step::kHtCombine: return "HT combine";
-    case Step::kLlDispatch: return "LL dispatch";
-    case Step::kLlCombine: return "LL combine";
+    case Step::kHtDispatch:
+      return "HT dispatch";
+    case Step::kHtCombine:
+      return "HT combine";
+    case Step::kLlDispatch:
+      return "LL dispatch";
+    case Step::kLlCombine:
+      return "LL combine";
   }
   return "?";
 }
@@ -57,8 +61,8 @@ int peer_killed(const RankContext& ctx, Step step) {
   auto comm = std::make_unique<Communicator>(ctx.id, me, R, ctx.device);
   const HtCase hc{"bf16 T=64 H=1024 top-4/16", 64, 1024, 4, 16};
   const LlCase lc{"fp8 N=16 H=1024 top-4/16", 16, 1024, 4, 16};
-  auto buffer = std::make_unique<Buffer>(*comm, Buffer::ht_size_hint(R, 67, 1024, 4), llt::ll_bytes_for({lc}, R),
-                                         options);
+  auto buffer = std::make_unique<Buffer>(*comm, Buffer::ht_size_hint(R, 67, 1024, 4),
+                                         llt::ll_bytes_for({lc}, R), options);
   cudaStream_t st;
   cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
   // A correct round first: the buffer works, and its LL state exists.
@@ -70,7 +74,8 @@ int peer_killed(const RankContext& ctx, Step step) {
 
   // The step before the one the victim misses, on every rank.
   const int T = htt::tokens_of(hc, me), H = hc.hidden, K = hc.topk;
-  const auto idx_host = workload::make_topk_idx(T, K, hc.experts, R, workload::Routing::kUniform, seed + 3, me);
+  const auto idx_host =
+      workload::make_topk_idx(T, K, hc.experts, R, workload::Routing::kUniform, seed + 3, me);
   DeviceArray<uint16_t> x(workload::make_bf16(size_t(T) * H, seed + 4, me)), recv(size_t(R) * 67 * H),
       comb(size_t(T) * H);
   DeviceArray<int64_t> idx(idx_host);
@@ -109,10 +114,18 @@ int peer_killed(const RankContext& ctx, Step step) {
   ErrorCode code = ErrorCode::kInternal;
   try {
     switch (step) {
-      case Step::kHtDispatch: buffer->ht_dispatch(a, handle, o, st); break;
-      case Step::kHtCombine: buffer->ht_combine(ca, handle, co, st); break;
-      case Step::kLlDispatch: buffer->ll_dispatch(io.dispatch_args(false), io.handle, io.dispatch_outputs(), st); break;
-      case Step::kLlCombine: buffer->ll_combine(io.combine_args(false), io.handle, io.combine_outputs(), st); break;
+      case Step::kHtDispatch:
+        buffer->ht_dispatch(a, handle, o, st);
+        break;
+      case Step::kHtCombine:
+        buffer->ht_combine(ca, handle, co, st);
+        break;
+      case Step::kLlDispatch:
+        buffer->ll_dispatch(io.dispatch_args(false), io.handle, io.dispatch_outputs(), st);
+        break;
+      case Step::kLlCombine:
+        buffer->ll_combine(io.combine_args(false), io.handle, io.combine_outputs(), st);
+        break;
     }
     buffer->synchronize(st);
   } catch (const Error& e) {
@@ -132,26 +145,37 @@ int peer_killed(const RankContext& ctx, Step step) {
   cudaStreamDestroy(st);
   const double teardown = (now_ns() - t1) * 1e-9;
 
-  std::printf("FIGURE peer failure: rank %d killed mid %s; rank %d got a timeout naming it %.3f s after the "
-              "death (%.3f s after its %s began; timeout %.1f s); torn down (abort + free) in %.3f s: %s\n",
-              victim, step_name(step), me, after_death, after_launch, step_name(step), timeout, teardown,
-              message.c_str());
+  std::printf(
+      "FIGURE peer failure: rank %d killed mid %s; rank %d got a timeout naming it %.3f s after the "
+      "death (%.3f s after its %s began; timeout %.1f s); torn down (abort + free) in %.3f s: %s\n",
+      victim, step_name(step), me, after_death, after_launch, step_name(step), timeout, teardown,
+      message.c_str());
   GPU_EXPECT(code == ErrorCode::kTimeout, "a timeout error, got '%s'", message.c_str());
   GPU_EXPECT(message.find("waiting for rank " + std::to_string(victim)) != std::string::npos,
              "the message to name rank %d: '%s'", victim, message.c_str());
   GPU_EXPECT(message.find(step_name(step)) != std::string::npos, "the message to name the %s: '%s'",
              step_name(step), message.c_str());
   GPU_EXPECT(death > 0 && after_death > 0 && after_death <= timeout + 0.5,
-             "detection within the timeout of the death: %.3f s after it (timeout %.1f s)", after_death, timeout);
-  GPU_EXPECT(after_launch >= 0.9 * timeout, "no earlier than the timeout after the wait began: %.3f s", after_launch);
+             "detection within the timeout of the death: %.3f s after it (timeout %.1f s)", after_death,
+             timeout);
+  GPU_EXPECT(after_launch >= 0.9 * timeout, "no earlier than the timeout after the wait began: %.3f s",
+             after_launch);
   GPU_EXPECT(teardown < 10.0, "teardown in bounded time, took %.3f s", teardown);
   return 0;
 }
 
-GPU_CASE(reliability_peer_killed_mid_ht_dispatch, 2, 90) { return peer_killed(ctx, Step::kHtDispatch); }
-GPU_CASE(reliability_peer_killed_mid_ht_combine, 2, 90) { return peer_killed(ctx, Step::kHtCombine); }
-GPU_CASE(reliability_peer_killed_mid_ll_dispatch, 2, 90) { return peer_killed(ctx, Step::kLlDispatch); }
-GPU_CASE(reliability_peer_killed_mid_ll_combine, 2, 90) { return peer_killed(ctx, Step::kLlCombine); }
+GPU_CASE(reliability_peer_killed_mid_ht_dispatch, 2, 90) {
+  return peer_killed(ctx, Step::kHtDispatch);
+}
+GPU_CASE(reliability_peer_killed_mid_ht_combine, 2, 90) {
+  return peer_killed(ctx, Step::kHtCombine);
+}
+GPU_CASE(reliability_peer_killed_mid_ll_dispatch, 2, 90) {
+  return peer_killed(ctx, Step::kLlDispatch);
+}
+GPU_CASE(reliability_peer_killed_mid_ll_combine, 2, 90) {
+  return peer_killed(ctx, Step::kLlCombine);
+}
 
 }  // namespace
 }  // namespace expertlink::test

@@ -87,12 +87,17 @@ HtCase random_ht(Rng& rng, int ranks, std::string& name) {
   c.with_bias = rng.chance(50);
   const int s = rng.below(4);
   c.num_sms = s == 0 ? 1 : s == 1 ? 8 : 0;
-  name = std::string("HT ") + (c.fmt == Fmt::kBf16 ? "bf16" : c.fmt == Fmt::kFp8 ? "fp8" : "fp8-ue8m0") +
-         " T=" + std::to_string(c.tokens) + " H=" + std::to_string(c.hidden) + " top-" + std::to_string(c.topk) +
-         "/" + std::to_string(c.experts) + (c.idx_i32 ? " i32" : " i64") + " " + workload::routing_name(c.routing) +
-         " masked=" + std::to_string(c.masked_slots) + " align=" + std::to_string(c.expert_alignment) +
-         (c.sizing == Sizing::kCapacity ? " capacity" : " exact") + " empty-rank=" + std::to_string(c.zero_tokens_rank) +
-         (c.with_bias ? " bias" : "") + " sms=" + std::to_string(c.num_sms);
+  name = std::string("HT ") +
+         (c.fmt == Fmt::kBf16  ? "bf16"
+          : c.fmt == Fmt::kFp8 ? "fp8"
+                               : "fp8-ue8m0") +
+         " T=" + std::to_string(c.tokens) + " H=" + std::to_string(c.hidden) + " top-" +
+         std::to_string(c.topk) + "/" + std::to_string(c.experts) + (c.idx_i32 ? " i32" : " i64") + " " +
+         workload::routing_name(c.routing) + " masked=" + std::to_string(c.masked_slots) +
+         " align=" + std::to_string(c.expert_alignment) +
+         (c.sizing == Sizing::kCapacity ? " capacity" : " exact") +
+         " empty-rank=" + std::to_string(c.zero_tokens_rank) + (c.with_bias ? " bias" : "") +
+         " sms=" + std::to_string(c.num_sms);
   return c;
 }
 
@@ -112,10 +117,15 @@ LlCase random_ll(Rng& rng, int ranks, std::string& name) {
   c.range_i32 = rng.chance(50);
   c.row_major_scales = rng.chance(50);
   c.duplicates = rng.chance(20);
-  name = std::string("LL ") + (!c.fp8 ? "bf16" : c.ue8m0 ? "fp8-ue8m0" : c.round_scale ? "fp8-round" : "fp8") +
-         " N=" + std::to_string(c.capacity) + " H=" + std::to_string(c.hidden) + " top-" + std::to_string(c.topk) +
-         "/" + std::to_string(c.experts) + (c.idx_i32 ? " i32" : " i64") + " " + workload::routing_name(c.routing) +
-         " masked=" + std::to_string(c.masked_slots) + (c.duplicates ? " duplicates" : "");
+  name = std::string("LL ") +
+         (!c.fp8          ? "bf16"
+          : c.ue8m0       ? "fp8-ue8m0"
+          : c.round_scale ? "fp8-round"
+                          : "fp8") +
+         " N=" + std::to_string(c.capacity) + " H=" + std::to_string(c.hidden) + " top-" +
+         std::to_string(c.topk) + "/" + std::to_string(c.experts) + (c.idx_i32 ? " i32" : " i64") + " " +
+         workload::routing_name(c.routing) + " masked=" + std::to_string(c.masked_slots) +
+         (c.duplicates ? " duplicates" : "");
   return c;
 }
 
@@ -168,13 +178,14 @@ GPU_CASE(reliability_stress_mixed_ht_ll_one_buffer, 2, stress_timeout_s()) {
   int max_hidden = 0;
   for (int h : kHtHidden) max_hidden = std::max(max_hidden, h);
   Communicator comm(ctx.id, ctx.rank, R, ctx.device);
-  Buffer buffer(comm, Buffer::ht_size_hint(R, kHtMaxTokens + 3, max_hidden, kHtMaxTopk), ll_bytes_for_menus(R));
+  Buffer buffer(comm, Buffer::ht_size_hint(R, kHtMaxTokens + 3, max_hidden, kHtMaxTopk),
+                ll_bytes_for_menus(R));
   cudaStream_t st;
   cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
   const uint64_t seed = run_seed(ctx.id);
   if (ctx.rank == 0)
-    std::printf("seed %llu, %d rounds, HT %zu bytes, LL %zu bytes\n", static_cast<unsigned long long>(seed), rounds,
-                buffer.ht_bytes(), buffer.ll_bytes());
+    std::printf("seed %llu, %d rounds, HT %zu bytes, LL %zu bytes\n", static_cast<unsigned long long>(seed),
+                rounds, buffer.ht_bytes(), buffer.ll_bytes());
   Rng rng(seed);
   HtHandle handle;  // reused across HT rounds of every shape
   int ht = 0, ll = 0, ll_split = 0, fp8 = 0, all_masked = 0, empty_rank = 0;
@@ -202,17 +213,19 @@ GPU_CASE(reliability_stress_mixed_ht_ll_one_buffer, 2, stress_timeout_s()) {
       all_masked += c.masked_slots == c.capacity * c.topk;
     }
     if (rc != 0) {
-      std::printf("FIGURE stress: FAILED at round %d of %d on rank %d: %s\n", i, rounds, ctx.rank, name.c_str());
+      std::printf("FIGURE stress: FAILED at round %d of %d on rank %d: %s\n", i, rounds, ctx.rank,
+                  name.c_str());
       return 1;
     }
     if (ctx.rank == 0 && (i + 1) % 1000 == 0) std::printf("stress: %d rounds ok\n", i + 1);
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (ctx.rank == 0)
-    std::printf("FIGURE stress: %d rounds on one Buffer, 0 mismatches (%d HT notify+dispatch+combine, %d LL "
-                "dispatch+combine of which %d split; %d FP8, %d with every slot -1, %d with an empty rank), "
-                "%.1f s, %d ranks\n",
-                rounds, ht, ll, ll_split, fp8, all_masked, empty_rank, secs, R);
+    std::printf(
+        "FIGURE stress: %d rounds on one Buffer, 0 mismatches (%d HT notify+dispatch+combine, %d LL "
+        "dispatch+combine of which %d split; %d FP8, %d with every slot -1, %d with an empty rank), "
+        "%.1f s, %d ranks\n",
+        rounds, ht, ll, ll_split, fp8, all_masked, empty_rank, secs, R);
   cudaStreamDestroy(st);
   return 0;
 }

@@ -60,7 +60,8 @@ __global__ void check_pattern_kernel(SymmetricView v, size_t slot_words, uint64_
                                      Mismatch* remote) {
   for (int s = 0; s < v.num_ranks; ++s) {
     const uint32_t* mine = reinterpret_cast<const uint32_t*>(v.local_base + kControlBytes) + s * slot_words;
-    const uint32_t* theirs = reinterpret_cast<const uint32_t*>(v.peer_base[s] + kControlBytes) + v.rank * slot_words;
+    const uint32_t* theirs =
+        reinterpret_cast<const uint32_t*>(v.peer_base[s] + kControlBytes) + v.rank * slot_words;
     for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < slot_words;
          i += size_t(gridDim.x) * blockDim.x) {
       uint32_t want = pattern(seed, s, v.rank, i);
@@ -94,10 +95,11 @@ int pattern_round(const RankContext& ctx, SymmetricMemory& mem, cudaStream_t str
   const char* what[2] = {"received from peers (local reads)", "written into peers (remote reads)"};
   for (int k = 0; k < 2; ++k) {
     unsigned long long slot = got[k].first_index / slot_words, word = got[k].first_index % slot_words;
-    GPU_EXPECT(got[k].count == 0,
-               "seed %llu: %llu words wrong in data %s; first at slot %llu word %llu: expected 0x%08x, got 0x%08x",
-               static_cast<unsigned long long>(seed), got[k].count, what[k], slot, word, got[k].expected,
-               got[k].got);
+    GPU_EXPECT(
+        got[k].count == 0,
+        "seed %llu: %llu words wrong in data %s; first at slot %llu word %llu: expected 0x%08x, got 0x%08x",
+        static_cast<unsigned long long>(seed), got[k].count, what[k], slot, word, got[k].expected,
+        got[k].got);
   }
   return 0;
 }
@@ -114,7 +116,8 @@ int run_pattern_rounds(const RankContext& ctx, const Communicator& comm, size_t 
   const uint64_t seed = run_seed(ctx.id);
   if (ctx.rank == 0) std::printf("pattern seed %llu\n", static_cast<unsigned long long>(seed));
   int rc = 0;
-  for (int round = 0; round < rounds && rc == 0; ++round) rc = pattern_round(ctx, mem, stream, seed + round, m_dev);
+  for (int round = 0; round < rounds && rc == 0; ++round)
+    rc = pattern_round(ctx, mem, stream, seed + round, m_dev);
   cudaFree(m_dev);
   cudaStreamDestroy(stream);
   return rc;
@@ -156,7 +159,8 @@ GPU_CASE(transport_barrier_1000_rounds_and_graph_replay, 2, 120) {
 
   cudaGraph_t graph;
   cudaGraphExec_t exec;
-  GPU_EXPECT(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess, "begin capture");
+  GPU_EXPECT(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess,
+             "begin capture");
   for (int i = 0; i < 10; ++i) mem.barrier(stream);
   GPU_EXPECT(cudaStreamEndCapture(stream, &graph) == cudaSuccess, "end capture");
   GPU_EXPECT(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess, "instantiate");
@@ -164,7 +168,9 @@ GPU_CASE(transport_barrier_1000_rounds_and_graph_replay, 2, 120) {
   for (int i = 0; i < 100; ++i) cudaGraphLaunch(exec, stream);
   mem.synchronize(stream);
   double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / 1000;
-  if (ctx.rank == 0) std::printf("FIGURE barrier: %.2f us per cross-rank barrier in a CUDA graph (1 block, %d ranks)\n", us, ctx.num_ranks);
+  if (ctx.rank == 0)
+    std::printf("FIGURE barrier: %.2f us per cross-rank barrier in a CUDA graph (1 block, %d ranks)\n", us,
+                ctx.num_ranks);
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaStreamDestroy(stream);
@@ -199,11 +205,14 @@ GPU_CASE(transport_missing_rank_times_out_naming_it, 2, 60) {
     code = e.code();
   }
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("FIGURE rank %d detected the silent rank after %.3f s (timeout 1 s): %s\n", ctx.rank, s, message.c_str());
+  std::printf("FIGURE rank %d detected the silent rank after %.3f s (timeout 1 s): %s\n", ctx.rank, s,
+              message.c_str());
   GPU_EXPECT(code == ErrorCode::kTimeout, "a timeout error, got '%s'", message.c_str());
   std::string who = "waiting for rank " + std::to_string(absent);
-  GPU_EXPECT(message.find(who) != std::string::npos, "the message to name rank %d: '%s'", absent, message.c_str());
-  GPU_EXPECT(message.find("barrier") != std::string::npos, "the message to name the barrier: '%s'", message.c_str());
+  GPU_EXPECT(message.find(who) != std::string::npos, "the message to name rank %d: '%s'", absent,
+             message.c_str());
+  GPU_EXPECT(message.find("barrier") != std::string::npos, "the message to name the barrier: '%s'",
+             message.c_str());
   GPU_EXPECT(s >= 0.9 && s < 2.5, "detection within the 1 s timeout (+ slack), took %.3f s", s);
   // The window is now broken for good: later calls refuse instead of waiting again.
   bool refused = false;

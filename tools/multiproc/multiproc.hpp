@@ -16,8 +16,8 @@ inline constexpr int kSkipExitCode = 77;
 struct RankContext {
   int rank;
   int num_ranks;
-  int device;        // CUDA device this rank should use (rank % visible GPUs)
-  ncclUniqueId id;   // the same on every rank
+  int device;       // CUDA device this rank should use (rank % visible GPUs)
+  ncclUniqueId id;  // the same on every rank
 };
 
 // Number of visible CUDA devices, found in a short-lived child so the caller's process stays

@@ -87,7 +87,7 @@ struct Token {
 struct World {
   int N, L, R, E, K;
   std::vector<std::vector<std::vector<int>>> topk;  // [rank][token][k], -1 = none
-  std::vector<std::vector<uint64_t>> masks;          // [rank][token]
+  std::vector<std::vector<uint64_t>> masks;         // [rank][token]
 };
 
 World make_world(int N, int L, int E, int K, uint64_t seed, int empty_rank) {
@@ -163,7 +163,8 @@ void check_world(const World& w) {
       const uint64_t node_bits = ((1ull << w.L) - 1) << (n * w.L);
       for (size_t k = 0; k < w.masks[s].size(); ++k)
         if (w.masks[s][k] & node_bits) send1[s].push_back({s, static_cast<int>(k)});
-      ASSERT_EQ(static_cast<int64_t>(send1[s].size()), plan[s].send1_off[n + 1]) << "rank " << s << " node " << n;
+      ASSERT_EQ(static_cast<int64_t>(send1[s].size()), plan[s].send1_off[n + 1])
+          << "rank " << s << " node " << n;
     }
     (void)t;
   }
@@ -173,7 +174,8 @@ void check_world(const World& w) {
       const int src = t.rank_of(a, t.local_rank);
       const Plan& ps = plan[src];
       const int64_t count = ps.send1_off[t.node + 1] - ps.send1_off[t.node];
-      ASSERT_EQ(count, plan[f].recv1_off[a + 1] - plan[f].recv1_off[a]) << "forwarder " << f << " from " << src;
+      ASSERT_EQ(count, plan[f].recv1_off[a + 1] - plan[f].recv1_off[a])
+          << "forwarder " << f << " from " << src;
       recv1[f].insert(recv1[f].end(), send1[src].begin() + ps.send1_off[t.node],
                       send1[src].begin() + ps.send1_off[t.node + 1]);
     }
@@ -186,7 +188,8 @@ void check_world(const World& w) {
       const int dst = t.rank_of(t.node, j);
       for (const Token& tok : recv1[f])
         if ((w.masks[tok.src][tok.t] >> dst) & 1) send2[f].push_back(tok);
-      ASSERT_EQ(static_cast<int64_t>(send2[f].size()), plan[f].send2_off[j + 1]) << "forwarder " << f << " to " << j;
+      ASSERT_EQ(static_cast<int64_t>(send2[f].size()), plan[f].send2_off[j + 1])
+          << "forwarder " << f << " to " << j;
     }
   }
   for (int d = 0; d < w.R; ++d) {
@@ -194,7 +197,8 @@ void check_world(const World& w) {
     for (int i = 0; i < w.L; ++i) {
       const int f = t.rank_of(t.node, i);
       const int64_t lo = plan[f].send2_off[t.local_rank], hi = plan[f].send2_off[t.local_rank + 1];
-      ASSERT_EQ(hi - lo, plan[d].recv2_off[i + 1] - plan[d].recv2_off[i]) << "receiver " << d << " from " << f;
+      ASSERT_EQ(hi - lo, plan[d].recv2_off[i + 1] - plan[d].recv2_off[i])
+          << "receiver " << d << " from " << f;
       recv2[d].insert(recv2[d].end(), send2[f].begin() + lo, send2[f].begin() + hi);
     }
     // Output rows through rank_prefix / src_record must be the oracle's order.
@@ -226,9 +230,12 @@ void check_world(const World& w) {
 }
 
 TEST(InternodePlan, TwoHopSimulationMatchesOracleOrder) {
-  struct Shape { int N, L; };
+  struct Shape {
+    int N, L;
+  };
   uint64_t seed = 11;
-  for (Shape sh : {Shape{2, 1}, Shape{2, 2}, Shape{3, 2}, Shape{2, 4}, Shape{2, 8}, Shape{4, 1}, Shape{1, 4}}) {
+  for (Shape sh :
+       {Shape{2, 1}, Shape{2, 2}, Shape{3, 2}, Shape{2, 4}, Shape{2, 8}, Shape{4, 1}, Shape{1, 4}}) {
     SCOPED_TRACE("nodes " + std::to_string(sh.N) + " x local " + std::to_string(sh.L));
     const int R = sh.N * sh.L;
     check_world(make_world(sh.N, sh.L, 4 * R, 4, seed++, -1));
