@@ -12,8 +12,9 @@
 #           AB_CMAKE_ARGS go to both builds, AB_CMAKE_ARGS_CUR to the current tree's only (e.g.
 #           -DEXPERTLINK_HT_MIN_CHUNK=64). AB_EXTRA adds builds of the current tree, each NAME:ARG[,ARG...],
 #           space-separated, usable as a TREE: AB_EXTRA="s6:-DEXPERTLINK_HT_COMBINE_SENDERS=6"
-#           AB_VARIANTS="base=base cur=cur s6=s6". Default el_bench args: HT workloads, uniform routing,
-#           24 and 8 SMs.
+#           AB_VARIANTS="base=base cur=cur s6=s6". AB_TESTS=1 also builds the current tree's GPU cases
+#           beside them and runs them after the timings (their log goes to $OUT when set). Default el_bench
+#           args: HT workloads, uniform routing, 24 and 8 SMs.
 # Prints one row per (workload, SMs) and one column (us) per variant; NCCL's baseline runs with the first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,11 @@ build_all() {
   for extra in ${AB_EXTRA:-}; do
     build . "build-ab-${extra%%:*}" "${AB_CMAKE_ARGS:-} ${AB_CMAKE_ARGS_CUR:-} $(tr , ' ' <<<"${extra#*:}")" & pids+=($!)
   done
+  if [ "${AB_TESTS:-0}" = 1 ]; then  # the current tree's GPU cases, built beside the variants
+    { cmake -S . -B build-ab-tests "${EL_CMAKE_ARGS[@]}" -DEXPERTLINK_BUILD_BENCH=OFF >build-ab-tests.configure.log 2>&1 &&
+      cmake --build build-ab-tests -j "$(($(nproc) / (2 + $(wc -w <<<"${AB_EXTRA:-}"))))" >build-ab-tests.build.log 2>&1 ||
+      { echo "build of the tests FAILED:"; tail -20 build-ab-tests.build.log; false; }; } & pids+=($!)
+  fi
   for p in "${pids[@]}"; do wait "$p" || return 1; done
 }
 
@@ -77,11 +83,17 @@ print(f"{'workload':<26}{'lib':<11}{'SMs':>4}" + "".join(f"{n:>14}" for n in nam
 for (workload, lib, sms), by in sorted(table.items()):
     print(f"{workload:<26}{lib:<11}{sms:>4}" + "".join(f"{by.get(n, '-'):>14}" for n in names))
 EOF
+  if [ "${AB_TESTS:-0}" = 1 ]; then
+    (cd build-ab-tests && timeout 330 ctest -L gpu --timeout 120) >"$out/gpu_tests.log" 2>&1
+    grep -E 'tests passed|tests failed' "$out/gpu_tests.log" | tail -1 | sed 's/^/gpu tests (cur): /'
+    grep -E '^\s*[0-9]+ - .*\((Failed|Timeout|Not Run)\)' "$out/gpu_tests.log"
+    [ -n "${OUT:-}" ] && cp "$out/gpu_tests.log" "$OUT"/
+  fi
 }
 
 case "${1:-}" in
   prepare) shift; prepare "$@" ;;
   build) build_all ;;
   run) shift; run "$@" ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
 esac
