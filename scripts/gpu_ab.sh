@@ -29,10 +29,14 @@ prepare() {
   echo "$dir: HEAD $(git rev-parse --short HEAD), base $(git rev-parse --short "$rev")"
 }
 
+# The builds run side by side (base, cur, each AB_EXTRA): each gets an equal part of the CPUs, and the
+# tests tree, when asked for, one more such part.
+jobs_per_build() { echo $(($(nproc) / (2 + $(wc -w <<<"${AB_EXTRA:-}")))); }
+
 build() {  # TREE_DIR BUILD_DIR EXTRA_CMAKE_ARGS
   cmake -S "$1" -B "$2" "${EL_CMAKE_ARGS[@]}" -DEXPERTLINK_BUILD_TESTS=OFF $3 \
     >"$2.configure.log" 2>&1 &&
-    cmake --build "$2" -j "$(($(nproc) / (2 + $(wc -w <<<"${AB_EXTRA:-}"))))" --target el_bench >"$2.build.log" 2>&1 ||
+    cmake --build "$2" -j "$(jobs_per_build)" --target el_bench >"$2.build.log" 2>&1 ||
     { echo "build of $1 FAILED:"; tail -20 "$2.build.log" "$2.configure.log"; return 1; }
 }
 
@@ -45,7 +49,7 @@ build_all() {
   done
   if [ "${AB_TESTS:-0}" = 1 ]; then  # the current tree's GPU cases, built beside the variants
     { cmake -S . -B build-ab-tests "${EL_CMAKE_ARGS[@]}" -DEXPERTLINK_BUILD_BENCH=OFF >build-ab-tests.configure.log 2>&1 &&
-      cmake --build build-ab-tests -j "$(($(nproc) / (2 + $(wc -w <<<"${AB_EXTRA:-}"))))" >build-ab-tests.build.log 2>&1 ||
+      cmake --build build-ab-tests -j "$(jobs_per_build)" >build-ab-tests.build.log 2>&1 ||
       { echo "build of the tests FAILED:"; tail -20 build-ab-tests.build.log; false; }; } & pids+=($!)
   fi
   for p in "${pids[@]}"; do wait "$p" || return 1; done
