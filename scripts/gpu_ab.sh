@@ -31,7 +31,10 @@ prepare() {
 
 # The builds run side by side (base, cur, each AB_EXTRA): each gets an equal part of the CPUs, and the
 # tests tree, when asked for, one more such part.
-jobs_per_build() { echo $(($(nproc) / (2 + $(wc -w <<<"${AB_EXTRA:-}")))); }
+jobs_per_build() {
+  local n=$(($(nproc) / (2 + $(wc -w <<<"${AB_EXTRA:-}"))))
+  echo $((n > 0 ? n : 1))  # at least one (fewer CPUs than builds)
+}
 
 build() {  # TREE_DIR BUILD_DIR EXTRA_CMAKE_ARGS
   cmake -S "$1" -B "$2" "${EL_CMAKE_ARGS[@]}" -DEXPERTLINK_BUILD_TESTS=OFF $3 \
