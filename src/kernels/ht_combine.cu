@@ -16,6 +16,12 @@ namespace {
 // needs 12 KB of shared memory per reducing warp, so it cannot have more than 18 of them; with 14 it
 // took 308 / 375 / 668 us, and it was removed (docs/ht_performance.md). EXPERTLINK_HT_COMBINE_SENDERS
 // (a build option) sets the count for experiments.
+// Threads per combine block (EXPERTLINK_HT_COMBINE_THREADS, a build option): fewer threads get more
+// registers each (768: 80), for more loads in flight per warp without spills.
+#ifndef EXPERTLINK_HT_COMBINE_THREADS
+#define EXPERTLINK_HT_COMBINE_THREADS 1024
+#endif
+inline constexpr int kCombineThreads = EXPERTLINK_HT_COMBINE_THREADS;
 #ifndef EXPERTLINK_HT_COMBINE_SENDERS
 #define EXPERTLINK_HT_COMBINE_SENDERS 8
 #endif
@@ -31,11 +37,17 @@ inline constexpr int kCombineSendWarps = EXPERTLINK_HT_COMBINE_SENDERS;
 #ifndef EXPERTLINK_HT_REDUCE_UNROLL
 #define EXPERTLINK_HT_REDUCE_UNROLL 4
 #endif
-static_assert(kCombineSendWarps >= 1 && kCombineSendWarps <= kBulkSendWarps,
+// Vectors per lane per row in flight in the two-row reduce (both rows' at once); 0 turns it off
+// (EXPERTLINK_HT_PAIR_UNROLL, a build option).
+#ifndef EXPERTLINK_HT_PAIR_UNROLL
+#define EXPERTLINK_HT_PAIR_UNROLL 4
+#endif
+inline constexpr int kPairUnroll = EXPERTLINK_HT_PAIR_UNROLL;
+static_assert(kCombineSendWarps >= 1 && kCombineSendWarps <= kBulkSendWarps && kCombineSendWarps < kCombineThreads / 32,
               "EXPERTLINK_HT_COMBINE_SENDERS: 1..16 (bulk sending has stages for 16 warps)");
 
 template <bool kBulk>
-__global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombineParams p) {
+__global__ void __launch_bounds__(kCombineThreads, 1) ht_combine_kernel(HtCombineParams p) {
   __shared__ int abort_flag, send_abort, copy_abort;
   __shared__ int ticket[2];  // [parity]: the sending half's current and next item (draw_ticket)
   __shared__ uint32_t chunk_seen[kMaxChunks / 32];  // chunks whose rows have all arrived (reduce_tokens)
@@ -116,13 +128,47 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
                int64_t(pos) * p.record_bytes;
       };
       char* out_row = static_cast<char*>(p.out) + int64_t(t) * p.out_row_stride * 2;
+      // Two rows and no bias (every token of a 2-rank run that reaches both ranks): both rows' vectors are
+      // requested before any is summed, and no accumulator lives across them, so twice the loads are in
+      // flight in fewer registers. The sum is the oracle's: (0 + first row) + second row, rounded once.
+      const bool pair = kPairUnroll > 0 && __popcll(mask) == 2 && p.bias0.data == nullptr &&
+                        p.bias1.data == nullptr;
+      if (pair) {
+        const int d0 = __ffsll(mask) - 1, d1 = __ffsll(mask & (mask - 1)) - 1;
+        const int4* a = reinterpret_cast<const int4*>(
+            row_of(d0, __shfl_sync(~0u, d0 < 32 ? pos_lo : pos_hi, d0 & 31)));
+        const int4* b = reinterpret_cast<const int4*>(
+            row_of(d1, __shfl_sync(~0u, d1 < 32 ? pos_lo : pos_hi, d1 & 31)));
+        for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kPairUnroll) {
+          // Zeroed: a guarded load leaves no value to carry over from the last iteration (else spilled).
+          int4 va[kPairUnroll > 0 ? kPairUnroll : 1] = {}, vb[kPairUnroll > 0 ? kPairUnroll : 1] = {};
+#pragma unroll
+          for (int u = 0; u < kPairUnroll; ++u) {
+            const int64_t v = v0 + u * 32 + lane;
+            if (v < vecs) {
+              va[u] = __ldcg(a + v);
+              vb[u] = __ldcg(b + v);
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < kPairUnroll; ++u) {
+            const int64_t v = v0 + u * 32 + lane;
+            if (v < vecs) {
+              float acc[8] = {};
+              add_bf16x8(acc, va[u]);
+              add_bf16x8(acc, vb[u]);
+              reinterpret_cast<int4*>(out_row)[v] = to_bf16x8(acc);
+            }
+          }
+        }
+      }
       // kUnroll vectors per lane in flight from every source row before any is summed; the trip count
       // is uniform over the warp (the shuffles need every lane).
       constexpr int kUnroll = EXPERTLINK_HT_REDUCE_UNROLL;
-      for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kUnroll) {
+      for (int64_t v0 = 0; v0 < (pair ? 0 : vecs); v0 += 32 * kUnroll) {
         float acc[kUnroll][8] = {};
         auto accumulate = [&](const int4* base, bool local) {
-          int4 val[kUnroll];
+          int4 val[kUnroll] = {};  // see va above
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
             const int64_t v = v0 + u * 32 + lane;
@@ -239,7 +285,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_combine_kernel(HtCombinePara
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
   HtCombineParams q = p;
   q.trace = ht_trace_arm(HtTraceKind::kCombine, num_sms, stream);
-  launch_ht_kernel(ht_combine_kernel<true>, ht_combine_kernel<false>, q, num_sms, stream);
+  launch_ht_kernel(ht_combine_kernel<true>, ht_combine_kernel<false>, q, num_sms, stream, kCombineThreads);
 }
 
 }  // namespace expertlink::kernels

@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
         }
         const int4* src = reinterpret_cast<const int4*>(x_row);
         for (int64_t v0 = 0; v0 < (kBulk ? 0 : vecs); v0 += 32 * kCopyUnroll) {
-          int4 val[kCopyUnroll];
+          int4 val[kCopyUnroll] = {};  // zeroed, as in warp_copy_row
 #pragma unroll
           for (int u = 0; u < kCopyUnroll; ++u)
             if (v0 + u * 32 + lane < vecs) val[u] = ld_nc_v4(src + v0 + u * 32 + lane);

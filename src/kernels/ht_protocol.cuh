@@ -102,7 +102,7 @@ template <bool kInputRow>
 __device__ __forceinline__ void warp_copy_row(const int4* __restrict__ src, int4* __restrict__ dst,
                                               int64_t vecs, int lane) {
   for (int64_t v0 = lane; v0 < vecs; v0 += 32 * kCopyUnroll) {
-    int4 val[kCopyUnroll];
+    int4 val[kCopyUnroll] = {};  // zeroed: a guarded load then carries no value across iterations
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u)
       if (v0 + u * 32 < vecs) val[u] = load_vec<kInputRow>(src + v0 + u * 32);
@@ -170,14 +170,14 @@ bool ht_bulk_send();
 // Launches kernel<true> (bulk sending, kBulkSmemBytes of dynamic shared memory) or kernel<false>.
 template <class Params>
 void launch_ht_kernel(void (*bulk)(Params), void (*warp)(Params), const Params& p, int blocks,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, int threads = kHtThreads) {
   if (ht_bulk_send()) {
     // Per device; not a stream operation, so legal during graph capture.
     EL_CUDA_CHECK(cudaFuncSetAttribute(bulk, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(kBulkSmemBytes)));
-    bulk<<<blocks, kHtThreads, kBulkSmemBytes, stream>>>(p);
+    bulk<<<blocks, threads, kBulkSmemBytes, stream>>>(p);
   } else {
-    warp<<<blocks, kHtThreads, 0, stream>>>(p);
+    warp<<<blocks, threads, 0, stream>>>(p);
   }
   EL_CUDA_CHECK(cudaGetLastError());
 }
