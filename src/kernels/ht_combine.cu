@@ -43,7 +43,8 @@ inline constexpr int kCombineSendWarps = EXPERTLINK_HT_COMBINE_SENDERS;
 #define EXPERTLINK_HT_PAIR_UNROLL 4
 #endif
 inline constexpr int kPairUnroll = EXPERTLINK_HT_PAIR_UNROLL;
-static_assert(kCombineSendWarps >= 1 && kCombineSendWarps <= kBulkSendWarps && kCombineSendWarps < kCombineThreads / 32,
+static_assert(kCombineSendWarps >= 1 && kCombineSendWarps <= kBulkSendWarps &&
+                  kCombineSendWarps < kCombineThreads / 32,
               "EXPERTLINK_HT_COMBINE_SENDERS: 1..16 (bulk sending has stages for 16 warps)");
 
 template <bool kBulk>
@@ -131,14 +132,14 @@ __global__ void __launch_bounds__(kCombineThreads, 1) ht_combine_kernel(HtCombin
       // Two rows and no bias (every token of a 2-rank run that reaches both ranks): both rows' vectors are
       // requested before any is summed, and no accumulator lives across them, so twice the loads are in
       // flight in fewer registers. The sum is the oracle's: (0 + first row) + second row, rounded once.
-      const bool pair = kPairUnroll > 0 && __popcll(mask) == 2 && p.bias0.data == nullptr &&
-                        p.bias1.data == nullptr;
+      const bool pair =
+          kPairUnroll > 0 && __popcll(mask) == 2 && p.bias0.data == nullptr && p.bias1.data == nullptr;
       if (pair) {
         const int d0 = __ffsll(mask) - 1, d1 = __ffsll(mask & (mask - 1)) - 1;
-        const int4* a = reinterpret_cast<const int4*>(
-            row_of(d0, __shfl_sync(~0u, d0 < 32 ? pos_lo : pos_hi, d0 & 31)));
-        const int4* b = reinterpret_cast<const int4*>(
-            row_of(d1, __shfl_sync(~0u, d1 < 32 ? pos_lo : pos_hi, d1 & 31)));
+        const int4* a =
+            reinterpret_cast<const int4*>(row_of(d0, __shfl_sync(~0u, d0 < 32 ? pos_lo : pos_hi, d0 & 31)));
+        const int4* b =
+            reinterpret_cast<const int4*>(row_of(d1, __shfl_sync(~0u, d1 < 32 ? pos_lo : pos_hi, d1 & 31)));
         for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kPairUnroll) {
           // Zeroed: a guarded load leaves no value to carry over from the last iteration (else spilled).
           int4 va[kPairUnroll > 0 ? kPairUnroll : 1] = {}, vb[kPairUnroll > 0 ? kPairUnroll : 1] = {};

@@ -27,6 +27,10 @@ __device__ __forceinline__ uint64_t warp_dest_mask(const int32_t* send_pos_row, 
 static_assert(EXPERTLINK_HT_DISPATCH_SENDERS >= 1 && EXPERTLINK_HT_DISPATCH_SENDERS < kHtThreads / 32,
               "EXPERTLINK_HT_DISPATCH_SENDERS: 1..31");
 
+// Scale columns a sending lane holds in registers per row (32 per step: 64 covers FP8 rows up to hidden
+// 8192 with float32 scales).
+constexpr int kScaleRegs = 2;
+
 template <bool kBulk>
 __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchParams p) {
   __shared__ int abort_flag, recv_abort, send_abort;
@@ -67,6 +71,10 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
     // ---- send (warps [0, S)): chunk c of this rank's tokens, each row to every destination ----
     const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
     const int64_t local_row0 = p.handle.rank_prefix[me];
+    // Lane d's (and d + 32's) window, read once instead of once per token (a load between the row's
+    // positions and its stores).
+    char* const peer_lo = lane < R ? w.peer_base[lane] : nullptr;
+    char* const peer_hi = lane + 32 < R ? w.peer_base[lane + 32] : nullptr;
     for (int k = 0;; ++k) {
       const int c = ticket[kSendRole][k & 1];
       if (c >= num_chunks) break;
@@ -80,18 +88,17 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
         const char* x_row = static_cast<const char*>(p.x.data) + t * p.x.row_stride * elem_bytes;
         // Row data first: each 16-byte vector of x is loaded once and stored to every destination. Lane
         // d (and d + 32) holds destination d's row address; null for a local row past the capacity.
-        auto row_address = [&](int d, int pos) -> char* {
+        auto row_address = [&](int d, char* peer, int pos) -> char* {
           if (d >= R || pos < 0) return nullptr;
           if (d == me) {
             const int64_t row = local_row0 + pos;
             return row < capacity ? static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * elem_bytes
                                   : nullptr;
           }
-          return area_segment(w.peer_base[d], p.area_offset, me, d, p.area_rows, p.record_bytes) +
-                 pos * p.record_bytes;
+          return area_segment(peer, p.area_offset, me, d, p.area_rows, p.record_bytes) + pos * p.record_bytes;
         };
-        char* const dst_lo = row_address(lane, pos_lo);
-        char* const dst_hi = row_address(lane + 32, pos_hi);
+        char* const dst_lo = row_address(lane, peer_lo, pos_lo);
+        char* const dst_hi = row_address(lane + 32, peer_hi, pos_hi);
         if (kBulk && !warp_bulk_send(x_row, p.row_bytes, mask, dst_lo, dst_hi, stages, lane, ctx)) {
           send_abort = 1;
           break;  // to the chunk's barrier, then out
@@ -112,7 +119,34 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
               if (v0 + u * 32 + lane < vecs) dst[v0 + u * 32 + lane] = val[u];
           }
         }
-        // Then the small per-row data: scales, remapped top-k, weights, source token.
+        // Then the small per-row data: scales, remapped top-k, weights, source token. Loaded once for all
+        // destinations and all at once (a store between two loads holds the second back until the first
+        // returns, since they might alias): the first kScaleRegs * 32 scale columns (lane g + 32 i; more
+        // are read in the destination loop), the top-k id and weight (lane k).
+        int32_t sc[kScaleRegs];
+#pragma unroll
+        for (int i = 0; i < kScaleRegs; ++i) {
+          const int g = lane + 32 * i;
+          sc[i] = g < p.scale_cols
+                      ? static_cast<const int32_t*>(
+                            p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride]
+                      : 0;
+        }
+        const int64_t pick =
+            lane < K && p.topk_idx != nullptr
+                ? load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride)
+                : -1;
+        const float weight =
+            lane < K && p.topk_weights.data != nullptr
+                ? static_cast<const float*>(
+                      p.topk_weights.data)[t * p.topk_weights.row_stride + lane * p.topk_weights.col_stride]
+                : 0.f;
+        auto scale_col = [&](int g) {  // g = lane + 32 i
+          return g < kScaleRegs * 32
+                     ? sc[g / 32]
+                     : static_cast<const int32_t*>(
+                           p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
+        };
         while (mask != 0) {
           const int d = __ffsll(mask) - 1;
           mask &= mask - 1;
@@ -120,41 +154,27 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
           if (d == me) {
             const int64_t row = local_row0 + pos;
             if (row >= capacity) continue;
-            for (int g = lane; g < p.scale_cols; g += 32) {
-              const int32_t v = static_cast<const int32_t*>(
-                  p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
+            for (int g = lane; g < p.scale_cols; g += 32)
               static_cast<int32_t*>(
-                  p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] = v;
-            }
+                  p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] =
+                  scale_col(g);
             if (lane < K && p.recv_topk_idx != nullptr) {
-              int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
-              bool here = e >= 0 && e / experts_per_rank == d;
+              bool here = pick >= 0 && pick / experts_per_rank == d;
               store_index(p.recv_topk_idx, p.idx_type, row * K + lane,
-                          here ? e - int64_t(d) * experts_per_rank : -1);
-              if (p.recv_topk_weights != nullptr)
-                p.recv_topk_weights[row * K + lane] =
-                    here ? static_cast<const float*>(p.topk_weights.data)[t * p.topk_weights.row_stride +
-                                                                          lane * p.topk_weights.col_stride]
-                         : 0.f;
+                          here ? pick - int64_t(d) * experts_per_rank : -1);
+              if (p.recv_topk_weights != nullptr) p.recv_topk_weights[row * K + lane] = here ? weight : 0.f;
             }
             if (lane == 0) p.handle.recv_src_token[row] = t;
           } else {
-            char* rec = area_segment(w.peer_base[d], p.area_offset, me, d, p.area_rows, p.record_bytes) +
-                        pos * p.record_bytes;
+            char* rec = reinterpret_cast<char*>(  // the row's address (its record starts with the row)
+                __shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? dst_lo : dst_hi), d & 31));
             int32_t* tail = reinterpret_cast<int32_t*>(rec + p.row_bytes);
-            for (int g = lane; g < p.scale_cols; g += 32)
-              tail[g] = static_cast<const int32_t*>(
-                  p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
+            for (int g = lane; g < p.scale_cols; g += 32) tail[g] = scale_col(g);
             tail += p.scale_cols;
             if (lane < K && p.topk_idx != nullptr) {
-              int64_t e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
-              bool there = e >= 0 && e / experts_per_rank == d;
-              tail[lane] = there ? static_cast<int32_t>(e - int64_t(d) * experts_per_rank) : -1;
-              reinterpret_cast<float*>(tail)[K + lane] =
-                  there && p.topk_weights.data != nullptr
-                      ? static_cast<const float*>(p.topk_weights.data)[t * p.topk_weights.row_stride +
-                                                                       lane * p.topk_weights.col_stride]
-                      : 0.f;
+              bool there = pick >= 0 && pick / experts_per_rank == d;
+              tail[lane] = there ? static_cast<int32_t>(pick - int64_t(d) * experts_per_rank) : -1;
+              reinterpret_cast<float*>(tail)[K + lane] = there ? weight : 0.f;
             }
             if (lane == 0) tail[2 * K] = t;
           }
@@ -206,18 +226,25 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
           char* dst =
               static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * (p.kind == RowKind::kBf16 ? 2 : 1);
           warp_copy_row<false>(reinterpret_cast<const int4*>(rec), reinterpret_cast<int4*>(dst), vecs, lane);
+          // The record's tail, every word loaded before any is stored (as on the sending side).
           const int32_t* tail = reinterpret_cast<const int32_t*>(rec + p.row_bytes);
+          const int32_t* tail_topk = tail + p.scale_cols;
+          int32_t sc[kScaleRegs];
+#pragma unroll
+          for (int i = 0; i < kScaleRegs; ++i)
+            sc[i] = lane + 32 * i < p.scale_cols ? __ldcg(tail + lane + 32 * i) : 0;
+          const int32_t idx = lane < K ? __ldcg(tail_topk + lane) : -1;
+          const float weight = lane < K ? __ldcg(reinterpret_cast<const float*>(tail_topk) + K + lane) : 0.f;
+          const int32_t src_token = lane == 0 ? __ldcg(tail_topk + 2 * K) : 0;
           for (int g = lane; g < p.scale_cols; g += 32)
             static_cast<int32_t*>(
                 p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] =
-                __ldcg(tail + g);
-          tail += p.scale_cols;
+                g < kScaleRegs * 32 ? sc[g / 32] : __ldcg(tail + g);
           if (lane < K && p.recv_topk_idx != nullptr) {
-            store_index(p.recv_topk_idx, p.idx_type, row * K + lane, __ldcg(tail + lane));
-            if (p.recv_topk_weights != nullptr)
-              p.recv_topk_weights[row * K + lane] = __ldcg(reinterpret_cast<const float*>(tail) + K + lane);
+            store_index(p.recv_topk_idx, p.idx_type, row * K + lane, idx);
+            if (p.recv_topk_weights != nullptr) p.recv_topk_weights[row * K + lane] = weight;
           }
-          if (lane == 0) p.handle.recv_src_token[row] = __ldcg(tail + 2 * K);
+          if (lane == 0) p.handle.recv_src_token[row] = src_token;
         }
       }
       if (rtid == 0) ticket[kRecvRole][(k + 1) & 1] = draw_ticket(p.state, 1, kRecvRole);
