@@ -340,7 +340,22 @@ __device__ bool dispatch_recv(const LlDispatchParams& p, uint64_t n, RecvShared&
       break;
     }
     const char* msg = area + g.msg_offset + (static_cast<int64_t>(s) * N + t) * g.msg_bytes;
+    // Everything the unit reads from the message is requested at once, before any store (a store between
+    // two loads holds the second back until the first returns, since they might alias): the header, the
+    // scales (first segment), the segment's row vectors.
     const int32_t h = lane < K ? __ldcg(reinterpret_cast<const int32_t*>(msg + g.header_offset) + lane) : -1;
+    uint32_t sc[4] = {};  // scale_cols <= 128
+    if (q == 0) {
+      const uint32_t* scales = reinterpret_cast<const uint32_t*>(msg + g.row_bytes);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (lane + 32 * i < g.scale_cols) sc[i] = __ldcg(scales + lane + 32 * i);
+    }
+    int4 v[kLlUnroll] = {};
+    const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
+#pragma unroll
+    for (int i = 0; i < kLlUnroll; ++i)
+      if (first + 32 * i < vecs) v[i] = __ldcg(reinterpret_cast<const int4*>(msg) + first + 32 * i);
     const int j = h & 0x3FF, pos = (h >> 10) & 0x3FF;
     bool valid = h >= 0 && j < EL;
     const int row = valid ? sh.begin[j * R + s] + pos : 0;
@@ -352,11 +367,6 @@ __device__ bool dispatch_recv(const LlDispatchParams& p, uint64_t n, RecvShared&
         p.handle.tok_slots[(static_cast<int64_t>(s) * N + t) * K + lane] = valid ? j * RN + row : -1;
       if (copy && p.src_info != nullptr) p.src_info[j * p.src_info_stride0 + row * p.src_info_stride1] = t;
       if (g.scale_cols > 0 && cmask != 0) {
-        const uint32_t* scales = reinterpret_cast<const uint32_t*>(msg + g.row_bytes);
-        uint32_t sc[4];  // scale_cols <= 128
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          sc[i] = lane + 32 * i < g.scale_cols ? __ldcg(scales + lane + 32 * i) : 0u;
         for (uint32_t mm = cmask; mm != 0; mm &= mm - 1) {
           const int k = __ffs(mm) - 1;
           const int jj = __shfl_sync(~0u, j, k), rr = __shfl_sync(~0u, row, k);
@@ -369,11 +379,6 @@ __device__ bool dispatch_recv(const LlDispatchParams& p, uint64_t n, RecvShared&
       }
     }
     if (cmask != 0) {
-      int4 v[kLlUnroll];
-      const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
-#pragma unroll
-      for (int i = 0; i < kLlUnroll; ++i)
-        if (first + 32 * i < vecs) v[i] = __ldcg(reinterpret_cast<const int4*>(msg) + first + 32 * i);
       for (uint32_t mm = cmask; mm != 0; mm &= mm - 1) {
         const int k = __ffs(mm) - 1;
         const int jj = __shfl_sync(~0u, j, k), rr = __shfl_sync(~0u, row, k);
