@@ -103,6 +103,7 @@ __global__ void __launch_bounds__(kScanThreads) ht_scan_kernel(HtNotifyParams p)
 }
 
 constexpr int kNotifyThreads = 1024;
+constexpr int kMaskRegs = 8;  // destination masks a notify thread keeps in registers
 
 __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyParams p) {
   using BlockScan = cub::BlockScan<int, kNotifyThreads>;
@@ -159,23 +160,37 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   __syncthreads();
   stamp(1);
 
+  // This thread's tokens' destination masks, loaded once for every destination and all at once: the
+  // first kMaskRegs in registers (T <= kMaskRegs * kNotifyThreads), the rest read again where needed. A
+  // load after a store waits for the one before (they might alias): loading a mask per token between
+  // the send_pos stores made the per-destination pass a chain of round trips.
+  uint64_t masks[kMaskRegs];
+#pragma unroll
+  for (int i = 0; i < kMaskRegs; ++i) masks[i] = t_begin + i < t_end ? p.handle.token_mask[t_begin + i] : 0;
+
   // Per destination: positions in token order, per-chunk counts, then the meta record into d's window.
   for (int d = 0; d < R; ++d) {
     for (int c = tid; c < kMaxChunks; c += kNotifyThreads) chunk_count[c] = 0;
     // Pass 2, a contiguous token range per thread (positions are in token order).
     int mine = 0;
-    for (int t = t_begin; t < t_end; ++t) mine += (p.handle.token_mask[t] >> d) & 1;
+#pragma unroll
+    for (int i = 0; i < kMaskRegs; ++i) mine += (masks[i] >> d) & 1;  // 0 past t_end
+    for (int t = t_begin + kMaskRegs; t < t_end; ++t) mine += (p.handle.token_mask[t] >> d) & 1;
     int offset = 0, total = 0;
     BlockScan(scan_storage).ExclusiveSum(mine, offset, total);
     __syncthreads();
-    for (int t = t_begin; t < t_end; ++t) {
-      const bool in = (p.handle.token_mask[t] >> d) & 1;
+    auto place = [&](int t, uint64_t mask) {
+      const bool in = (mask >> d) & 1;
       p.handle.send_pos[int64_t(t) * R + d] = in ? offset : -1;
       if (in) {
         ++offset;
         atomicAdd(&chunk_count[t / chunk_tokens], 1);
       }
-    }
+    };
+#pragma unroll
+    for (int i = 0; i < kMaskRegs; ++i)
+      if (t_begin + i < t_end) place(t_begin + i, masks[i]);
+    for (int t = t_begin + kMaskRegs; t < t_end; ++t) place(t, p.handle.token_mask[t]);
     __syncthreads();
     int32_t* meta = meta_record(w.peer_base[d], round, me);
     if (!rank_live(w, d)) continue;  // uniform over the block: no barrier skipped by some threads only
@@ -218,8 +233,10 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   for (int s = 0; s < R; ++s) {
     const int32_t* meta = meta_record(w.local_base, round, s);
     const bool live = rank_live(w, s);
+    // The count is requested with T_s, not after it (the slots past T_s's chunks are ignored).
+    const int raw = live && tid < kMaxChunks ? meta[control::kMetaHeader + tid] : 0;
     const int src_T = live ? meta[0] : 0, n = ht_num_chunks(src_T);
-    const int count = tid < n ? meta[control::kMetaHeader + tid] : 0;
+    const int count = tid < n ? raw : 0;
     int prefix = 0, total = 0;
     BlockScan(scan_storage).ExclusiveSum(count, prefix, total);
     int32_t* out = p.handle.chunk_prefix + s * (kMaxChunks + 1);
