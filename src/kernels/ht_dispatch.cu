@@ -141,11 +141,14 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
                 ? static_cast<const float*>(
                       p.topk_weights.data)[t * p.topk_weights.row_stride + lane * p.topk_weights.col_stride]
                 : 0.f;
-        auto scale_col = [&](int g) {  // g = lane + 32 i
-          return g < kScaleRegs * 32
-                     ? sc[g / 32]
-                     : static_cast<const int32_t*>(
-                           p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
+        // The row's scales into a destination: slot(g) is column g's place there.
+        auto put_scales = [&](auto slot) {
+#pragma unroll
+          for (int i = 0; i < kScaleRegs; ++i)
+            if (lane + 32 * i < p.scale_cols) slot(lane + 32 * i) = sc[i];
+          for (int g = lane + 32 * kScaleRegs; g < p.scale_cols; g += 32)
+            slot(g) = static_cast<const int32_t*>(
+                p.x_scales.data)[t * p.x_scales.row_stride + g * p.x_scales.col_stride];
         };
         while (mask != 0) {
           const int d = __ffsll(mask) - 1;
@@ -154,10 +157,10 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
           if (d == me) {
             const int64_t row = local_row0 + pos;
             if (row >= capacity) continue;
-            for (int g = lane; g < p.scale_cols; g += 32)
-              static_cast<int32_t*>(
-                  p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] =
-                  scale_col(g);
+            put_scales([&](int g) -> int32_t& {
+              return static_cast<int32_t*>(
+                  p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride];
+            });
             if (lane < K && p.recv_topk_idx != nullptr) {
               bool here = pick >= 0 && pick / experts_per_rank == d;
               store_index(p.recv_topk_idx, p.idx_type, row * K + lane,
@@ -169,7 +172,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
             char* rec = reinterpret_cast<char*>(  // the row's address (its record starts with the row)
                 __shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? dst_lo : dst_hi), d & 31));
             int32_t* tail = reinterpret_cast<int32_t*>(rec + p.row_bytes);
-            for (int g = lane; g < p.scale_cols; g += 32) tail[g] = scale_col(g);
+            put_scales([&](int g) -> int32_t& { return tail[g]; });
             tail += p.scale_cols;
             if (lane < K && p.topk_idx != nullptr) {
               bool there = pick >= 0 && pick / experts_per_rank == d;
@@ -236,10 +239,14 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
           const int32_t idx = lane < K ? __ldcg(tail_topk + lane) : -1;
           const float weight = lane < K ? __ldcg(reinterpret_cast<const float*>(tail_topk) + K + lane) : 0.f;
           const int32_t src_token = lane == 0 ? __ldcg(tail_topk + 2 * K) : 0;
-          for (int g = lane; g < p.scale_cols; g += 32)
-            static_cast<int32_t*>(
-                p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride] =
-                g < kScaleRegs * 32 ? sc[g / 32] : __ldcg(tail + g);
+          auto scale_slot = [&](int g) -> int32_t& {
+            return static_cast<int32_t*>(
+                p.recv_scales)[row * p.recv_scales_row_stride + g * p.recv_scales_col_stride];
+          };
+#pragma unroll
+          for (int i = 0; i < kScaleRegs; ++i)
+            if (lane + 32 * i < p.scale_cols) scale_slot(lane + 32 * i) = sc[i];
+          for (int g = lane + 32 * kScaleRegs; g < p.scale_cols; g += 32) scale_slot(g) = __ldcg(tail + g);
           if (lane < K && p.recv_topk_idx != nullptr) {
             store_index(p.recv_topk_idx, p.idx_type, row * K + lane, idx);
             if (p.recv_topk_weights != nullptr) p.recv_topk_weights[row * K + lane] = weight;
