@@ -7,6 +7,12 @@
 namespace expertlink::kernels {
 namespace {
 
+// Threads per combine block (EXPERTLINK_HT_COMBINE_THREADS, a build option): fewer threads get more
+// registers each (768: 80), for more loads in flight per warp without spills.
+#ifndef EXPERTLINK_HT_COMBINE_THREADS
+#define EXPERTLINK_HT_COMBINE_THREADS 1024
+#endif
+inline constexpr int kCombineThreads = EXPERTLINK_HT_COMBINE_THREADS;
 // A block's warps [0, kCombineSendWarps) send this rank's expert outputs back to their sources, then join
 // the reduce; the other warps reduce from the start. The reduce is bound by the loads it has in flight
 // (with 1024 threads a thread has 64 registers: 4 vectors of 16 bytes per lane per source row), so it
@@ -16,12 +22,6 @@ namespace {
 // needs 12 KB of shared memory per reducing warp, so it cannot have more than 18 of them; with 14 it
 // took 308 / 375 / 668 us, and it was removed (docs/ht_performance.md). EXPERTLINK_HT_COMBINE_SENDERS
 // (a build option) sets the count for experiments.
-// Threads per combine block (EXPERTLINK_HT_COMBINE_THREADS, a build option): fewer threads get more
-// registers each (768: 80), for more loads in flight per warp without spills.
-#ifndef EXPERTLINK_HT_COMBINE_THREADS
-#define EXPERTLINK_HT_COMBINE_THREADS 1024
-#endif
-inline constexpr int kCombineThreads = EXPERTLINK_HT_COMBINE_THREADS;
 #ifndef EXPERTLINK_HT_COMBINE_SENDERS
 #define EXPERTLINK_HT_COMBINE_SENDERS 8
 #endif
