@@ -65,14 +65,16 @@ __device__ bool push_weights(const LlCombineParams& p, uint64_t n, int t, WarpSe
     e = load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + lane * p.idx_col_stride);
     wt = p.topk_weights[t * p.w_row_stride + lane * p.w_col_stride];
   }
+  // Lane d's (and d + 32's) window, read with the other loads rather than after the "free" acquire.
+  char* const base_lo = lane < g.num_ranks ? p.win.peer_base[lane] : nullptr;
+  char* const base_hi = lane + 32 < g.num_ranks ? p.win.peer_base[lane + 32] : nullptr;
   if (!warp_wait_free(p, n, ws)) return false;
-  if (lane < K) {
-    const uint64_t word =
-        ll_tagged((static_cast<uint32_t>(n) << 1) | (e >= 0 ? 1u : 0u), __float_as_uint(wt));
-    for (uint64_t m = mask; m != 0; m &= m - 1) {
-      const int d = __ffsll(static_cast<long long>(m)) - 1;
-      ll_st_relaxed_sys(ll_wword(ll_area(p.win.peer_base[d], g, 2 + p.parity), g, p.win.rank, t, lane), word);
-    }
+  const uint64_t word = ll_tagged((static_cast<uint32_t>(n) << 1) | (e >= 0 ? 1u : 0u), __float_as_uint(wt));
+  for (uint64_t m = mask; m != 0; m &= m - 1) {  // warp-uniform
+    const int d = __ffsll(static_cast<long long>(m)) - 1;
+    char* const base = reinterpret_cast<char*>(
+        __shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? base_lo : base_hi), d & 31));
+    if (lane < K) ll_st_relaxed_sys(ll_wword(ll_area(base, g, 2 + p.parity), g, p.win.rank, t, lane), word);
   }
   return true;
 }
@@ -83,8 +85,10 @@ __device__ bool holder_unit(const LlCombineParams& p, uint64_t n, int s, int t, 
   const SymmetricView& w = p.win;
   const LlGeometry& g = p.g;
   const int lane = threadIdx.x & 31, K = g.topk, N = g.capacity, RN = g.num_ranks * N;
-  // Loads first (both in flight together): s's token count, t's slots here (dispatch handle).
+  // Loads first (in flight together): s's token count, t's slots here (dispatch handle), s's window (read
+  // here: after the "free" acquire below it would cost a round trip of its own before the stores).
   const int Ts = rank_live(w, s) ? p.handle.src_tokens[s] : 0;  // a masked source gets nothing
+  char* const s_base = w.peer_base[s];
   const int32_t slot = lane < K ? p.handle.tok_slots[(static_cast<int64_t>(s) * N + t) * K + lane] : -1;
   if (t >= Ts) return true;  // warp-uniform
   const uint32_t cmask = __ballot_sync(~0u, slot >= 0);
@@ -147,7 +151,7 @@ __device__ bool holder_unit(const LlCombineParams& p, uint64_t n, int s, int t, 
     }
   }
   if (!warp_wait_free(p, n, ws)) return false;
-  char* area = ll_area(w.peer_base[s], g, 2 + p.parity);
+  char* area = ll_area(s_base, g, 2 + p.parity);
   int4* dst = reinterpret_cast<int4*>(area + g.partial_offset +
                                       (static_cast<int64_t>(w.rank) * N + t) * g.partial_bytes);
 #pragma unroll
