@@ -25,6 +25,7 @@ struct SendShared {
   int32_t expert[kLlMaxTopk];  // the token being sent: valid expert id or -1
   int32_t word[kLlMaxTopk];    // its header words: j | pos << 10 | dup << 30, or -1
   uint64_t mask;               // its destination ranks
+  char* window[kMaxRanks];     // peer_base, read once: from global memory it was a load before every store
 };
 
 struct RecvShared {
@@ -109,9 +110,9 @@ __device__ void token_header(const LlDispatchParams& p, int t, int64_t v, SendSh
   if (lane == 0) sh.mask = mask;
 }
 
-__device__ __forceinline__ char* message(const LlDispatchParams& p, int d, int t) {
+__device__ __forceinline__ char* message(const LlDispatchParams& p, const SendShared& sh, int d, int t) {
   const LlGeometry& g = p.g;
-  return ll_area(p.win.peer_base[d], g, p.parity) + g.msg_offset +
+  return ll_area(sh.window[d], g, p.parity) + g.msg_offset +
          (static_cast<int64_t>(p.win.rank) * g.capacity + t) * g.msg_bytes;
 }
 
@@ -132,7 +133,8 @@ __device__ __forceinline__ void load_x(const LlDispatchParams& p, int t, int4 (&
 // All threads: token t (in registers) cast to FP8 (16 channels per thread, 8 threads per 128-channel
 // group) and written with its scales into the message of every destination in `mask`. Bit-exact with the
 // oracle's cast.
-__device__ void send_row_fp8(const LlDispatchParams& p, int t, uint64_t mask, const int4 (&xr)[kXVecs]) {
+__device__ void send_row_fp8(const LlDispatchParams& p, const SendShared& sh, int t, uint64_t mask,
+                             const int4 (&xr)[kXVecs]) {
   const LlGeometry& g = p.g;
   const int chunks = g.hidden / 16;
 #pragma unroll
@@ -144,21 +146,22 @@ __device__ void send_row_fp8(const LlDispatchParams& p, int t, uint64_t mask, co
     const int4 raw[2] = {xr[2 * it], xr[2 * it + 1]};  // zeros where not valid
     const Fp8Piece piece = cast_fp8_piece(raw, c, valid, p.round_scale, p.ue8m0);
     for (uint64_t m = mask; m != 0; m &= m - 1) {
-      char* msg = message(p, __ffsll(static_cast<long long>(m)) - 1, t);
+      char* msg = message(p, sh, __ffsll(static_cast<long long>(m)) - 1, t);
       if (valid) reinterpret_cast<int4*>(msg)[c] = piece.data;
       if (piece.write_scale) reinterpret_cast<uint32_t*>(msg + g.row_bytes)[piece.scale_index] = piece.scale;
     }
   }
 }
 
-__device__ void send_row_bf16(const LlDispatchParams& p, int t, uint64_t mask, const int4 (&xr)[kXVecs]) {
+__device__ void send_row_bf16(const LlDispatchParams& p, const SendShared& sh, int t, uint64_t mask,
+                              const int4 (&xr)[kXVecs]) {
   const int vecs = p.g.hidden / 8;
 #pragma unroll
   for (int it = 0; it < kXVecs; ++it) {
     const int c = it * kLlThreads + threadIdx.x;
     if (c < vecs)
       for (uint64_t m = mask; m != 0; m &= m - 1)
-        reinterpret_cast<int4*>(message(p, __ffsll(static_cast<long long>(m)) - 1, t))[c] = xr[it];
+        reinterpret_cast<int4*>(message(p, sh, __ffsll(static_cast<long long>(m)) - 1, t))[c] = xr[it];
   }
 }
 
@@ -187,6 +190,7 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
   int e[kCountTokens][kLlMaxTopk];
   load_picks(p, meta_block ? T : t0, e);
   for (int i = threadIdx.x; i < E; i += kLlThreads) sh.hist[i] = 0;
+  for (int i = threadIdx.x; i < R; i += kLlThreads) sh.window[i] = w.peer_base[i];
   const int fd = static_cast<int>(threadIdx.x) - (kLlThreads - R);  // receiver d of the last R threads
   if (fd >= 0 && rank_live(w, fd) &&
       !ll_wait_free(w, control::ll::kDispatchFree, p.parity, n, WaitSite::kLlDispatchFree, fd))
@@ -221,13 +225,13 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
     __syncthreads();
     const uint64_t mask = sh.mask;
     if (p.fp8)
-      send_row_fp8(p, t, mask, xr);
+      send_row_fp8(p, sh, t, mask, xr);
     else
-      send_row_bf16(p, t, mask, xr);
+      send_row_bf16(p, sh, t, mask, xr);
     for (int i = threadIdx.x; i < R * K; i += kLlThreads) {  // every rank gets the header
       const int d = i / K, k = i - d * K, ek = sh.expert[k];
       if (!rank_live(w, d)) continue;
-      reinterpret_cast<int32_t*>(message(p, d, t) + g.header_offset)[k] =
+      reinterpret_cast<int32_t*>(message(p, sh, d, t) + g.header_offset)[k] =
           ek >= 0 && ek / EL == d ? sh.word[k] : -1;
     }
     if (threadIdx.x == 0) p.handle.dst_mask[t] = mask;
