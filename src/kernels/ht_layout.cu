@@ -85,7 +85,9 @@ __global__ void __launch_bounds__(kScanThreads) ht_scan_kernel(HtNotifyParams p)
         if (atomicCAS(&p.state.scan[kScanBad], 0, 1) == 0) {
           p.state.scan[kScanBad + 1] = t;
           p.state.scan[kScanBad + 2] = k;
-          p.state.scan[kScanBad + 3] = static_cast<int32_t>(e < INT32_MIN ? INT32_MIN : e > INT32_MAX ? INT32_MAX : e);
+          p.state.scan[kScanBad + 3] = static_cast<int32_t>(e < INT32_MIN   ? INT32_MIN
+                                                            : e > INT32_MAX ? INT32_MAX
+                                                                            : e);
         }
         return -1;
       }
@@ -218,7 +220,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   stamp(3);
   const WaitContext ctx{w.record, w.timeout_ns, me};
   if (tid < R && rank_live(w, tid) &&
-      !wait_geq(control_u64(w.local_base, control::kNotifyTag, tid), round, ctx, WaitSite::kHtNotify, tid, tid))
+      !wait_geq(control_u64(w.local_base, control::kNotifyTag, tid), round, ctx, WaitSite::kHtNotify, tid,
+                tid))
     failed = 1;
   __syncthreads();
   if (failed) return;
@@ -266,7 +269,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     for (int j = tid; j < experts_per_rank; j += kNotifyThreads) {
       int sum = 0;
       for (int s = 0; s < R; ++s)
-        if (rank_live(w, s)) sum += meta_record(w.local_base, round, s)[control::kMetaHeader + kMaxChunks + j];
+        if (rank_live(w, s))
+          sum += meta_record(w.local_base, round, s)[control::kMetaHeader + kMaxChunks + j];
       sum = (sum + p.expert_alignment - 1) / p.expert_alignment * p.expert_alignment;
       p.handle.expert_count[j] = sum;
       p.handle.host_counts[kHostHeader + j] = sum;
@@ -309,11 +313,12 @@ uint64_t* notify_trace() {
   uint64_t t[kNotifyTracePoints];
   EL_CUDA_CHECK(cudaMemcpy(t, trace, sizeof(t), cudaMemcpyDeviceToHost));
   if (t[0] != 0 && t[6] >= t[0])
-    std::fprintf(stderr,
-                 "notify trace (us): scan %.1f, records %.1f, publish %.1f, wait %.1f, derive %.1f, counts %.1f, "
-                 "total %.1f\n",
-                 (t[1] - t[0]) / 1e3, (t[2] - t[1]) / 1e3, (t[3] - t[2]) / 1e3, (t[4] - t[3]) / 1e3,
-                 (t[5] - t[4]) / 1e3, (t[6] - t[5]) / 1e3, (t[6] - t[0]) / 1e3);
+    std::fprintf(
+        stderr,
+        "notify trace (us): scan %.1f, records %.1f, publish %.1f, wait %.1f, derive %.1f, counts %.1f, "
+        "total %.1f\n",
+        (t[1] - t[0]) / 1e3, (t[2] - t[1]) / 1e3, (t[3] - t[2]) / 1e3, (t[4] - t[3]) / 1e3,
+        (t[5] - t[4]) / 1e3, (t[6] - t[5]) / 1e3, (t[6] - t[0]) / 1e3);
   return trace;
 }
 
