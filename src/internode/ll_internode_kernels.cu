@@ -18,6 +18,7 @@
 
 #include "check.hpp"
 #include "internode/ll_internode_kernels.hpp"
+#include "kernels/ll_expand.cuh"
 #include "kernels/ll_kernels.hpp"  // kLlSegmentVecs, kLlMax*
 #include "kernels/ll_numerics.cuh"
 #include "kernels/vector_io.cuh"
@@ -26,12 +27,12 @@ namespace expertlink::internode {
 namespace {
 
 using kernels::kLlSegmentVecs;
+using kernels::kLlUnroll;
 
 constexpr int kRouteThreads = 256;
 constexpr int kPackThreads = 256;
 constexpr int kWarpThreads = 512;  // unpack, holder, sum: a warp per work unit
 constexpr int kWarps = kWarpThreads / 32;
-constexpr int kUnroll = kLlSegmentVecs / 32;  // 16-byte vectors per lane per unit
 constexpr int kMaxPeers = 64;
 
 __device__ __forceinline__ int64_t pick(const LlIndex& idx, int t, int k) {
@@ -196,7 +197,7 @@ __global__ void __launch_bounds__(kWarpThreads, 1)
   __shared__ int tokens[kMaxPeers + 1];  // prefix over sources of T_s
   __shared__ int bad[kMaxPeers];         // source s sent another shape: skipped
   const LlLayout& l = p.l;
-  const int R = l.num_ranks, EL = l.local_experts, K = l.topk, N = l.capacity, RN = R * N;
+  const int R = l.num_ranks, EL = l.local_experts, K = l.topk, N = l.capacity;
 
   for (int s = threadIdx.x; s < R; s += kWarpThreads) {
     const int32_t* meta =
@@ -224,25 +225,7 @@ __global__ void __launch_bounds__(kWarpThreads, 1)
       tokens[s + 1] += tokens[s];
     }
   }
-  for (int j = threadIdx.x; j < EL; j += kWarpThreads) {
-    int acc = 0;
-    for (int s = 0; s < R; ++s) {
-      const int c = begin[j * R + s];
-      begin[j * R + s] = acc;
-      if (blockIdx.x == 0 && p.layout_range != nullptr) {
-        if (p.range_packed) {
-          static_cast<int64_t*>(p.layout_range)[j * p.range_stride0 + s * p.range_stride1] =
-              static_cast<int64_t>(static_cast<uint32_t>(c)) | (static_cast<int64_t>(acc) << 32);
-        } else {
-          int32_t* r = static_cast<int32_t*>(p.layout_range) + j * p.range_stride0 + s * p.range_stride1;
-          r[0] = acc;
-          r[p.range_stride2] = c;
-        }
-      }
-      acc += c;
-    }
-    if (blockIdx.x == 0) p.recv_count[j] = acc;
-  }
+  kernels::ll_expert_prefix(p.out, begin, EL, R, kWarpThreads);
   __syncthreads();
 
   // Work units: (message, segment of kLlSegmentVecs vectors of its row), a warp each, spread over blocks.
@@ -258,48 +241,8 @@ __global__ void __launch_bounds__(kWarpThreads, 1)
     const int t = m - tokens[s];
     const char* msg = p.recv + static_cast<int64_t>(s) * l.dispatch_pair + l.meta_bytes +
                       static_cast<int64_t>(t) * l.msg_bytes;
-    const int32_t h = lane < K ? reinterpret_cast<const int32_t*>(msg + l.header_offset)[lane] : -1;
-    const int j = h & 0x3FF, pos = (h >> 10) & 0x3FF;
-    bool valid = h >= 0 && j < EL;
-    const int row = valid ? begin[j * R + s] + pos : 0;
-    valid = valid && row < RN;
-    const bool copy = valid && ((h >> 30) & 1) == 0;
-    const uint32_t cmask = __ballot_sync(~0u, copy);
-    if (q == 0) {
-      if (lane < K) p.tok_slots[(static_cast<int64_t>(s) * N + t) * K + lane] = valid ? j * RN + row : -1;
-      if (copy && p.src_info != nullptr) p.src_info[j * p.src_info_stride0 + row * p.src_info_stride1] = t;
-      if (l.scale_cols > 0 && cmask != 0) {
-        const uint32_t* scales = reinterpret_cast<const uint32_t*>(msg + l.row_bytes);
-        uint32_t sc[4];  // scale_cols <= 128
-#pragma unroll
-        for (int i = 0; i < 4; ++i) sc[i] = lane + 32 * i < l.scale_cols ? scales[lane + 32 * i] : 0u;
-        for (uint32_t mm = cmask; mm != 0; mm &= mm - 1) {
-          const int k = __ffs(mm) - 1;
-          const int jj = __shfl_sync(~0u, j, k), rr = __shfl_sync(~0u, row, k);
-          uint32_t* dst =
-              static_cast<uint32_t*>(p.recv_scales) + jj * p.scales_stride0 + rr * p.scales_stride1;
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            if (lane + 32 * i < l.scale_cols) dst[(lane + 32 * i) * p.scales_stride2] = sc[i];
-        }
-      }
-    }
-    if (cmask != 0) {
-      int4 v[kUnroll];
-      const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
-#pragma unroll
-      for (int i = 0; i < kUnroll; ++i)
-        if (first + 32 * i < vecs) v[i] = reinterpret_cast<const int4*>(msg)[first + 32 * i];
-      for (uint32_t mm = cmask; mm != 0; mm &= mm - 1) {
-        const int k = __ffs(mm) - 1;
-        const int jj = __shfl_sync(~0u, j, k), rr = __shfl_sync(~0u, row, k);
-        int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + jj * p.recv_x_stride0 +
-                                            rr * p.recv_x_stride1);
-#pragma unroll
-        for (int i = 0; i < kUnroll; ++i)
-          if (first + 32 * i < vecs) dst[first + 32 * i] = v[i];
-      }
-    }
+    kernels::ll_expand_unit<false>(p.out, p.tok_slots, msg, {l.row_bytes, l.scale_cols, l.header_offset},
+                                   begin, s, t, q, K, EL, R, N, lane);
   }
 }
 
@@ -346,9 +289,9 @@ __global__ void __launch_bounds__(kWarpThreads, 1)
     const int j = slot >= 0 ? slot / RN : 0;
     const int64_t off = j * p.x_stride0 + static_cast<int64_t>(slot >= 0 ? slot - j * RN : 0) * p.x_stride1;
     const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
-    float acc[kUnroll][8];
+    float acc[kLlUnroll][8];
 #pragma unroll
-    for (int i = 0; i < kUnroll; ++i)
+    for (int i = 0; i < kLlUnroll; ++i)
 #pragma unroll
       for (int c = 0; c < 8; ++c) acc[i][c] = 0.f;
     for (uint32_t todo = cmask; todo != 0; todo &= todo - 1) {  // pick order; warp-uniform
@@ -357,14 +300,14 @@ __global__ void __launch_bounds__(kWarpThreads, 1)
       const float wk = __shfl_sync(~0u, wt, k);
       if (((use >> k) & 1) == 0) continue;  // -1 at combine time
 #pragma unroll
-      for (int i = 0; i < kUnroll; ++i)
+      for (int i = 0; i < kLlUnroll; ++i)
         if (first + 32 * i < vecs)
           kernels::add_weighted(acc[i], kernels::ld_nc_v4(p.x + o + (first + 32 * i) * 16), wk);
     }
     int4* dst = reinterpret_cast<int4*>(out_pair(p.areas, p.rank, s, l.partial_pair, l.partial_offset) +
                                         static_cast<int64_t>(t) * 2 * l.hidden);
 #pragma unroll
-    for (int i = 0; i < kUnroll; ++i)
+    for (int i = 0; i < kLlUnroll; ++i)
       if (first + 32 * i < vecs) dst[first + 32 * i] = kernels::to_bf16x8(acc[i]);
   }
 }
@@ -380,9 +323,9 @@ __global__ void __launch_bounds__(kWarpThreads, 1) ll_sum_kernel(const __grid_co
   for (int64_t u = gw; u < units; u += GW) {
     const int t = static_cast<int>(u / nseg), q = static_cast<int>(u - static_cast<int64_t>(t) * nseg);
     const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
-    float acc[kUnroll][8];
+    float acc[kLlUnroll][8];
 #pragma unroll
-    for (int i = 0; i < kUnroll; ++i)
+    for (int i = 0; i < kLlUnroll; ++i)
 #pragma unroll
       for (int c = 0; c < 8; ++c) acc[i][c] = 0.f;
     for (uint64_t m = p.dst_mask[t]; m != 0; m &= m - 1) {  // rank order
@@ -391,13 +334,13 @@ __global__ void __launch_bounds__(kWarpThreads, 1) ll_sum_kernel(const __grid_co
           reinterpret_cast<const int4*>(p.recv + l.partial_offset + static_cast<int64_t>(d) * l.partial_pair +
                                         static_cast<int64_t>(t) * 2 * l.hidden);
 #pragma unroll
-      for (int i = 0; i < kUnroll; ++i)
+      for (int i = 0; i < kLlUnroll; ++i)
         if (first + 32 * i < vecs) kernels::add_bf16x8(acc[i], src[first + 32 * i]);
     }
     int4* out =
         reinterpret_cast<int4*>(static_cast<char*>(p.out) + static_cast<int64_t>(t) * p.out_row_stride * 2);
 #pragma unroll
-    for (int i = 0; i < kUnroll; ++i)
+    for (int i = 0; i < kLlUnroll; ++i)
       if (first + 32 * i < vecs) out[first + 32 * i] = kernels::to_bf16x8(acc[i]);
   }
 }

@@ -9,6 +9,7 @@
 
 #include "internode/ll_layout.hpp"
 #include "kernels/ht_kernels.hpp"  // IdxType
+#include "kernels/ll_kernels.hpp"  // LlRecvOutputs
 
 namespace expertlink::internode {
 
@@ -62,16 +63,7 @@ struct LlUnpackParams {
   LlLayout l;
   int rank;
   const char* recv;  // this call's receive area
-  void* recv_x;
-  int64_t recv_x_stride0, recv_x_stride1;  // bytes
-  void* recv_scales;                       // 4-byte elements
-  int64_t scales_stride0, scales_stride1, scales_stride2;
-  int32_t* recv_count;
-  int32_t* src_info;  // optional
-  int64_t src_info_stride0, src_info_stride1;
-  void* layout_range;  // optional
-  bool range_packed;
-  int64_t range_stride0, range_stride1, range_stride2;
+  kernels::LlRecvOutputs out;
   int32_t* tok_slots;   // handle [R, N, K]
   int32_t* src_tokens;  // handle [R]
   int32_t* mismatch;    // host-mapped [kLlMismatchWords]

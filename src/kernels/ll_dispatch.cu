@@ -6,6 +6,7 @@
 #include <cuda_fp8.h>
 
 #include "check.hpp"
+#include "kernels/ll_expand.cuh"
 #include "kernels/ll_numerics.cuh"
 #include "kernels/ll_protocol.cuh"
 
@@ -258,7 +259,7 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
 __device__ bool dispatch_recv(const LlDispatchParams& p, uint64_t n, RecvShared& sh, int* failed) {
   const SymmetricView& w = p.win;
   const LlGeometry& g = p.g;
-  const int me = w.rank, R = g.num_ranks, EL = g.local_experts, K = g.topk, N = g.capacity, RN = R * N;
+  const int me = w.rank, R = g.num_ranks, EL = g.local_experts, K = g.topk, N = g.capacity;
   const WaitContext ctx{w.record, w.timeout_ns, me};
   char* area = ll_area(w.local_base, g, p.parity);
 
@@ -302,25 +303,7 @@ __device__ bool dispatch_recv(const LlDispatchParams& p, uint64_t n, RecvShared&
       sh.tokens[s + 1] += sh.tokens[s];
     }
   }
-  for (int j = threadIdx.x; j < EL; j += kLlThreads) {
-    int acc = 0;
-    for (int s = 0; s < R; ++s) {
-      const int c = sh.begin[j * R + s];
-      sh.begin[j * R + s] = acc;
-      if (blockIdx.x == 0 && p.layout_range != nullptr) {
-        if (p.range_packed) {
-          static_cast<int64_t*>(p.layout_range)[j * p.range_stride0 + s * p.range_stride1] =
-              static_cast<int64_t>(static_cast<uint32_t>(c)) | (static_cast<int64_t>(acc) << 32);
-        } else {
-          int32_t* r = static_cast<int32_t*>(p.layout_range) + j * p.range_stride0 + s * p.range_stride1;
-          r[0] = acc;
-          r[p.range_stride2] = c;
-        }
-      }
-      acc += c;
-    }
-    if (blockIdx.x == 0) p.recv_count[j] = acc;
-  }
+  ll_expert_prefix(p.out, sh.begin, EL, R, kLlThreads);
   __syncthreads();
   ll_stamp(p.trace, kDispRecvMeta);
 
@@ -344,55 +327,8 @@ __device__ bool dispatch_recv(const LlDispatchParams& p, uint64_t n, RecvShared&
       break;
     }
     const char* msg = area + g.msg_offset + (static_cast<int64_t>(s) * N + t) * g.msg_bytes;
-    // Everything the unit reads from the message is requested at once, before any store (a store between
-    // two loads holds the second back until the first returns, since they might alias): the header, the
-    // scales (first segment), the segment's row vectors.
-    const int32_t h = lane < K ? __ldcg(reinterpret_cast<const int32_t*>(msg + g.header_offset) + lane) : -1;
-    uint32_t sc[4] = {};  // scale_cols <= 128
-    if (q == 0) {
-      const uint32_t* scales = reinterpret_cast<const uint32_t*>(msg + g.row_bytes);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        if (lane + 32 * i < g.scale_cols) sc[i] = __ldcg(scales + lane + 32 * i);
-    }
-    int4 v[kLlUnroll] = {};
-    const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
-#pragma unroll
-    for (int i = 0; i < kLlUnroll; ++i)
-      if (first + 32 * i < vecs) v[i] = __ldcg(reinterpret_cast<const int4*>(msg) + first + 32 * i);
-    const int j = h & 0x3FF, pos = (h >> 10) & 0x3FF;
-    bool valid = h >= 0 && j < EL;
-    const int row = valid ? sh.begin[j * R + s] + pos : 0;
-    valid = valid && row < RN;
-    const bool copy = valid && ((h >> 30) & 1) == 0;
-    const uint32_t cmask = __ballot_sync(~0u, copy);
-    if (q == 0) {
-      if (lane < K)
-        p.handle.tok_slots[(static_cast<int64_t>(s) * N + t) * K + lane] = valid ? j * RN + row : -1;
-      if (copy && p.src_info != nullptr) p.src_info[j * p.src_info_stride0 + row * p.src_info_stride1] = t;
-      if (g.scale_cols > 0 && cmask != 0) {
-        for (uint32_t mm = cmask; mm != 0; mm &= mm - 1) {
-          const int k = __ffs(mm) - 1;
-          const int jj = __shfl_sync(~0u, j, k), rr = __shfl_sync(~0u, row, k);
-          uint32_t* dst =
-              static_cast<uint32_t*>(p.recv_scales) + jj * p.scales_stride0 + rr * p.scales_stride1;
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            if (lane + 32 * i < g.scale_cols) dst[(lane + 32 * i) * p.scales_stride2] = sc[i];
-        }
-      }
-    }
-    if (cmask != 0) {
-      for (uint32_t mm = cmask; mm != 0; mm &= mm - 1) {
-        const int k = __ffs(mm) - 1;
-        const int jj = __shfl_sync(~0u, j, k), rr = __shfl_sync(~0u, row, k);
-        int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + jj * p.recv_x_stride0 +
-                                            rr * p.recv_x_stride1);
-#pragma unroll
-        for (int i = 0; i < kLlUnroll; ++i)
-          if (first + 32 * i < vecs) dst[first + 32 * i] = v[i];
-      }
-    }
+    ll_expand_unit<true>(p.out, p.handle.tok_slots, msg, {g.row_bytes, g.scale_cols, g.header_offset},
+                         sh.begin, s, t, q, K, EL, R, N, lane);
   }
   ll_stamp(p.trace, kDispRecvExpanded);
   __syncthreads();

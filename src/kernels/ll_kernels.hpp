@@ -13,7 +13,9 @@
 namespace expertlink::kernels {
 
 inline constexpr int kLlThreads = 512;
-inline constexpr int kLlSegmentVecs = 128;  // 16-byte vectors per work unit of a row (2 KB)
+inline constexpr int kLlSegmentVecs = 128;             // 16-byte vectors per work unit of a row (2 KB)
+inline constexpr int kLlUnroll = kLlSegmentVecs / 32;  // 16-byte vectors per lane per work unit
+static_assert(kLlUnroll * 32 == kLlSegmentVecs, "a segment is a whole number of warp-wide vectors");
 // Row segments of a BF16 row of kLlMaxHidden channels: the combine flags have one slot per segment.
 inline constexpr int kLlMaxSegs = kLlMaxHidden * 2 / 16 / kLlSegmentVecs;
 // Tagged meta words of a dispatch source: [0] T, [1] H, [2] K, [3] E, [4..8) unused, [8 + j] count of the
@@ -108,6 +110,21 @@ struct LlHandleView {
   uint64_t* dst_mask;   // [N]: sender side, ranks holding at least one expert of token t
 };
 
+// The received layout's outputs of an LL dispatch (the caller's tensors), written by the receive side
+// intranode (ll_dispatch.cu) and across nodes (internode/ll_internode_kernels.cu) alike (ll_expand.cuh).
+struct LlRecvOutputs {
+  void* recv_x;
+  int64_t recv_x_stride0, recv_x_stride1;  // bytes
+  void* recv_scales;                       // 4-byte elements
+  int64_t scales_stride0, scales_stride1, scales_stride2;
+  int32_t* recv_count;
+  int32_t* src_info;  // optional
+  int64_t src_info_stride0, src_info_stride1;
+  void* layout_range;  // optional
+  bool range_packed;   // I64 DeepEP packing, else I32 (begin, count)
+  int64_t range_stride0, range_stride1, range_stride2;
+};
+
 struct LlDispatchParams {
   SymmetricView win;
   LlDeviceState st;
@@ -121,17 +138,7 @@ struct LlDispatchParams {
   const void* topk_idx;
   IdxType idx_type;
   int64_t idx_row_stride, idx_col_stride;
-  // Outputs.
-  void* recv_x;
-  int64_t recv_x_stride0, recv_x_stride1;  // bytes
-  void* recv_scales;                       // 4-byte elements
-  int64_t scales_stride0, scales_stride1, scales_stride2;
-  int32_t* recv_count;
-  int32_t* src_info;  // optional
-  int64_t src_info_stride0, src_info_stride1;
-  void* layout_range;  // optional
-  bool range_packed;   // I64 DeepEP packing, else I32 (begin, count)
-  int64_t range_stride0, range_stride1, range_stride2;
+  LlRecvOutputs out;
   uint64_t* trace;  // null, or [grid * kLlWarps * kLlTracePoints] phase stamps (EXPERTLINK_LL_TRACE)
 };
 

@@ -73,8 +73,6 @@
 namespace expertlink::kernels {
 
 inline constexpr int kLlWarps = kLlThreads / 32;
-inline constexpr int kLlUnroll = kLlSegmentVecs / 32;  // 16-byte vectors per lane per work unit
-static_assert(kLlUnroll * 32 == kLlSegmentVecs, "a segment is a whole number of warp-wide vectors");
 
 // EXPERTLINK_LL_TRACE: this warp's stamp of `point` (lane 0; nothing when tracing is off). Compiled in
 // only with the build option EXPERTLINK_LL_TRACE=ON: the stamps cost the dispatch kernel 15 registers.

@@ -272,27 +272,27 @@ LlRecvHook Buffer::ll_dispatch(const LlDispatchArgs& args, LlHandle& handle, con
   p.idx_row_stride = r.row_stride;
   p.idx_col_stride = r.col_stride;
   const int64_t xes = dtype_size(out.recv_x.dtype);
-  p.recv_x = out.recv_x.data;
-  p.recv_x_stride0 = out.recv_x.stride[0] * xes;
-  p.recv_x_stride1 = out.recv_x.stride[1] * xes;
+  p.out.recv_x = out.recv_x.data;
+  p.out.recv_x_stride0 = out.recv_x.stride[0] * xes;
+  p.out.recv_x_stride1 = out.recv_x.stride[1] * xes;
   if (o.use_fp8) {
-    p.recv_scales = out.recv_scales.data;
-    p.scales_stride0 = out.recv_scales.stride[0];
-    p.scales_stride1 = out.recv_scales.stride[1];
-    p.scales_stride2 = out.recv_scales.stride[2];
+    p.out.recv_scales = out.recv_scales.data;
+    p.out.scales_stride0 = out.recv_scales.stride[0];
+    p.out.scales_stride1 = out.recv_scales.stride[1];
+    p.out.scales_stride2 = out.recv_scales.stride[2];
   }
-  p.recv_count = out.recv_count.ptr<int32_t>();
+  p.out.recv_count = out.recv_count.ptr<int32_t>();
   if (out.src_info.defined()) {
-    p.src_info = out.src_info.ptr<int32_t>();
-    p.src_info_stride0 = out.src_info.stride[0];
-    p.src_info_stride1 = out.src_info.stride[1];
+    p.out.src_info = out.src_info.ptr<int32_t>();
+    p.out.src_info_stride0 = out.src_info.stride[0];
+    p.out.src_info_stride1 = out.src_info.stride[1];
   }
   if (lr.defined()) {
-    p.layout_range = lr.data;
-    p.range_packed = packed;
-    p.range_stride0 = lr.stride[0];
-    p.range_stride1 = lr.stride[1];
-    p.range_stride2 = packed ? 0 : lr.stride[2];
+    p.out.layout_range = lr.data;
+    p.out.range_packed = packed;
+    p.out.range_stride0 = lr.stride[0];
+    p.out.range_stride1 = lr.stride[1];
+    p.out.range_stride2 = packed ? 0 : lr.stride[2];
   }
 
   LlRecvHook hook;
