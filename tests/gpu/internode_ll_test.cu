@@ -286,52 +286,10 @@ GPU_CASE(internode_ll_rejects_bad_arguments_naming_them, 2, 180) {
   LlIo io(c, R, ctx.rank);
   LlRound r = llt::make_round(c, R, env.seed, llt::full_tokens(c, R));
   io.load(r, st);
-  auto dispatch = [&](LlDispatchArgs a, LlDispatchOutputs o) { buf.ll_dispatch(a, io.handle, o, st); };
-  LlDispatchArgs a = io.dispatch_args(false);
-  LlDispatchOutputs o = io.dispatch_outputs();
-  int rc = 0;
-  {
-    LlDispatchArgs bad = a;
-    bad.x = TensorView(io.x.get(), DType::kBF16, {9, 256});
-    bad.topk_idx = TensorView(io.idx64.get(), DType::kI64, {9, 2});
-    rc |= expect_invalid(
-        ctx, [&] { dispatch(bad, o); }, "num_max_dispatch_tokens_per_rank = 8", "T > N");
-  }
-  {
-    LlDispatchArgs bad = a;
-    bad.options.use_ue8m0 = true;
-    rc |= expect_invalid(
-        ctx, [&] { dispatch(bad, o); }, "round_scale", "ue8m0 without round_scale");
-  }
-  {
-    LlDispatchOutputs bad = o;
-    bad.recv_x.shape[1] -= 1;
-    rc |= expect_invalid(
-        ctx, [&] { dispatch(a, bad); }, "recv_x must be", "recv_x too small");
-  }
-  {
-    LlHandle fresh;
-    rc |= expect_invalid(
-        ctx, [&] { buf.ll_combine(io.combine_args(false), fresh, io.combine_outputs(), st); },
-        "handle was not filled", "combine with an empty handle");
-  }
-  if (rc != 0) return 1;
-  {
-    Buffer small(env.comm, 0, 4096);  // collective construction, then a refused call on every rank
-    rc |= expect_invalid(
-        ctx, [&] { small.ll_dispatch(a, io.handle, o, st); }, "ll_size_hint", "ll_bytes too small");
-  }
-  {
-    std::vector<int64_t> ids = r.in[ctx.rank].topk_idx;
-    ids[3] = 999;  // on every rank: each reports it at its next call, before enqueuing anything
-    io.idx64.upload(ids);
-    dispatch(a, o);
-    buf.synchronize(st);
-    rc |= expect_invalid(
-        ctx, [&] { dispatch(a, o); }, "= 999", "an expert id out of range");
-    io.idx64.upload(r.in[ctx.rank].topk_idx);
-  }
-  if (rc != 0) return 1;
+  const LlDispatchArgs a = io.dispatch_args(false);
+  const LlDispatchOutputs o = io.dispatch_outputs();
+  if (llt::expect_common_refusals(ctx, buf, st, io, a, o) != 0) return 1;
+  if (llt::expect_late_refusals(ctx, env.comm, buf, st, io, r, a, o) != 0) return 1;
   return llt::run_fused(ctx, buf, st, io, r, env.seed + 1);
 }
 

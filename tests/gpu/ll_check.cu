@@ -80,6 +80,64 @@ std::vector<int> full_tokens(const LlCase& c, int num_ranks) {
   return std::vector<int>(num_ranks, c.capacity);
 }
 
+int expect_common_refusals(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& io,
+                           const LlDispatchArgs& a, const LlDispatchOutputs& o) {
+  auto dispatch = [&](LlDispatchArgs da, LlDispatchOutputs dout) {
+    buffer.ll_dispatch(da, io.handle, dout, stream);
+  };
+  const int N = io.c.capacity, H = io.c.hidden, K = io.c.topk;
+  char too_many[64];
+  std::snprintf(too_many, sizeof(too_many), "num_max_dispatch_tokens_per_rank = %d", N);
+  int rc = 0;
+  {
+    LlDispatchArgs bad = a;
+    bad.x = TensorView(io.x.get(), DType::kBF16, {N + 1, H});
+    bad.topk_idx = TensorView(io.idx64.get(), DType::kI64, {N + 1, K});
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(bad, o); }, too_many, "T > N");
+  }
+  {
+    LlDispatchArgs bad = a;
+    bad.options.use_ue8m0 = true;
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(bad, o); }, "round_scale", "ue8m0 without round_scale");
+  }
+  {
+    LlDispatchOutputs bad = o;
+    bad.recv_x.shape[1] -= 1;
+    rc |= expect_invalid(
+        ctx, [&] { dispatch(a, bad); }, "recv_x must be", "recv_x too small");
+  }
+  {
+    LlHandle fresh;
+    rc |= expect_invalid(
+        ctx, [&] { buffer.ll_combine(io.combine_args(false), fresh, io.combine_outputs(), stream); },
+        "handle was not filled", "combine with an empty handle");
+  }
+  return rc;
+}
+
+int expect_late_refusals(const RankContext& ctx, Communicator& comm, Buffer& buffer, cudaStream_t stream,
+                         LlIo& io, const LlRound& r, const LlDispatchArgs& a, const LlDispatchOutputs& o) {
+  int rc = 0;
+  {
+    Buffer small(comm, 0, 4096);  // collective construction, then a refused call on every rank
+    rc |= expect_invalid(
+        ctx, [&] { small.ll_dispatch(a, io.handle, o, stream); }, "ll_size_hint", "ll_bytes too small");
+  }
+  {
+    std::vector<int64_t> ids = r.in[ctx.rank].topk_idx;
+    ids[3] = 999;  // on every rank: each reports it at its next call, before enqueuing anything
+    io.idx64.upload(ids);
+    buffer.ll_dispatch(a, io.handle, o, stream);
+    buffer.synchronize(stream);
+    rc |= expect_invalid(
+        ctx, [&] { buffer.ll_dispatch(a, io.handle, o, stream); }, "= 999", "an expert id out of range");
+    io.idx64.upload(r.in[ctx.rank].topk_idx);
+  }
+  return rc;
+}
+
 size_t ll_bytes_for(std::initializer_list<LlCase> cases, int num_ranks) {
   size_t bytes = 0;
   for (const LlCase& c : cases)

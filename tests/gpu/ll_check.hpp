@@ -128,6 +128,18 @@ int run_zero_copy_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t st
 int run_graph_capture_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, const LlCase& c,
                              uint64_t seed0);
 
+// The LL argument errors refused on every rank before anything is enqueued, intranode and across nodes
+// alike: more tokens than N, use_ue8m0 without round_scale, recv_x too small, an empty handle to combine.
+// `a` and `o` are valid arguments of io's case (top-2). 0 when each is refused naming its argument.
+int expect_common_refusals(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& io,
+                           const LlDispatchArgs& a, const LlDispatchOutputs& o);
+
+// Then: a Buffer of `comm` too small for the shape (collective construction) names ll_size_hint, and an
+// expert id out of range in every rank's round r is ignored by the kernel and reported by the next call
+// (r's ids restored afterwards). 0 when both are refused.
+int expect_late_refusals(const RankContext& ctx, Communicator& comm, Buffer& buffer, cudaStream_t stream,
+                         LlIo& io, const LlRound& r, const LlDispatchArgs& a, const LlDispatchOutputs& o);
+
 // ll_bytes covering every case.
 size_t ll_bytes_for(std::initializer_list<LlCase> cases, int num_ranks);
 
