@@ -289,11 +289,7 @@ __global__ void __launch_bounds__(kWarpThreads, 1)
     const int j = slot >= 0 ? slot / RN : 0;
     const int64_t off = j * p.x_stride0 + static_cast<int64_t>(slot >= 0 ? slot - j * RN : 0) * p.x_stride1;
     const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
-    float acc[kLlUnroll][8];
-#pragma unroll
-    for (int i = 0; i < kLlUnroll; ++i)
-#pragma unroll
-      for (int c = 0; c < 8; ++c) acc[i][c] = 0.f;
+    float acc[kLlUnroll][8] = {};
     for (uint32_t todo = cmask; todo != 0; todo &= todo - 1) {  // pick order; warp-uniform
       const int k = __ffs(todo) - 1;
       const int64_t o = __shfl_sync(~0u, off, k);
@@ -323,11 +319,7 @@ __global__ void __launch_bounds__(kWarpThreads, 1) ll_sum_kernel(const __grid_co
   for (int64_t u = gw; u < units; u += GW) {
     const int t = static_cast<int>(u / nseg), q = static_cast<int>(u - static_cast<int64_t>(t) * nseg);
     const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
-    float acc[kLlUnroll][8];
-#pragma unroll
-    for (int i = 0; i < kLlUnroll; ++i)
-#pragma unroll
-      for (int c = 0; c < 8; ++c) acc[i][c] = 0.f;
+    float acc[kLlUnroll][8] = {};
     for (uint64_t m = p.dst_mask[t]; m != 0; m &= m - 1) {  // rank order
       const int d = __ffsll(static_cast<long long>(m)) - 1;
       const int4* src =

@@ -99,11 +99,7 @@ __device__ bool holder_unit(const LlCombineParams& p, uint64_t n, int s, int t, 
   const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
   const char* x = static_cast<const char*>(p.x);
 
-  float acc[kLlUnroll][8];
-#pragma unroll
-  for (int i = 0; i < kLlUnroll; ++i)
-#pragma unroll
-    for (int c = 0; c < 8; ++c) acc[i][c] = 0.f;
+  float acc[kLlUnroll][8] = {};
   uint32_t todo = cmask, use = 0;
   float wt = 0.f;
   bool waited = false;
@@ -205,11 +201,7 @@ __device__ bool combine_recv(const LlCombineParams& p, uint64_t n, int64_t gw, i
     __syncwarp();
     if (!__all_sync(~0u, ok)) return false;
     const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
-    float acc[kLlUnroll][8];
-#pragma unroll
-    for (int i = 0; i < kLlUnroll; ++i)
-#pragma unroll
-      for (int c = 0; c < 8; ++c) acc[i][c] = 0.f;
+    float acc[kLlUnroll][8] = {};
     uint64_t todo = mask;
     while (todo != 0) {  // kBatch ranks' rows in flight at once, added in rank order
       int4 v[kBatch][kLlUnroll];
