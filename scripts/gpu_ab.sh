@@ -3,11 +3,12 @@
 # Device time is scarce and cards differ between calls (H100 / H200), so a comparison is only worth
 # making within one call, with the baseline rebuilt and rerun beside the change.
 #
-#   Local:  scripts/gpu_ab.sh prepare BASE_REV [DIR]   DIR (default .snap) = this checkout's HEAD, with
-#           BASE_REV exported into DIR/base and .deps copied in; send DIR with the device call (carry).
+#   Local:  scripts/gpu_ab.sh prepare BASE_REV [DIR [NAME=REV ...]]   DIR (default .snap) = this checkout's
+#           HEAD, with BASE_REV exported into DIR/base, each further REV into DIR/NAME (a TREE of that name,
+#           for bisecting a branch in one call) and .deps copied in; send DIR with the device call (carry).
 #   Device: cd DIR && scripts/gpu_ab.sh run [el_bench args]   (builds first; `build` alone only builds, so
 #           other builds can share the CPUs before anything is timed)
-#           AB_VARIANTS lists what runs, each NAME=TREE[,VAR=VALUE...] with TREE "base" or "cur";
+#           AB_VARIANTS lists what runs, each NAME=TREE[,VAR=VALUE...] with TREE "base", "cur" or a NAME;
 #           default "base=base cur=cur". Example: AB_VARIANTS="base=base cur=cur bulk=cur,EXPERTLINK_HT_COPY=bulk"
 #           AB_CMAKE_ARGS go to both builds, AB_CMAKE_ARGS_CUR to the current tree's only (e.g.
 #           -DEXPERTLINK_HT_MIN_CHUNK=64). AB_EXTRA adds builds of the current tree, each NAME:ARG[,ARG...],
@@ -22,17 +23,26 @@ source scripts/cmake_args.sh
 
 prepare() {
   local rev=$1 dir=${2:-.snap}
+  shift $(($# < 2 ? $# : 2))
   rm -rf "$dir" && mkdir -p "$dir/base"
   git archive HEAD | tar -x -C "$dir"
   git archive "$rev" | tar -x -C "$dir/base"
-  [ -d .deps ] && cp -r .deps "$dir/"
   echo "$dir: HEAD $(git rev-parse --short HEAD), base $(git rev-parse --short "$rev")"
+  local tree
+  for tree in "$@"; do  # NAME=REV: more trees, built beside base and cur
+    mkdir -p "$dir/${tree%%=*}" && git archive "${tree#*=}" | tar -x -C "$dir/${tree%%=*}" || return 1
+    echo "${tree%%=*}" >>"$dir/.ab_trees"
+    echo "$dir/${tree%%=*}: $(git rev-parse --short "${tree#*=}")"
+  done
+  [ -d .deps ] && cp -r .deps "$dir/"
 }
 
-# The builds run side by side (base, cur, each AB_EXTRA): each gets an equal part of the CPUs, and the
+extra_trees() { [ -f .ab_trees ] && cat .ab_trees; true; }
+
+# The builds run side by side (base, cur, each extra tree and AB_EXTRA): each gets an equal part of the CPUs, and the
 # tests tree, when asked for, one more such part.
 jobs_per_build() {
-  local n=$(($(nproc) / (2 + $(wc -w <<<"${AB_EXTRA:-}"))))
+  local n=$(($(nproc) / (2 + $(wc -w <<<"${AB_EXTRA:-} $(extra_trees)"))))
   echo $((n > 0 ? n : 1))  # at least one (fewer CPUs than builds)
 }
 
@@ -46,6 +56,9 @@ build() {  # TREE_DIR BUILD_DIR EXTRA_CMAKE_ARGS
 build_all() {
   local pids=()
   [ -d base ] && { build base build-ab-base "${AB_CMAKE_ARGS:-}" & pids+=($!); }
+  for tree in $(extra_trees); do
+    build "$tree" "build-ab-$tree" "${AB_CMAKE_ARGS:-}" & pids+=($!)
+  done
   build . build-ab-cur "${AB_CMAKE_ARGS:-} ${AB_CMAKE_ARGS_CUR:-}" & pids+=($!)
   for extra in ${AB_EXTRA:-}; do
     build . "build-ab-${extra%%:*}" "${AB_CMAKE_ARGS:-} ${AB_CMAKE_ARGS_CUR:-} $(tr , ' ' <<<"${extra#*:}")" & pids+=($!)
