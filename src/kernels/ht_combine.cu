@@ -129,28 +129,6 @@ __global__ void __launch_bounds__(kCombineThreads, 1) ht_combine_kernel(HtCombin
                int64_t(pos) * p.record_bytes;
       };
       char* out_row = static_cast<char*>(p.out) + int64_t(t) * p.out_row_stride * 2;
-      // Lane k's weight from rank d's row of the token (summed when out_topk_weights is asked for). The first
-      // two sources' are requested before the rows (after the rows' stores each would wait for them:
-      // they might alias).
-      auto weight_of = [&](int d, int pos) -> float {
-        if (d == me)
-          return static_cast<const float*>(
-              p.topk_weights
-                  .data)[(local_row0 + pos) * p.topk_weights.row_stride + lane * p.topk_weights.col_stride];
-        return __ldcg(reinterpret_cast<const float*>(row_of(d, pos) + 2ll * H) + lane);
-      };
-      float first_weights[2] = {0.f, 0.f};
-      if (p.out_topk_weights != nullptr) {
-        uint64_t m = mask;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          if (m == 0) break;  // warp-uniform
-          const int d = __ffsll(m) - 1;
-          m &= m - 1;
-          const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
-          if (lane < K) first_weights[i] = weight_of(d, pos);
-        }
-      }
       // Two rows and no bias (every token of a 2-rank run that reaches both ranks): both rows' vectors are
       // requested before any is summed, and no accumulator lives across them, so twice the loads are in
       // flight in fewer registers. The sum is the oracle's: (0 + first row) + second row, rounded once.
@@ -222,11 +200,17 @@ __global__ void __launch_bounds__(kCombineThreads, 1) ht_combine_kernel(HtCombin
       }
       if (p.out_topk_weights != nullptr) {  // requires topk_weights (checked on the host)
         float sum = 0.f;
-        int i = 0;
-        for (uint64_t m = mask; m != 0; m &= m - 1, ++i) {
+        for (uint64_t m = mask; m != 0; m &= m - 1) {
           const int d = __ffsll(m) - 1;
           const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
-          if (lane < K) sum += i == 0 ? first_weights[0] : i == 1 ? first_weights[1] : weight_of(d, pos);
+          if (lane < K) {
+            if (d == me)
+              sum += static_cast<const float*>(
+                  p.topk_weights.data)[(local_row0 + pos) * p.topk_weights.row_stride +
+                                       lane * p.topk_weights.col_stride];
+            else
+              sum += __ldcg(reinterpret_cast<const float*>(row_of(d, pos) + 2ll * H) + lane);
+          }
         }
         if (lane < K) p.out_topk_weights[int64_t(t) * K + lane] = sum;
       }
