@@ -222,7 +222,6 @@ __global__ void __launch_bounds__(kCombineThreads, 1) ht_combine_kernel(HtCombin
   if (warp < S) {
     // ---- send (warps [0, S)): source s's chunk c of expert outputs back into s's area ----
     const int items = source_chunk_items(w, p.handle.src_tokens);
-    uint64_t ready_seen = 0;           // thread 0: sources whose area it has seen free this round
     for (int k = 0, mine = 0;; ++k) {  // tickets drawn; items of a live source this block published
       const int item = ticket[k & 1];
       if (item >= items) break;
@@ -231,21 +230,16 @@ __global__ void __launch_bounds__(kCombineThreads, 1) ht_combine_kernel(HtCombin
       if (sc.valid) {
         ++mine;
         if (threadIdx.x == 0) ht_stamp(p.trace, m, kHtSendStart);
-        // The item's range, its first row and s's window, requested together.
         const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
         const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
-        const int64_t row0 = p.handle.rank_prefix[s];
-        char* const s_base = w.peer_base[s];
         if (r0 < r1) {
-          // s's area is free for this round: waited for once per source (thread 0 keeps what it saw).
-          if (threadIdx.x == 0 && ((ready_seen >> s) & 1) == 0) {
+          if (threadIdx.x == 0)
             send_abort = !wait_geq(control_u64(w.local_base, control::kCombineReady, s), round, ctx,
                                    WaitSite::kHtCombineReady, s, 0);
-            ready_seen |= 1ull << s;
-          }
           role_barrier(kSendBarrier, S);
           if (send_abort) break;
-          char* seg = area_segment(s_base, p.area_offset, me, s, p.area_rows, p.record_bytes);
+          const int64_t row0 = p.handle.rank_prefix[s];
+          char* seg = area_segment(w.peer_base[s], p.area_offset, me, s, p.area_rows, p.record_bytes);
           for (int r = r0 + warp; r < r1; r += S) {
             const int64_t row = row0 + r;
             char* rec = seg + int64_t(r) * p.record_bytes;

@@ -209,7 +209,6 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       const int s = sc.source, c = sc.chunk;
       const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
       const int r0 = sc.valid ? chunk_prefix[c] : 0, r1 = sc.valid ? chunk_prefix[c + 1] : 0;
-      const int64_t row0 = p.handle.rank_prefix[s];  // requested with the range, not after the wait
       const int m = mine;
       if (r0 < r1) {
         ++mine;
@@ -221,6 +220,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
         role_barrier(kRecvBarrier, kRecvWarps);
         if (rtid == 0) ht_stamp(p.trace, m, kHtRecvArrived);
         if (recv_abort) break;
+        const int64_t row0 = p.handle.rank_prefix[s];
         const char* seg = area_segment(w.local_base, p.area_offset, s, me, p.area_rows, p.record_bytes);
         for (int r = r0 + rwarp; r < r1; r += kRecvWarps) {
           const int64_t row = row0 + r;
