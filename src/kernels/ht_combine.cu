@@ -8,9 +8,11 @@ namespace expertlink::kernels {
 namespace {
 
 // Threads per combine block (EXPERTLINK_HT_COMBINE_THREADS, a build option): fewer threads get more
-// registers each (768: 80), for more loads in flight per warp without spills.
+// registers each (768: 80), for more loads in flight per warp without spills. 2x H200, combine at
+// 24 / 16 / 8 SMs: 1024 threads 237.6 / 274.9 / 482.5 us, 896: 234.2 / 273.0 / 471.8, 768:
+// 232.8 / 268.1 / 464.2, 640: 238.3 / 259.3 / 446.4 (docs/ht_performance.md).
 #ifndef EXPERTLINK_HT_COMBINE_THREADS
-#define EXPERTLINK_HT_COMBINE_THREADS 1024
+#define EXPERTLINK_HT_COMBINE_THREADS 768
 #endif
 inline constexpr int kCombineThreads = EXPERTLINK_HT_COMBINE_THREADS;
 // A block's warps [0, kCombineSendWarps) send this rank's expert outputs back to their sources, then join
