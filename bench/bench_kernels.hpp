@@ -20,6 +20,9 @@ void launch_fill_expert_outputs(uint16_t* rows, const RowId* ids, const int64_t*
                                 const uint16_t* all_x, int64_t tokens, int64_t hidden, Family family,
                                 int dst_rank, cudaStream_t stream);
 
+// Reads n vectors of `data` (every byte through the L2) and folds them into *sink, so the reads stay.
+void launch_read_buffer(const uint4* data, int64_t n, unsigned* sink, cudaStream_t stream);
+
 // What a row check found: `count` mismatching elements; the first one (smallest row, then column; rows
 // are indices into ids) is row = first >> 32, column = first & 0xffffffff, where columns [0, hidden) are
 // values, [hidden, hidden + hidden/128) scales and hidden + hidden/128 the source info.

@@ -182,8 +182,8 @@ int main(int argc, char** argv) {
     return rc != 0 ? rc : 1;
   }
   if (!opts.recorded()) {
-    std::printf("el_bench: not recorded (%s): figures need --iters >= 50\n",
-                opts.quick ? "--quick" : "--iters < 50");
+    std::printf("el_bench: not recorded (%s): figures need --iters >= 50 and --l2-flush write\n",
+                opts.quick ? "--quick" : opts.iters < 50 ? "--iters < 50" : "--l2-flush not write");
     return 0;
   }
   std::error_code ec;

@@ -52,6 +52,11 @@ int parse_options(int argc, const char* const* argv, const char* commit_env, Opt
                  "split the GPUs into this many emulated nodes (NCCL_HOSTID per rank, NET transport): the "
                  "internode path on one host; use another --out than the intranode run")
       ->check(CLI::Range(1, 64));
+  app.add_option("--l2-flush", o.l2_flush,
+                 "how the L2 is emptied before each run: write (WORKLOADS.md; the only way recorded), read "
+                 "(clean lines left) or off; read and off are for diagnosis")
+      ->check(CLI::IsMember({"write", "read", "off"}))
+      ->capture_default_str();
   app.add_option("--timeout", o.timeout_s, "seconds the whole run may take before every rank is killed")
       ->check(CLI::Range(10.0, 86400.0));
 

@@ -28,11 +28,15 @@ struct Options {
   // > 1: each rank gets NCCL_HOSTID of node rank / (R / n) and NCCL's P2P/SHM transports are off, so the
   // communicator spans n "nodes" of this host (ExpertLink then takes its internode path; docs/internode.md).
   int emulate_nodes = 1;
+  // How the L2 is emptied before each timed run: "write" (WORKLOADS.md, the only recorded way), "read"
+  // (the same 256 MiB read, so the L2 holds clean lines) or "off"; the other two are for diagnosis.
+  std::string l2_flush = "write";
 
   // Derived from the above by parse_options.
   std::vector<Op> ops;
   std::vector<workload::Routing> routings;
-  bool recorded() const { return iters >= 50 && !quick; }  // WORKLOADS.md: figures are medians of >= 50
+  // WORKLOADS.md: figures are medians of >= 50, with the L2 flushed by writing.
+  bool recorded() const { return iters >= 50 && !quick && l2_flush == "write"; }
 };
 
 inline constexpr const char* kDefaultOutDir = EL_BENCH_DEFAULT_OUT;

@@ -121,7 +121,7 @@ RankOutput run_rank(const Options& options, std::optional<double> peer_gbps,
   EL_NCCL_CHECK(ncclGetVersion(&out.nccl_version));
 
   Stream stream;
-  Timer timer(comm.nccl(), stream.s, options.warmup, options.iters, kWaitTimeoutS);
+  Timer timer(comm.nccl(), stream.s, options.warmup, options.iters, kWaitTimeoutS, options.l2_flush);
   std::vector<std::unique_ptr<Impl>> impls = make_impls(options.libraries, kWaitTimeoutS, options.sms);
   const bool lead = ctx.rank == 0;
   if (lead) {

@@ -2,6 +2,7 @@
 
 #include <chrono>
 
+#include "bench_kernels.hpp"
 #include "check.hpp"
 #include "workloads.hpp"
 
@@ -37,12 +38,14 @@ void wait_stream(cudaStream_t stream, double timeout_s, const char* what) {
   wait_stream(stream, ev, timeout_s, what);
 }
 
-Timer::Timer(ncclComm_t comm, cudaStream_t stream, int warmup, int iters, double wait_timeout_s)
+Timer::Timer(ncclComm_t comm, cudaStream_t stream, int warmup, int iters, double wait_timeout_s,
+             const std::string& l2_flush)
     : comm_(comm),
       stream_(stream),
       warmup_(warmup),
       iters_(iters),
       wait_timeout_s_(wait_timeout_s),
+      l2_flush_(l2_flush),
       flush_(kFlushBytes),
       scratch_(sizeof(double) * (kMaxRanks + 2)),
       host_(sizeof(double) * (kMaxRanks + 2)) {
@@ -51,6 +54,11 @@ Timer::Timer(ncclComm_t comm, cudaStream_t stream, int warmup, int iters, double
 }
 
 void Timer::flush_l2() {
+  if (l2_flush_ == "off") return;
+  if (l2_flush_ == "read") {  // the L2 left full of clean lines (diagnosis: what dirty lines cost)
+    launch_read_buffer(flush_.as<uint4>(), flush_.bytes() / sizeof(uint4), scratch_.as<unsigned>(), stream_);
+    return;
+  }
   // A different value each time: every byte of the 256 MiB is really written, evicting the L2 (50-60 MB).
   EL_CUDA_CHECK(
       cudaMemsetAsync(flush_.as(), static_cast<int>(++flush_value_ & 0xff), flush_.bytes(), stream_));

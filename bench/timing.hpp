@@ -5,6 +5,7 @@
 #pragma once
 
 #include <functional>
+#include <string>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -28,7 +29,9 @@ struct Timed {
 
 class Timer {
  public:
-  Timer(ncclComm_t comm, cudaStream_t stream, int warmup, int iters, double wait_timeout_s);
+  // l2_flush: "write", "read" or "off" (Options::l2_flush).
+  Timer(ncclComm_t comm, cudaStream_t stream, int warmup, int iters, double wait_timeout_s,
+        const std::string& l2_flush = "write");
 
   // Collective: every rank calls it for the same operation. `run` enqueues one operation on the stream.
   // `before` (before the L2 flush and the line-up) and `after` (after the end event) enqueue untimed work
@@ -48,6 +51,7 @@ class Timer {
   cudaStream_t stream_;
   int warmup_, iters_;
   double wait_timeout_s_;
+  std::string l2_flush_;
   int num_ranks_ = 1;
   DeviceBuffer flush_;    // 256 MiB written before every run
   DeviceBuffer scratch_;  // barrier word and the gathered doubles

@@ -205,6 +205,20 @@ TEST(BenchOptions, QuickIsNotRecordedAndFewIterationsAreNot) {
   EXPECT_EQ(few.commit, "zz");
 }
 
+TEST(BenchOptions, OnlyTheWritingL2FlushIsRecorded) {
+  eb::Options d;
+  ASSERT_EQ(parse({}, d), -1);
+  EXPECT_EQ(d.l2_flush, "write");
+  for (const char* mode : {"read", "off"}) {
+    eb::Options o;
+    ASSERT_EQ(parse({"--l2-flush", mode}, o), -1) << mode;
+    EXPECT_EQ(o.l2_flush, mode);
+    EXPECT_FALSE(o.recorded()) << mode;
+  }
+  eb::Options bad;
+  EXPECT_NE(parse({"--l2-flush", "none"}, bad), -1);
+}
+
 TEST(BenchOptions, SmCountsAndLibraries) {
   eb::Options d;
   ASSERT_EQ(parse({}, d), -1);
