@@ -183,7 +183,9 @@ int main(int argc, char** argv) {
   }
   if (!opts.recorded()) {
     std::printf("el_bench: not recorded (%s): figures need --iters >= 50 and --l2-flush write\n",
-                opts.quick ? "--quick" : opts.iters < 50 ? "--iters < 50" : "--l2-flush not write");
+                opts.quick        ? "--quick"
+                : opts.iters < 50 ? "--iters < 50"
+                                  : "--l2-flush not write");
     return 0;
   }
   std::error_code ec;
