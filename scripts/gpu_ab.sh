@@ -14,7 +14,8 @@
 #           -DEXPERTLINK_HT_MIN_CHUNK=64). AB_EXTRA adds builds of the current tree, each NAME:ARG[,ARG...],
 #           space-separated, usable as a TREE: AB_EXTRA="s6:-DEXPERTLINK_HT_COMBINE_SENDERS=6"
 #           AB_VARIANTS="base=base cur=cur s6=s6". AB_TESTS=1 also builds the current tree's GPU cases
-#           beside them and runs them after the timings (their log goes to $OUT when set). Default el_bench
+#           beside them and runs them after the timings (their log goes to $OUT when set; AB_TESTS_REGEX
+#           picks some by name, as ctest -R). Default el_bench
 #           args: HT workloads, uniform routing, 24 and 8 SMs.
 # Prints one row per (workload, SMs) and one column (us) per variant; NCCL's baseline runs with the first.
 set -uo pipefail
@@ -104,7 +105,8 @@ for (workload, lib, sms), by in sorted(table.items()):
     print(f"{workload:<26}{lib:<11}{sms:>4}" + "".join(f"{by.get(n, '-'):>14}" for n in names))
 EOF
   if [ "${AB_TESTS:-0}" = 1 ]; then
-    (cd build-ab-tests && timeout 330 ctest -L gpu --timeout 120) >"$out/gpu_tests.log" 2>&1
+    (cd build-ab-tests && timeout 330 ctest -L gpu --timeout 120 ${AB_TESTS_REGEX:+-R "$AB_TESTS_REGEX"}) \
+      >"$out/gpu_tests.log" 2>&1
     grep -E 'tests passed|tests failed' "$out/gpu_tests.log" | tail -1 | sed 's/^/gpu tests (cur): /'
     grep -E '^\s*[0-9]+ - .*\((Failed|Timeout|Not Run)\)' "$out/gpu_tests.log"
     [ -n "${OUT:-}" ] && cp "$out/gpu_tests.log" "$OUT"/

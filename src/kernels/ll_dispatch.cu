@@ -17,9 +17,11 @@ namespace {
 // thread holds the 2 vectors (16 channels) of one chunk per pair.
 constexpr int kXVecs = kLlMaxHidden / 8 / kLlThreads;
 static_assert(kXVecs * 8 * kLlThreads == kLlMaxHidden && kXVecs % 2 == 0, "the x prefetch covers a row");
-// Tokens a thread scans when counting picks: T <= kLlMaxTokens = kCountTokens * kLlThreads.
-constexpr int kCountTokens = kLlMaxTokens / kLlThreads;
-static_assert(kCountTokens * kLlThreads == kLlMaxTokens, "the pick scan covers N tokens");
+// Picks counting: a half-warp takes one token, a lane per pick (K <= 16 = half a warp), and has this many
+// tokens' picks in flight at once.
+constexpr int kPickUnroll = 4;
+constexpr int kPickHalves = kLlThreads / 16;  // tokens per block and step
+static_assert(kLlMaxTopk <= 16, "a token's picks fit half a warp");
 
 struct SendShared {
   int hist[kLlMaxExperts];     // picks per expert of the tokens before the one being sent
@@ -38,44 +40,44 @@ __device__ __forceinline__ int64_t pick(const LlDispatchParams& p, int t, int k)
   return load_index(p.topk_idx, p.idx_type, t * p.idx_row_stride + k * p.idx_col_stride);
 }
 
-// Valid expert ids (or -1) of the tokens t = threadIdx.x + i * kLlThreads < t_end; invalid ids are
-// ignored here (token_header reports them).
-__device__ __forceinline__ void load_picks(const LlDispatchParams& p, int t_end,
-                                           int (&e)[kCountTokens][kLlMaxTopk]) {
-  const int K = p.g.topk, E = p.g.num_experts;
-  // Every load is issued before any value is used: the checks below branch on the value, and a branch
-  // between two loads made each wait for the one before it (K round trips instead of one: the trace's
-  // 5.9 us load phase).
-  int64_t v[kCountTokens][kLlMaxTopk];
+// The picks of one step of tokens: lane k of half-warp h holds pick k of token h + step + j * kPickHalves.
+struct PickStep {
+  int64_t v[kPickUnroll];
+};
+
+__device__ __forceinline__ void load_pick_step(const LlDispatchParams& p, int t_end, int step, PickStep& s) {
+  const int k = threadIdx.x & 15, h = static_cast<int>(threadIdx.x >> 4);
 #pragma unroll
-  for (int i = 0; i < kCountTokens; ++i) {
-    const int t = static_cast<int>(threadIdx.x) + i * kLlThreads;
-#pragma unroll
-    for (int k = 0; k < kLlMaxTopk; ++k) v[i][k] = t < t_end && k < K ? pick(p, t, k) : -1;
-  }
-#pragma unroll
-  for (int i = 0; i < kCountTokens; ++i) {
-#pragma unroll
-    for (int k = 0; k < kLlMaxTopk; ++k) {
-      // A masked rank's picks count as -1 (32-bit division, and none at all while nothing is masked).
-      e[i][k] = v[i][k] >= 0 && v[i][k] < E &&
-                        (p.win.masked == 0 || rank_live(p.win, static_cast<int>(v[i][k]) / p.g.local_experts))
-                    ? static_cast<int>(v[i][k])
-                    : -1;
-    }
+  for (int j = 0; j < kPickUnroll; ++j) {
+    const int t = h + step + j * kPickHalves;
+    s.v[j] = t < t_end && k < p.g.topk ? pick(p, t, k) : -1;
   }
 }
 
-// Adds each loaded token's distinct experts to the histogram (a token counts an expert once).
-__device__ __forceinline__ void count_picks(const int (&e)[kCountTokens][kLlMaxTopk], int* hist) {
+// Adds the distinct valid experts of tokens [0, t_end) to hist (a token counts an expert once; invalid ids
+// are left to token_header to report, a masked rank's picks count as -1). `first` holds step 0's picks,
+// loaded by the caller before its barrier. The work is T * K lanes, issued once: each thread walking
+// every (token, pick) slot it might own, fully unrolled and mostly predicated off, made the count
+// issue-bound (~2,600 instructions per warp, 16 warps per block: the trace's 5.4 us load phase).
+__device__ void count_picks(const LlDispatchParams& p, int t_end, const PickStep& first, int* hist) {
+  const int K = p.g.topk, E = p.g.num_experts, k = threadIdx.x & 15;
+  const int warp_first = static_cast<int>(threadIdx.x >> 4) & ~1;  // both halves of a warp loop alike
+  PickStep s = first;
+  for (int step = 0; warp_first + step < t_end; step += kPickUnroll * kPickHalves) {
+    if (step > 0) load_pick_step(p, t_end, step, s);
 #pragma unroll
-  for (int i = 0; i < kCountTokens; ++i) {
-#pragma unroll
-    for (int k = 0; k < kLlMaxTopk; ++k) {
-      bool first = e[i][k] >= 0;
-#pragma unroll
-      for (int k2 = 0; k2 < k; ++k2) first = first && e[i][k2] != e[i][k];
-      if (first) atomicAdd(&hist[e[i][k]], 1);
+    for (int j = 0; j < kPickUnroll; ++j) {
+      const int64_t v = s.v[j];
+      const int e = v >= 0 && v < E &&
+                            (p.win.masked == 0 || rank_live(p.win, static_cast<int>(v) / p.g.local_experts))
+                        ? static_cast<int>(v)
+                        : -1;
+      bool dup = false;  // an earlier pick of the token names the same expert
+      for (int k2 = 0; k2 + 1 < K; ++k2) {
+        const int e2 = __shfl_sync(~0u, e, k2, 16);
+        dup = dup || (k2 < k && e2 == e);
+      }
+      if (e >= 0 && !dup) atomicAdd(&hist[e], 1);
     }
   }
 }
@@ -188,8 +190,9 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
   if (t0 < t1) load_x(p, t0, xr);
   int64_t own = -1;
   if (t0 < t1 && threadIdx.x < K) own = pick(p, t0, threadIdx.x);
-  int e[kCountTokens][kLlMaxTopk];
-  load_picks(p, meta_block ? T : t0, e);
+  const int t_count = meta_block ? T : t0;  // the tokens whose picks this block counts
+  PickStep first;
+  load_pick_step(p, t_count, 0, first);
   for (int i = threadIdx.x; i < E; i += kLlThreads) sh.hist[i] = 0;
   for (int i = threadIdx.x; i < R; i += kLlThreads) sh.window[i] = w.peer_base[i];
   const int fd = static_cast<int>(threadIdx.x) - (kLlThreads - R);  // receiver d of the last R threads
@@ -197,7 +200,7 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
       !ll_wait_free(w, control::ll::kDispatchFree, p.parity, n, WaitSite::kLlDispatchFree, fd))
     *failed = 1;
   __syncthreads();
-  count_picks(e, sh.hist);
+  count_picks(p, t_count, first, sh.hist);
   __syncthreads();
   if (*failed) return false;
   ll_stamp(p.trace, kDispSendLoaded);
