@@ -17,9 +17,8 @@ namespace {
 inline constexpr int kCombineThreads = EXPERTLINK_HT_COMBINE_THREADS;
 // A block's warps [0, kCombineSendWarps) send this rank's expert outputs back to their sources, then join
 // the reduce; the other warps reduce from the start. The reduce is bound by the loads it has in flight
-// (with 1024 threads a thread has 64 registers: 4 vectors of 16 bytes per lane per source row), so it
-// gets most of the warps. Measured on 2x H200 (2026-11-28, T = 4096, H = 7168, 24 / 16 / 8 SMs): 16
-// senders 302 / 348 / 595 us, 12: 283 / 324 / 553, 10: 274 / 314 / 544, 8: 267 / 311 / 525; 6 and 4
+// (4 vectors of 16 bytes per lane per source row), so it gets most of the warps. Measured on 2x H200 with
+// 1024 threads (2026-11-28, T = 4096, H = 7168, 24 / 16 / 8 SMs): 16 senders 302 / 348 / 595 us, 12: 283 / 324 / 553, 10: 274 / 314 / 544, 8: 267 / 311 / 525; 6 and 4
 // collapsed at 16 and 24 SMs (2000+ us). The bulk (TMA) reduce that was the default with 16 senders
 // needs 12 KB of shared memory per reducing warp, so it cannot have more than 18 of them; with 14 it
 // took 308 / 375 / 668 us, and it was removed (docs/ht_performance.md). EXPERTLINK_HT_COMBINE_SENDERS
@@ -28,14 +27,14 @@ inline constexpr int kCombineThreads = EXPERTLINK_HT_COMBINE_THREADS;
 #define EXPERTLINK_HT_COMBINE_SENDERS 8
 #endif
 inline constexpr int kCombineSendWarps = EXPERTLINK_HT_COMBINE_SENDERS;
-// Up to 32 warps per block may wait on the same chunk's flag, so their polls are spaced (2x H200,
+// Every warp of a block may wait on the same chunk's flag, so their polls are spaced (2x H200,
 // 2026-11-28: 200 ns gave combine -0.2 to -1.2 % with 8 senders and -9 % at 24 SMs with 6, where back to
 // back polling slowed the senders). EXPERTLINK_HT_POLL_SLEEP_NS (a build option) sets it.
 #ifndef EXPERTLINK_HT_POLL_SLEEP_NS
 #define EXPERTLINK_HT_POLL_SLEEP_NS 200
 #endif
 // 16-byte vectors per lane in flight from each source row (EXPERTLINK_HT_REDUCE_UNROLL, a build option;
-// ptxas at 64 registers: 4 spills 300 bytes, 3 156, 2 none).
+// ptxas at 1024 threads, 64 registers: 4 spilled 300 bytes, 3 156, 2 none; at 768 threads none spills).
 #ifndef EXPERTLINK_HT_REDUCE_UNROLL
 #define EXPERTLINK_HT_REDUCE_UNROLL 4
 #endif
