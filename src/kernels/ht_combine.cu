@@ -18,11 +18,11 @@ inline constexpr int kCombineThreads = EXPERTLINK_HT_COMBINE_THREADS;
 // A block's warps [0, kCombineSendWarps) send this rank's expert outputs back to their sources, then join
 // the reduce; the other warps reduce from the start. The reduce is bound by the loads it has in flight
 // (4 vectors of 16 bytes per lane per source row), so it gets most of the warps. Measured on 2x H200 with
-// 1024 threads (2026-11-28, T = 4096, H = 7168, 24 / 16 / 8 SMs): 16 senders 302 / 348 / 595 us, 12: 283 / 324 / 553, 10: 274 / 314 / 544, 8: 267 / 311 / 525; 6 and 4
-// collapsed at 16 and 24 SMs (2000+ us). The bulk (TMA) reduce that was the default with 16 senders
-// needs 12 KB of shared memory per reducing warp, so it cannot have more than 18 of them; with 14 it
-// took 308 / 375 / 668 us, and it was removed (docs/ht_performance.md). EXPERTLINK_HT_COMBINE_SENDERS
-// (a build option) sets the count for experiments.
+// 1024 threads (2026-11-28, T = 4096, H = 7168, 24 / 16 / 8 SMs): 16 senders 302 / 348 / 595 us, 12: 283 /
+// 324 / 553, 10: 274 / 314 / 544, 8: 267 / 311 / 525; 6 and 4 collapsed at 16 and 24 SMs (2000+ us). The bulk
+// (TMA) reduce that was the default with 16 senders needs 12 KB of shared memory per reducing warp, so it
+// cannot have more than 18 of them; with 14 it took 308 / 375 / 668 us, and it was removed
+// (docs/ht_performance.md). EXPERTLINK_HT_COMBINE_SENDERS (a build option) sets the count for experiments.
 #ifndef EXPERTLINK_HT_COMBINE_SENDERS
 #define EXPERTLINK_HT_COMBINE_SENDERS 8
 #endif

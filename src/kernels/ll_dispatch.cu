@@ -68,10 +68,10 @@ __device__ void count_picks(const LlDispatchParams& p, int t_end, const PickStep
 #pragma unroll
     for (int j = 0; j < kPickUnroll; ++j) {
       const int64_t v = s.v[j];
-      const int e = v >= 0 && v < E &&
-                            (p.win.masked == 0 || rank_live(p.win, static_cast<int>(v) / p.g.local_experts))
-                        ? static_cast<int>(v)
-                        : -1;
+      const int e =
+          v >= 0 && v < E && (p.win.masked == 0 || rank_live(p.win, static_cast<int>(v) / p.g.local_experts))
+              ? static_cast<int>(v)
+              : -1;
       bool dup = false;  // an earlier pick of the token names the same expert
       for (int k2 = 0; k2 + 1 < K; ++k2) {
         const int e2 = __shfl_sync(~0u, e, k2, 16);
