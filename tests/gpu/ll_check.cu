@@ -430,6 +430,52 @@ int run_two_split(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, L
          check_combine(ctx, a, ra, y_seed_a) != 0 || check_combine(ctx, b, rb, y_seed_b) != 0;
 }
 
+int run_mixed_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& a1, LlIo& a2,
+                     LlIo& b1, uint64_t seed0, int min_calls, const std::function<int(uint64_t)>& between) {
+  const int R = ctx.num_ranks;
+  auto tokens = [&](const LlCase& c, uint64_t s) {
+    std::vector<int> t(R);
+    for (int i = 0; i < R; ++i)
+      t[i] = static_cast<int>(((s >> 7) * 2654435761ull + 97ull * i) % (c.capacity + 1));
+    return t;
+  };
+  const LlCase &a = a1.c, &b = b1.c;
+  int calls = 0;
+  for (int round = 0; calls < min_calls; ++round) {
+    const uint64_t seed = seed0 + 7919ull * round;
+    if (round % 25 == 24 && between(seed) != 0) return -1;
+    switch (round % 3) {
+      case 0: {  // fused
+        if (run_fused(ctx, buffer, stream, a1, make_round(a, R, seed, tokens(a, seed)), seed + 3) != 0)
+          return -1;
+        calls += 1;
+        break;
+      }
+      case 1: {  // split, one in flight
+        LlRound r = make_round(b, R, seed, tokens(b, seed));
+        b1.load(r, stream);
+        LlRecvHook h = buffer.ll_dispatch(b1.dispatch_args(true), b1.handle, b1.dispatch_outputs(), stream);
+        h(stream);
+        b1.fill_expert_outputs(seed + 3, stream);
+        LlRecvHook hc = buffer.ll_combine(b1.combine_args(true), b1.handle, b1.combine_outputs(), stream);
+        hc(stream);
+        buffer.synchronize(stream);
+        if (check_dispatch(ctx, b1, r) != 0 || check_combine(ctx, b1, r, seed + 3) != 0) return -1;
+        calls += 1;
+        break;
+      }
+      default: {  // split, two in flight
+        LlRound r1 = make_round(a, R, seed, tokens(a, seed));
+        LlRound r2 = make_round(a, R, seed + 1, tokens(a, seed + 977));
+        if (run_two_split(ctx, buffer, stream, a1, r1, seed + 3, a2, r2, seed + 4) != 0) return -1;
+        calls += 2;
+        break;
+      }
+    }
+  }
+  return calls;
+}
+
 int run_hook_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, const LlCase& c,
                     uint64_t seed0, int rounds) {
   const int R = ctx.num_ranks;

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -108,6 +109,13 @@ int run_fused(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo&
 // output checked. 0 when all match.
 int run_two_split(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& a, const LlRound& ra,
                   uint64_t y_seed_a, LlIo& b, const LlRound& rb, uint64_t y_seed_b);
+
+// LL calls of every kind on one buffer until at least `min_calls` have run, round after round: fused
+// (a1's case), split with one call in flight (b1's), two split calls in flight (a1's and a2's, one case),
+// each round's token counts 0..N varying per rank; `between(seed)` runs before every 25th round (e.g. an
+// HT round on the same buffer). Every result against the oracle. The number of calls, or -1 on a failure.
+int run_mixed_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& a1, LlIo& a2,
+                     LlIo& b1, uint64_t seed0, int min_calls, const std::function<int(uint64_t)>& between);
 
 // Per-rank token counts: all N, or given.
 std::vector<int> full_tokens(const LlCase& c, int num_ranks);

@@ -182,44 +182,9 @@ GPU_CASE(ll_1000_rounds_one_buffer_mixed_with_ht, 2, 600) {
   Buffer& buf = env.buffer;
   cudaStream_t st = env.stream;
   LlIo a1(a, R, ctx.rank), a2(a, R, ctx.rank), b1(b, R, ctx.rank);
-  auto tokens = [&](const LlCase& c, uint64_t s) {
-    std::vector<int> t(R);
-    for (int i = 0; i < R; ++i)
-      t[i] = static_cast<int>(((s >> 7) * 2654435761ull + 97ull * i) % (c.capacity + 1));
-    return t;
-  };
-  int calls = 0;
-  for (int round = 0; calls < 1000; ++round) {
-    const uint64_t seed = env.seed + 7919ull * round;
-    if (round % 25 == 24 && ht_round(ctx, env, seed) != 0) return 1;
-    switch (round % 3) {
-      case 0: {  // fused
-        if (run_fused(ctx, env, a1, llt::make_round(a, R, seed, tokens(a, seed)), seed + 3) != 0) return 1;
-        calls += 1;
-        break;
-      }
-      case 1: {  // split, one in flight
-        LlRound r = llt::make_round(b, R, seed, tokens(b, seed));
-        b1.load(r, st);
-        LlRecvHook h = buf.ll_dispatch(b1.dispatch_args(true), b1.handle, b1.dispatch_outputs(), st);
-        h(st);
-        b1.fill_expert_outputs(seed + 3, st);
-        LlRecvHook hc = buf.ll_combine(b1.combine_args(true), b1.handle, b1.combine_outputs(), st);
-        hc(st);
-        buf.synchronize(st);
-        if (llt::check_dispatch(ctx, b1, r) != 0 || llt::check_combine(ctx, b1, r, seed + 3) != 0) return 1;
-        calls += 1;
-        break;
-      }
-      default: {  // split, two in flight
-        LlRound r1 = llt::make_round(a, R, seed, tokens(a, seed));
-        LlRound r2 = llt::make_round(a, R, seed + 1, tokens(a, seed + 977));
-        if (llt::run_two_split(ctx, buf, st, a1, r1, seed + 3, a2, r2, seed + 4) != 0) return 1;
-        calls += 2;
-        break;
-      }
-    }
-  }
+  const int calls = llt::run_mixed_rounds(ctx, buf, st, a1, a2, b1, env.seed, 1000,
+                                          [&](uint64_t seed) { return ht_round(ctx, env, seed); });
+  if (calls < 0) return 1;
   if (ctx.rank == 0)
     std::printf("ok: %d LL dispatch+combine pairs (fused, split, two in flight) and HT rounds\n", calls);
   return 0;
