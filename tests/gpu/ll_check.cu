@@ -411,6 +411,18 @@ int run_fused(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo&
   return check_combine(ctx, io, r, y_seed);
 }
 
+int run_split(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& io, const LlRound& r,
+              uint64_t y_seed) {
+  io.load(r, stream);
+  LlRecvHook h = buffer.ll_dispatch(io.dispatch_args(true), io.handle, io.dispatch_outputs(), stream);
+  h(stream);
+  io.fill_expert_outputs(y_seed, stream);
+  LlRecvHook hc = buffer.ll_combine(io.combine_args(true), io.handle, io.combine_outputs(), stream);
+  hc(stream);
+  buffer.synchronize(stream);
+  return check_dispatch(ctx, io, r) != 0 || check_combine(ctx, io, r, y_seed) != 0;
+}
+
 int run_two_split(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& a, const LlRound& ra,
                   uint64_t y_seed_a, LlIo& b, const LlRound& rb, uint64_t y_seed_b) {
   a.load(ra, stream);
@@ -452,15 +464,8 @@ int run_mixed_rounds(const RankContext& ctx, Buffer& buffer, cudaStream_t stream
         break;
       }
       case 1: {  // split, one in flight
-        LlRound r = make_round(b, R, seed, tokens(b, seed));
-        b1.load(r, stream);
-        LlRecvHook h = buffer.ll_dispatch(b1.dispatch_args(true), b1.handle, b1.dispatch_outputs(), stream);
-        h(stream);
-        b1.fill_expert_outputs(seed + 3, stream);
-        LlRecvHook hc = buffer.ll_combine(b1.combine_args(true), b1.handle, b1.combine_outputs(), stream);
-        hc(stream);
-        buffer.synchronize(stream);
-        if (check_dispatch(ctx, b1, r) != 0 || check_combine(ctx, b1, r, seed + 3) != 0) return -1;
+        if (run_split(ctx, buffer, stream, b1, make_round(b, R, seed, tokens(b, seed)), seed + 3) != 0)
+          return -1;
         calls += 1;
         break;
       }

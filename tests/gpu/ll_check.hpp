@@ -104,6 +104,11 @@ int check_combine(const RankContext& ctx, const LlIo& io, const LlRound& r, uint
 int run_fused(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& io, const LlRound& r,
               uint64_t y_seed);
 
+// Split dispatch and combine, one call in flight (each receive hook called right after its send half),
+// then both checked as run_fused's. 0 when both match.
+int run_split(const RankContext& ctx, Buffer& buffer, cudaStream_t stream, LlIo& io, const LlRound& r,
+              uint64_t y_seed);
+
 // Two split calls in flight: dispatches of a and b (hooks called in call order), then their combines
 // (expert outputs made with y_seed_a / y_seed_b) with the receive hooks called in the other order; every
 // output checked. 0 when all match.

@@ -158,16 +158,7 @@ int ll_round(const RankContext& ctx, Buffer& buf, cudaStream_t st, const LlCase&
   LlIo a(c, R, ctx.rank);
   const LlRound ra = llt::make_round(c, R, seed, random_tokens(rng, c, R));
   if (mode == 0) return llt::run_fused(ctx, buf, st, a, ra, seed + 3);
-  if (mode == 1) {
-    a.load(ra, st);
-    LlRecvHook h = buf.ll_dispatch(a.dispatch_args(true), a.handle, a.dispatch_outputs(), st);
-    h(st);
-    a.fill_expert_outputs(seed + 3, st);
-    LlRecvHook hc = buf.ll_combine(a.combine_args(true), a.handle, a.combine_outputs(), st);
-    hc(st);
-    buf.synchronize(st);
-    return llt::check_dispatch(ctx, a, ra) != 0 || llt::check_combine(ctx, a, ra, seed + 3) != 0;
-  }
+  if (mode == 1) return llt::run_split(ctx, buf, st, a, ra, seed + 3);
   LlIo b(c, R, ctx.rank);
   const LlRound rb = llt::make_round(c, R, seed + 1, random_tokens(rng, c, R));
   return llt::run_two_split(ctx, buf, st, a, ra, seed + 3, b, rb, seed + 4) != 0;
