@@ -55,6 +55,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) ht_combine_kernel(HtCombin
   __shared__ uint32_t chunk_seen[kMaxChunks / 32];  // chunks whose rows have all arrived (reduce_tokens)
   __shared__ uint64_t stage_bar[kBulkSendWarps][2];
   extern __shared__ __align__(128) char stage_smem[];
+  wait_prior_grids();  // a dependent launch (kernels/pdl.hpp): nothing is read before it
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk, H = p.hidden;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

@@ -37,6 +37,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   __shared__ int ticket[2][2];  // [role][parity]: the role's current and next chunk or item (draw_ticket)
   __shared__ uint64_t stage_bar[kBulkSendWarps][2];
   extern __shared__ __align__(128) char stage_smem[];
+  wait_prior_grids();  // launched as a dependent of notify (kernels/pdl.hpp): nothing is read before it
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

@@ -69,6 +69,8 @@ constexpr int kScanThreads = 256;
 
 __global__ void __launch_bounds__(kScanThreads) ht_scan_kernel(HtNotifyParams p) {
   __shared__ int count[kMaxExpertsTotal];
+  wait_prior_grids();  // a dependent launch; the notify kernel after it waits for it in turn
+  allow_dependent_launch();
   const SymmetricView& w = p.win;
   const int T = p.num_tokens, E = p.num_experts, experts_per_rank = E / w.num_ranks;
   for (int e = threadIdx.x; e < E; e += kScanThreads) count[e] = 0;
@@ -111,6 +113,10 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   __shared__ int expert_count[kMaxExpertsTotal];
   __shared__ int chunk_count[kMaxChunks];
   __shared__ int failed;
+  // A dependent launch of the scan (or of the previous work): wait for it, then let the dispatch kernel
+  // be launched and become resident (it waits for this one in turn; kernels/pdl.hpp).
+  wait_prior_grids();
+  allow_dependent_launch();
 
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, tid = threadIdx.x;
@@ -328,11 +334,9 @@ void launch_ht_notify(const HtNotifyParams& p, cudaStream_t stream) {
   if (q.topk_idx != nullptr && q.num_tokens > 0) {
     // One token per thread, at most 2 blocks per SM's worth (more only adds histogram merges).
     const int blocks = std::min((q.num_tokens + kScanThreads - 1) / kScanThreads, 264);
-    ht_scan_kernel<<<blocks, kScanThreads, 0, stream>>>(q);
-    EL_CUDA_CHECK(cudaGetLastError());
+    launch_dependent(ht_scan_kernel, q, blocks, kScanThreads, 0, stream);
   }
-  ht_notify_kernel<<<1, kNotifyThreads, 0, stream>>>(q);
-  EL_CUDA_CHECK(cudaGetLastError());
+  launch_dependent(ht_notify_kernel, q, 1, kNotifyThreads, 0, stream);
 }
 
 }  // namespace expertlink::kernels

@@ -38,6 +38,7 @@
 #include "comm/control_layout.hpp"
 #include "kernels/bulk_copy.cuh"
 #include "kernels/ht_kernels.hpp"
+#include "kernels/pdl.hpp"
 #include "kernels/sync.cuh"
 #include "kernels/vector_io.cuh"
 
@@ -167,7 +168,8 @@ __device__ __forceinline__ bool warp_bulk_send(const char* src, int64_t bytes, u
 // 355-357, so bulk stays an option (docs/ht_performance.md).
 bool ht_bulk_send();
 
-// Launches kernel<true> (bulk sending, kBulkSmemBytes of dynamic shared memory) or kernel<false>.
+// Launches kernel<true> (bulk sending, kBulkSmemBytes of dynamic shared memory) or kernel<false>, as a
+// dependent launch (kernels/pdl.hpp: the kernel waits for the previous stream work before anything else).
 template <class Params>
 void launch_ht_kernel(void (*bulk)(Params), void (*warp)(Params), const Params& p, int blocks,
                       cudaStream_t stream, int threads = kHtThreads) {
@@ -175,11 +177,10 @@ void launch_ht_kernel(void (*bulk)(Params), void (*warp)(Params), const Params& 
     // Per device; not a stream operation, so legal during graph capture.
     EL_CUDA_CHECK(cudaFuncSetAttribute(bulk, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(kBulkSmemBytes)));
-    bulk<<<blocks, threads, kBulkSmemBytes, stream>>>(p);
+    launch_dependent(bulk, p, blocks, threads, kBulkSmemBytes, stream);
   } else {
-    warp<<<blocks, threads, 0, stream>>>(p);
+    launch_dependent(warp, p, blocks, threads, 0, stream);
   }
-  EL_CUDA_CHECK(cudaGetLastError());
 }
 
 // Work is dealt by tickets, not round robin: each role of a kernel draws the index of its next chunk or

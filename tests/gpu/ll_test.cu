@@ -365,6 +365,8 @@ GPU_CASE(ll_timing_ll_shape, 2, 300) {
          cudaLaunchKernelEx(&cfg, ll_empty_kernel);
        },
        {}, {});
+  // The same grid launched the ordinary way: what the cooperative launch adds to every LL kernel.
+  time("ll_empty_kernel", [&] { ll_empty_kernel<<<buf.ll_sms(), 512, 0, st>>>(); }, {}, {});
   time("ll_dispatch_fp8", [&] { dispatch(io, false); }, {}, {});
   time("ll_dispatch_bf16", [&] { dispatch(iob, false); }, {}, {});
   time("ll_combine_bf16", [&] { combine(io, false); }, {}, {});
