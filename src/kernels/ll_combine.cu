@@ -238,7 +238,6 @@ __device__ bool combine_recv(const LlCombineParams& p, uint64_t n, int64_t gw, i
 __global__ void __launch_bounds__(kLlThreads, 1)
     ll_combine_kernel(const __grid_constant__ LlCombineParams p) {
   __shared__ int failed;
-  wait_prior_grids();  // a dependent launch (ll_launch_cooperative): nothing is read before it
   const bool send = (p.phases & kLlSend) != 0, recv = (p.phases & kLlRecv) != 0;
   const uint64_t n_send = ll_use(p.st, kLlSeqCombineSend + p.parity);
   const uint64_t n_recv = ll_use(p.st, kLlSeqCombineRecv + p.parity);

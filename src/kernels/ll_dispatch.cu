@@ -344,7 +344,6 @@ __global__ void __launch_bounds__(kLlThreads, 1)
   __shared__ SendShared send_sh;
   __shared__ RecvShared recv_sh;
   __shared__ int failed;
-  wait_prior_grids();  // a dependent launch (ll_launch_cooperative): nothing is read before it
   const bool send = (p.phases & kLlSend) != 0, recv = (p.phases & kLlRecv) != 0;
   const uint64_t n_send = ll_use(p.st, kLlSeqDispatchSend + p.parity);
   const uint64_t n_recv = ll_use(p.st, kLlSeqDispatchRecv + p.parity);

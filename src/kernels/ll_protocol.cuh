@@ -67,7 +67,6 @@
 #include "check.hpp"
 #include "comm/control_layout.hpp"
 #include "kernels/ll_kernels.hpp"
-#include "kernels/pdl.hpp"
 #include "kernels/sync.cuh"
 #include "kernels/vector_io.cuh"
 
@@ -203,9 +202,7 @@ __device__ __forceinline__ bool ll_wait_free(const SymmetricView& w, size_t arra
 }
 
 // Host side of the fused LL kernels: blocks of kLlThreads that may be resident per SM, and a cooperative
-// launch (every block resident at once, so blocks that wait never starve the blocks they wait for), also
-// a dependent one (kernels/pdl.hpp: the kernel waits for the previous stream work first thing, so only
-// its launch overlaps that work; EXPERTLINK_PDL=0 turns it off).
+// launch (every block resident at once, so blocks that wait never starve the blocks they wait for).
 template <typename Params>
 int ll_blocks_per_sm(void (*kernel)(Params)) {
   int blocks = 0;
@@ -215,17 +212,15 @@ int ll_blocks_per_sm(void (*kernel)(Params)) {
 
 template <typename Params>
 void ll_launch_cooperative(void (*kernel)(Params), const Params& p, int grid, cudaStream_t stream) {
-  cudaLaunchAttribute attr[2];
+  cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeCooperative;
   attr[0].val.cooperative = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
   cfg.blockDim = dim3(kLlThreads);
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 2 : 1;
+  cfg.numAttrs = 1;
   EL_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
 }
 
