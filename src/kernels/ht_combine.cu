@@ -7,14 +7,19 @@
 namespace expertlink::kernels {
 namespace {
 
-// Threads per combine block (EXPERTLINK_HT_COMBINE_THREADS, a build option): fewer threads get more
-// registers each (768: 80), for more loads in flight per warp without spills. 2x H200, combine at
-// 24 / 16 / 8 SMs: 1024 threads 237.6 / 274.9 / 482.5 us, 896: 234.2 / 273.0 / 471.8, 768:
-// 232.8 / 268.1 / 464.2, 640: 238.3 / 259.3 / 446.4 (docs/ht_performance.md).
-#ifndef EXPERTLINK_HT_COMBINE_THREADS
-#define EXPERTLINK_HT_COMBINE_THREADS 768
+// Threads per combine block, by SM budget: fewer threads get more registers each (768: 80), for more
+// loads in flight per warp without spills. 2x H200, combine at 24 / 16 / 8 SMs: 1024 threads 237.6 /
+// 274.9 / 482.5 us, 896: 234.2 / 273.0 / 471.8, 768: 232.8 / 268.1 / 464.2, 640: 238.3 / 259.3 / 446.4
+// (docs/ht_performance.md), so 640 up to kFewSms SMs and 768 above. EXPERTLINK_HT_COMBINE_THREADS (a
+// build option) sets one count for every budget, for experiments.
+#ifdef EXPERTLINK_HT_COMBINE_THREADS
+inline constexpr int kCombineThreadsFew = EXPERTLINK_HT_COMBINE_THREADS;
+inline constexpr int kCombineThreadsMany = EXPERTLINK_HT_COMBINE_THREADS;
+#else
+inline constexpr int kCombineThreadsFew = 640;
+inline constexpr int kCombineThreadsMany = 768;
 #endif
-inline constexpr int kCombineThreads = EXPERTLINK_HT_COMBINE_THREADS;
+inline constexpr int kFewSms = 16;
 // A block's warps [0, kCombineSendWarps) send this rank's expert outputs back to their sources, then join
 // the reduce; the other warps reduce from the start. The reduce is bound by the loads it has in flight
 // (4 vectors of 16 bytes per lane per source row), so it gets most of the warps. Measured on 2x H200 with
@@ -45,11 +50,11 @@ inline constexpr int kCombineSendWarps = EXPERTLINK_HT_COMBINE_SENDERS;
 #endif
 inline constexpr int kPairUnroll = EXPERTLINK_HT_PAIR_UNROLL;
 static_assert(kCombineSendWarps >= 1 && kCombineSendWarps <= kBulkSendWarps &&
-                  kCombineSendWarps < kCombineThreads / 32,
+                  kCombineSendWarps < kCombineThreadsFew / 32 && kCombineSendWarps < kCombineThreadsMany / 32,
               "EXPERTLINK_HT_COMBINE_SENDERS: 1..16 (bulk sending has stages for 16 warps)");
 
-template <bool kBulk>
-__global__ void __launch_bounds__(kCombineThreads, 1) ht_combine_kernel(HtCombineParams p) {
+template <bool kBulk, int kThreads>
+__global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams p) {
   __shared__ int abort_flag, send_abort, copy_abort;
   __shared__ int ticket[2];  // [parity]: the sending half's current and next item (draw_ticket)
   __shared__ uint32_t chunk_seen[kMaxChunks / 32];  // chunks whose rows have all arrived (reduce_tokens)
@@ -288,7 +293,12 @@ __global__ void __launch_bounds__(kCombineThreads, 1) ht_combine_kernel(HtCombin
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
   HtCombineParams q = p;
   q.trace = ht_trace_arm(HtTraceKind::kCombine, num_sms, stream);
-  launch_ht_kernel(ht_combine_kernel<true>, ht_combine_kernel<false>, q, num_sms, stream, kCombineThreads);
+  if (num_sms <= kFewSms)
+    launch_ht_kernel(ht_combine_kernel<true, kCombineThreadsFew>,
+                     ht_combine_kernel<false, kCombineThreadsFew>, q, num_sms, stream, kCombineThreadsFew);
+  else
+    launch_ht_kernel(ht_combine_kernel<true, kCombineThreadsMany>,
+                     ht_combine_kernel<false, kCombineThreadsMany>, q, num_sms, stream, kCombineThreadsMany);
 }
 
 }  // namespace expertlink::kernels
