@@ -12,8 +12,8 @@
 namespace expertlink::bench {
 namespace {
 
-// Variant ids: 2 * (index into the SM list) + (1 for exact sizing).
-constexpr int kExactBit = 1;
+// Variant ids: 4 * (index into the SM list) + (1 for exact sizing) + (2 for direct dispatch).
+constexpr int kExactBit = 1, kDirectBit = 2;
 
 }  // namespace
 
@@ -26,8 +26,10 @@ ExpertLinkImpl::~ExpertLinkImpl() = default;
 
 std::optional<int64_t> ExpertLinkImpl::buffer_bytes(Op) const {
   if (!buffer_) return std::nullopt;
-  // Intranode: the symmetric window; internode: the staging buffers (no window).
-  return static_cast<int64_t>(buffer_->window_bytes() + buffer_->internode_staging_bytes());
+  // Intranode: the symmetric window; internode: the staging buffers (no window). The direct-dispatch
+  // receive region counts only for the variants that use it.
+  return static_cast<int64_t>(buffer_->window_bytes() + buffer_->internode_staging_bytes() -
+                              (direct_ ? 0 : recv_region_));
 }
 
 void ExpertLinkImpl::setup(const CaseData& data, ncclComm_t comm, cudaStream_t stream) {
@@ -41,7 +43,10 @@ void ExpertLinkImpl::setup(const CaseData& data, ncclComm_t comm, cudaStream_t s
     handle_ = HtHandle();
     buffer_.reset();
     const size_t hint = Buffer::ht_size_hint(in.num_ranks, in.tokens, in.hidden, in.topk);
-    buffer_ = std::make_unique<Buffer>(*comm_, std::max<size_t>(hint, 16), 0);  // one rank: hint is 0
+    recv_region_ = Buffer::ht_recv_size_hint(in.num_ranks, in.tokens, in.hidden);
+    buffer_ = std::make_unique<Buffer>(*comm_, std::max<size_t>(hint, 16), 0, RuntimeOptions{},
+                                       recv_region_);  // one rank: hint is 0
+    if (buffer_->num_nodes() > 1) recv_region_ = 0;    // no window across nodes: no direct variants
     buffer_tokens_ = in.tokens;
   }
   int device_sms = 0, device = 0;
@@ -68,17 +73,19 @@ std::vector<Variant> ExpertLinkImpl::variants(Op op) const {
     // Internode records say so in their name: "_internode2n" for 2 nodes.
     const std::string inter =
         buffer_ && buffer_->num_nodes() > 1 ? "_internode" + std::to_string(buffer_->num_nodes()) + "n" : "";
-    v.push_back(Variant{2 * i, inter});
-    if (op_has_dispatch(op)) v.push_back(Variant{2 * i + kExactBit, inter + "_exact"});
+    v.push_back(Variant{4 * i, inter});
+    if (op_has_dispatch(op)) v.push_back(Variant{4 * i + kExactBit, inter + "_exact"});
+    if (op_has_dispatch(op) && recv_region_ > 0) v.push_back(Variant{4 * i + kDirectBit, "_direct"});
   }
   return v;
 }
 
 void ExpertLinkImpl::select(Op, const Variant& variant) {
-  const size_t i = static_cast<size_t>(variant.id / 2);
+  const size_t i = static_cast<size_t>(variant.id / 4);
   EL_CHECK(i < sms_list_.size(), "expertlink: variant %d is not one of mine", variant.id);
   sms_ = sms_list_[i];
   exact_ = (variant.id & kExactBit) != 0;
+  direct_ = (variant.id & kDirectBit) != 0;
 }
 
 HtDispatchArgs ExpertLinkImpl::dispatch_args(bool fp8) const {
@@ -97,10 +104,15 @@ HtDispatchArgs ExpertLinkImpl::dispatch_args(bool fp8) const {
   return a;
 }
 
+void* ExpertLinkImpl::recv_x_rows(bool fp8) const {
+  if (!direct_) return recv_x_.as();
+  return buffer_->ht_window_recv_x(fp8 ? DType::kFP8E4M3 : DType::kBF16, data_->inputs().hidden).data;
+}
+
 HtDispatchOutputs ExpertLinkImpl::dispatch_outputs(bool fp8) const {
   const Inputs& in = data_->inputs();
   HtDispatchOutputs o;
-  o.recv_x = TensorView(recv_x_.as(), fp8 ? DType::kFP8E4M3 : DType::kBF16, {capacity_, in.hidden});
+  o.recv_x = TensorView(recv_x_rows(fp8), fp8 ? DType::kFP8E4M3 : DType::kBF16, {capacity_, in.hidden});
   if (fp8) o.recv_x_scales = TensorView(recv_scales_.as(), DType::kF32, {capacity_, in.hidden / 128});
   o.recv_topk_idx = TensorView(recv_topk_idx_.as(), DType::kI64, {capacity_, in.topk});
   o.recv_topk_weights = TensorView(recv_topk_weights_.as(), DType::kF32, {capacity_, in.topk});
@@ -132,6 +144,10 @@ ExpertOutputs ExpertLinkImpl::prepare(Op op, cudaStream_t stream) {
   for (const DeviceBuffer* b : {&recv_x_, &recv_scales_, &recv_topk_idx_, &recv_topk_weights_,
                                 &recv_expert_count_, &combined_x_, &combined_weights_})
     poison(*b, stream);
+  if (direct_) {  // the rows land in the window: poison them there (before this rank's dispatch starts)
+    const int64_t bytes = capacity_ * data_->inputs().hidden * 2;
+    EL_CUDA_CHECK(cudaMemsetAsync(recv_x_rows(false), 0xff, static_cast<size_t>(bytes), stream));
+  }
   if (!op_has_combine(op)) return {};
   // The combine returns the rows of a BF16 dispatch (exact sizing: x is then [N_recv, H]); the harness
   // writes the expert outputs over the received rows, the received top-k weights stay as dispatched.
@@ -170,7 +186,7 @@ DispatchView ExpertLinkImpl::dispatch_view(Op op) {
   DispatchView v;
   v.rows_received = handle_.num_recv_tokens();
   v.format = fp8 ? RowFormat::kFp8 : RowFormat::kBf16;
-  v.data = recv_x_.as<uint8_t>();
+  v.data = static_cast<const uint8_t*>(recv_x_rows(fp8));
   v.data_stride = fp8 ? in.hidden : 2 * in.hidden;
   if (fp8) {
     v.scales = recv_scales_.as<float>();

@@ -52,12 +52,16 @@ class ExpertLinkImpl final : public Impl {
   HtDispatchOutputs dispatch_outputs(bool fp8) const;
   void dispatch(bool fp8, Sizing sizing, cudaStream_t stream);
   void combine(cudaStream_t stream);
+  // Where the dispatch's rows go: recv_x_, or with direct dispatch the Buffer's receive region.
+  void* recv_x_rows(bool fp8) const;
   std::string check_dispatch_meta(bool fp8);
   std::string check_combined_weights();
 
   std::vector<int> sms_list_;
   int sms_ = 0;
   bool exact_ = false;
+  bool direct_ = false;     // the "_direct" variants: recv_x is Buffer::ht_window_recv_x
+  size_t recv_region_ = 0;  // ht_recv_bytes of buffer_ (not counted for the other variants)
 
   const CaseData* data_ = nullptr;
   cudaStream_t stream_ = nullptr;

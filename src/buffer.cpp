@@ -12,22 +12,25 @@
 
 namespace expertlink {
 
-Buffer::Buffer(const Communicator& comm, size_t ht_bytes, size_t ll_bytes, RuntimeOptions options)
+Buffer::Buffer(const Communicator& comm, size_t ht_bytes, size_t ll_bytes, RuntimeOptions options,
+               size_t ht_recv_bytes)
     : s_(std::make_unique<State>(comm, options)) {
   EL_CHECK(ht_bytes + ll_bytes > 0, "ht_bytes + ll_bytes = 0: the buffer would hold nothing");
   EL_CHECK(comm.num_ranks() <= kHtMaxRanks, "num_ranks = %d exceeds the maximum of %d", comm.num_ranks(),
            kHtMaxRanks);
   s_->ht_bytes = (ht_bytes + 15) / 16 * 16;
   s_->ll_bytes = (ll_bytes + 15) / 16 * 16;
+  s_->ht_recv_bytes = (ht_recv_bytes + 127) / 128 * 128;
   // Collective: one node takes the NVLink (symmetric window) path; several take the internode path.
   s_->topology = internode::exchange_topology(comm, options.timeout_s);
+  if (s_->topology.multi_node()) s_->ht_recv_bytes = 0;  // no window: ht_window_recv_x says so
   EL_CUDA_CHECK(cudaDeviceGetAttribute(&s_->device_sms, cudaDevAttrMultiProcessorCount, comm.device()));
   if (s_->topology.multi_node()) {
     s_->internode = internode::make_context(comm, s_->topology, options);
     if (s_->ll_bytes > 0)
       s_->internode_ll = internode::make_ll_context(comm, s_->topology, s_->ll_bytes, s_->device_sms);
   } else {
-    s_->window = std::make_unique<SymmetricMemory>(comm, s_->ht_bytes + s_->ll_bytes, options);
+    s_->window = std::make_unique<SymmetricMemory>(comm, ht_recv_offset() + s_->ht_recv_bytes, options);
   }
   EL_CUDA_CHECK(cudaMalloc(&s_->ht.rounds, 3 * sizeof(uint64_t)));
   EL_CUDA_CHECK(cudaMalloc(&s_->ht.done_blocks, 3 * sizeof(uint32_t)));
@@ -65,6 +68,9 @@ size_t Buffer::window_bytes() const {
 }
 size_t Buffer::ll_offset() const {
   return s_->ht_bytes;
+}
+size_t Buffer::ht_recv_offset() const {
+  return (s_->ht_bytes + s_->ll_bytes + 127) / 128 * 128;
 }
 SymmetricMemory& Buffer::window() {
   EL_CHECK(s_->window != nullptr, "window(): this buffer spans %d nodes and has no symmetric window",

@@ -20,6 +20,7 @@ struct Buffer::State {
   const Communicator& comm;
   RuntimeOptions options;
   size_t ht_bytes = 0, ll_bytes = 0;
+  size_t ht_recv_bytes = 0;  // the direct-dispatch receive region, after the LL region (128-byte aligned)
   std::unique_ptr<SymmetricMemory> window;             // null on the internode path
   internode::Topology topology;                        // nodes of the communicator
   std::shared_ptr<internode::Context> internode;       // set when topology spans several nodes

@@ -165,8 +165,10 @@ class Buffer {
  public:
   // Collective over the communicator's ranks (same sizes everywhere). The window holds two disjoint
   // regions: `ht_bytes` for the high-throughput path and `ll_bytes` for the low-latency path, so HT and
-  // LL calls may interleave freely.
-  Buffer(const Communicator& comm, size_t ht_bytes, size_t ll_bytes = 0, RuntimeOptions options = {});
+  // LL calls may interleave freely; and, when `ht_recv_bytes` > 0, a third: the receive region of direct
+  // dispatch (ht_window_recv_x; intranode only: ranks on several nodes have no window, and no region).
+  Buffer(const Communicator& comm, size_t ht_bytes, size_t ll_bytes = 0, RuntimeOptions options = {},
+         size_t ht_recv_bytes = 0);
   ~Buffer();
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
@@ -174,6 +176,18 @@ class Buffer {
   // HT bytes a workload needs: up to `max_tokens_per_rank` tokens of `hidden` channels per rank, `topk`
   // experts per token, BF16 or FP8 (the BF16 figure covers both).
   static size_t ht_size_hint(int num_ranks, int64_t max_tokens_per_rank, int64_t hidden, int topk);
+  // ht_recv_bytes for direct dispatch of the same workload: every token of every rank may come here.
+  static size_t ht_recv_size_hint(int num_ranks, int64_t max_tokens_per_rank, int64_t hidden);
+
+  // Direct dispatch: a dense [rows, hidden] view of dtype (BF16 or FP8 e4m3) over the receive region,
+  // with as many rows as the region holds (slice it to the capacity or count you need, keeping its start
+  // and row stride). Given as ht_dispatch's recv_x, the senders write every row straight into its final
+  // place here instead of into the receiving area, and the receiving side copies out only the small data
+  // (scales, top-k, weights): a third less data moved by the SMs. Every rank must do the same (a rank
+  // that does not makes the call fail on all ranks, naming the disagreement). The rows stay valid until
+  // the next ht_dispatch on this Buffer; read them on the dispatch's stream (or order the reads before
+  // the next dispatch). Refused without a receive region (ht_recv_bytes = 0) or across nodes.
+  TensorView ht_window_recv_x(DType dtype, int64_t hidden) const;
 
   int rank() const;
   int num_ranks() const;
@@ -270,7 +284,8 @@ class Buffer {
 
   // Internal: the window and the offsets of the two regions within its data region, for tests.
   SymmetricMemory& window();
-  size_t ll_offset() const;  // LL region = [ll_offset, ll_offset + ll_bytes) of the data region
+  size_t ll_offset() const;       // LL region = [ll_offset, ll_offset + ll_bytes) of the data region
+  size_t ht_recv_offset() const;  // direct-dispatch receive region, ht_recv_bytes from there
 
   struct State;
 

@@ -22,6 +22,9 @@ inline constexpr size_t kNotifyTag = 512;
 // receiving area may be overwritten (its previous round finished, by stream order).
 inline constexpr size_t kDispatchReady = 1024;
 inline constexpr size_t kCombineReady = 1536;
+// u64 [kMaxRanks]: 2 x (the dispatch round s started) + 1 if s dispatches direct (recv_x in its window),
+// written before s's kDispatchReady: every rank checks that all ranks place their rows the same way.
+inline constexpr size_t kDispatchMode = 2048;
 // u64 [kMaxRanks][kMaxChunks]: round in which rank s finished writing chunk c of rows here.
 inline constexpr size_t kDispatchChunk = 4096;
 inline constexpr size_t kCombineChunk = kDispatchChunk + 8ull * kMaxRanks * kMaxChunks;
@@ -30,7 +33,10 @@ inline constexpr size_t kCombineChunk = kDispatchChunk + 8ull * kMaxRanks * kMax
 // that round), so two parities never collide.
 inline constexpr size_t kMeta = 512u << 10;
 inline constexpr int kMetaHeader = 8;  // [0] T of s, [1] rows s sends here, [2] hidden, [3] topk, [4] E
-inline constexpr int kMetaInts = kMetaHeader + kMaxChunks + kMaxExpertsTotal;
+// Then kMaxChunks per-chunk counts, kMaxExpertsTotal per-local-expert counts, and at kMetaTotals the rows s
+// sends to every rank (so every rank knows where its rows land at each destination: direct dispatch).
+inline constexpr int kMetaTotals = kMetaHeader + kMaxChunks + kMaxExpertsTotal;
+inline constexpr int kMetaInts = kMetaTotals + kMaxRanks;
 inline constexpr size_t kMetaBytes = 2ull * kMaxRanks * kMetaInts * 4;
 inline constexpr size_t kEnd = kMeta + kMetaBytes;
 }  // namespace control

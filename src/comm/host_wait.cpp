@@ -56,9 +56,10 @@ const char* wait_site_name(WaitSite site) {
 
 std::string describe(const WaitRecord& r) {
   if (r.site == static_cast<int32_t>(WaitSite::kMismatch)) {
-    static const char* names[] = {"hidden", "topk", "num_experts"};
+    static const char* names[] = {"hidden", "topk", "num_experts",
+                                  "recv_x placement (1: the view Buffer::ht_window_recv_x returned, 0: not)"};
     return detail::format("rank %d and rank %d called with different %s: %llu here, %llu there", r.rank,
-                          r.peer, names[r.counter < 3 ? r.counter : 0],
+                          r.peer, names[r.counter < 4 ? r.counter : 0],
                           static_cast<unsigned long long>(r.expected),
                           static_cast<unsigned long long>(r.seen));
   }

@@ -28,8 +28,8 @@ enum class WaitSite : int32_t {
   kLlCombineData = 24,     // the peer's combine partial sums of this use have not arrived
   kBulkCopy = 30,          // a local bulk (TMA) copy did not complete; peer = this rank
   // Not waits: errors found on the device, reported through the same record.
-  kMismatch =
-      101,  // counter = which argument (0 hidden, 1 topk, 2 num_experts); expected = ours, seen = peer's
+  kMismatch = 101,  // counter = which argument (0 hidden, 1 topk, 2 num_experts, 3 direct dispatch); expected
+                    // = ours, seen = peer's
 };
 
 struct WaitRecord {

@@ -12,6 +12,7 @@ HtHandleState::~HtHandleState() {
   cudaFree(send_pos);
   cudaFree(token_mask);
   cudaFree(rank_prefix);
+  cudaFree(dest_row0);
   cudaFree(chunk_prefix);
   cudaFree(src_tokens);
   cudaFree(expert_count);
@@ -32,9 +33,11 @@ void HtHandleState::reserve(int tokens, int ranks, int local_experts) {
   }
   if (ranks > alloc_ranks) {
     cudaFree(rank_prefix);
+    cudaFree(dest_row0);
     cudaFree(chunk_prefix);
     cudaFree(src_tokens);
     EL_CUDA_CHECK(cudaMalloc(&rank_prefix, sizeof(int32_t) * (ranks + 1)));
+    EL_CUDA_CHECK(cudaMalloc(&dest_row0, sizeof(int32_t) * ranks));
     EL_CUDA_CHECK(cudaMalloc(&chunk_prefix, sizeof(int32_t) * ranks * (kMaxChunks + 1)));
     EL_CUDA_CHECK(cudaMalloc(&src_tokens, sizeof(int32_t) * ranks));
     alloc_ranks = ranks;
@@ -64,6 +67,7 @@ kernels::HtHandleView HtHandleState::view() const {
   v.send_pos = send_pos;
   v.token_mask = token_mask;
   v.rank_prefix = rank_prefix;
+  v.dest_row0 = dest_row0;
   v.chunk_prefix = chunk_prefix;
   v.src_tokens = src_tokens;
   v.expert_count = expert_count;

@@ -27,6 +27,7 @@ struct HtHandleState {
   int32_t* send_pos = nullptr;
   uint64_t* token_mask = nullptr;
   int32_t* rank_prefix = nullptr;
+  int32_t* dest_row0 = nullptr;
   int32_t* chunk_prefix = nullptr;
   int32_t* src_tokens = nullptr;
   int32_t* expert_count = nullptr;

@@ -121,6 +121,28 @@ size_t Buffer::ht_size_hint(int num_ranks, int64_t max_tokens_per_rank, int64_t 
   return 2 * static_cast<size_t>(num_ranks - 1) * max_tokens_per_rank * record;
 }
 
+size_t Buffer::ht_recv_size_hint(int num_ranks, int64_t max_tokens_per_rank, int64_t hidden) {
+  EL_CHECK(num_ranks >= 1 && max_tokens_per_rank >= 0 && hidden > 0,
+           "ht_recv_size_hint(num_ranks = %d, max_tokens_per_rank = %lld, hidden = %lld)", num_ranks,
+           static_cast<long long>(max_tokens_per_rank), static_cast<long long>(hidden));
+  return static_cast<size_t>(num_ranks) * max_tokens_per_rank * 2 * hidden;  // BF16 rows cover FP8's
+}
+
+TensorView Buffer::ht_window_recv_x(DType dtype, int64_t hidden) const {
+  EL_CHECK(dtype == DType::kBF16 || dtype == DType::kFP8E4M3,
+           "ht_window_recv_x: dtype must be bf16 or "
+           "fp8_e4m3, got %s",
+           dtype_name(dtype));
+  EL_CHECK(hidden > 0 && hidden * dtype_size(dtype) % 16 == 0,
+           "ht_window_recv_x: hidden = %lld must make rows of a multiple of 16 bytes",
+           static_cast<long long>(hidden));
+  EL_CHECK(s_->window != nullptr && s_->ht_recv_bytes > 0,
+           "ht_window_recv_x: this Buffer has no receive region (construct it with ht_recv_bytes > 0, "
+           "see ht_recv_size_hint; intranode only)");
+  const int64_t rows = static_cast<int64_t>(s_->ht_recv_bytes / (hidden * dtype_size(dtype)));
+  return TensorView(s_->window->data() + ht_recv_offset(), dtype, {rows, hidden});
+}
+
 void Buffer::get_dispatch_layout(const TensorView& topk_idx, int num_experts,
                                  const TensorView& num_tokens_per_rank,
                                  const TensorView& num_tokens_per_expert, const TensorView& is_token_in_rank,
@@ -310,8 +332,29 @@ void Buffer::ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtD
              out.num_recv_tokens_per_expert.describe().c_str());
   }
 
+  // Direct dispatch: recv_x is the receive region's view (ht_window_recv_x), same start and row stride.
+  const char* recv_base =
+      s_->window && s_->ht_recv_bytes > 0 ? s_->window->data() + ht_recv_offset() : nullptr;
+  const bool direct = recv_base != nullptr && out.recv_x.data == recv_base;
+  if (s_->window) {
+    const char* x0 = static_cast<const char*>(out.recv_x.data);
+    EL_CHECK(
+        direct || x0 < s_->window->data() || x0 >= s_->window->data() + s_->window->data_bytes(),
+        "recv_x lies in this Buffer's window but is not the view ht_window_recv_x returned (it must start "
+        "where that view starts)");
+  }
+  if (direct) {
+    EL_CHECK(out.recv_x.stride[0] == H,
+             "recv_x: a direct recv_x keeps ht_window_recv_x's row stride %lld, got %s",
+             static_cast<long long>(H), out.recv_x.describe().c_str());
+    EL_CHECK(static_cast<size_t>(out.recv_x.shape[0]) * H * dtype_size(args.x.dtype) <= s_->ht_recv_bytes,
+             "recv_x: %s does not fit the receive region (%zu bytes)", out.recv_x.describe().c_str(),
+             s_->ht_recv_bytes);
+  }
   if (s_->internode) return internode::ht_dispatch(*s_, args, h, out, stream);
   kernels::HtDispatchParams p{};
+  p.direct_offset = direct ? static_cast<int64_t>(ht_recv_offset()) : -1;
+  p.direct_rows = direct ? static_cast<int64_t>(s_->ht_recv_bytes / (H * dtype_size(args.x.dtype))) : 0;
   p.kind = kind;
   p.row_bytes = H * dtype_size(args.x.dtype);
   p.scale_cols = scale_cols;

@@ -26,12 +26,21 @@ __device__ __forceinline__ uint64_t warp_dest_mask(const int32_t* send_pos_row, 
 #endif
 static_assert(EXPERTLINK_HT_DISPATCH_SENDERS >= 1 && EXPERTLINK_HT_DISPATCH_SENDERS < kHtThreads / 32,
               "EXPERTLINK_HT_DISPATCH_SENDERS: 1..31");
+// The same for direct dispatch, whose receiving warps copy only the records' small data (not measured yet:
+// EXPERTLINK_HT_DIRECT_SENDERS, a build option, sets it for experiments).
+#ifndef EXPERTLINK_HT_DIRECT_SENDERS
+#define EXPERTLINK_HT_DIRECT_SENDERS 28
+#endif
+static_assert(EXPERTLINK_HT_DIRECT_SENDERS >= 1 && EXPERTLINK_HT_DIRECT_SENDERS < kHtThreads / 32,
+              "EXPERTLINK_HT_DIRECT_SENDERS: 1..31");
 
 // Scale columns a sending lane holds in registers per row (32 per step: 64 covers FP8 rows up to hidden
 // 8192 with float32 scales).
 constexpr int kScaleRegs = 2;
 
-template <bool kBulk>
+// kDirect: direct dispatch (HtDispatchParams::direct_offset >= 0), compiled apart so that the default
+// path keeps its registers.
+template <bool kBulk, bool kDirect>
 __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchParams p) {
   __shared__ int abort_flag, recv_abort, send_abort;
   __shared__ int ticket[2][2];  // [role][parity]: the role's current and next chunk or item (draw_ticket)
@@ -41,16 +50,21 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  constexpr int S = kBulk ? kBulkSendWarps : EXPERTLINK_HT_DISPATCH_SENDERS;  // warps [0, S) send
+  constexpr int S = kBulk     ? kBulkSendWarps
+                    : kDirect ? EXPERTLINK_HT_DIRECT_SENDERS
+                              : EXPERTLINK_HT_DISPATCH_SENDERS;  // warps [0, S) send
   const uint64_t round = p.state.rounds[1] + 1;
   const WaitContext ctx{w.record, w.timeout_ns, me};
   const int experts_per_rank = p.num_experts > 0 ? p.num_experts / R : 1;
   const int64_t vecs = p.row_bytes / 16, capacity = p.handle.capacity;
   const int elem_bytes = p.kind == RowKind::kBf16 ? 2 : 1;
 
-  // Announce that this rank's receiving area is free for this round; then wait for every destination's.
-  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
+  // Announce that this rank's receiving area is free for this round (and how it places its rows); then
+  // wait for every destination's.
+  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
+    *control_u64(w.peer_base[threadIdx.x], control::kDispatchMode, me) = 2 * round + (kDirect ? 1 : 0);
     st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kDispatchReady, me), round);
+  }
   if (threadIdx.x == 0) {
     abort_flag = wait_aborted(ctx);  // e.g. ranks disagreed in notify
     send_abort = 0;
@@ -61,10 +75,20 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   if (kBulk && warp < S) stages = warp_stages(stage_smem, stage_bar, warp, lane);
   __syncthreads();
   if (abort_flag) return;
-  if (threadIdx.x < R && threadIdx.x != me && T > 0 && rank_live(w, threadIdx.x) &&
-      !wait_geq(control_u64(w.local_base, control::kDispatchReady, threadIdx.x), round, ctx,
-                WaitSite::kHtDispatchReady, threadIdx.x, 0))
-    abort_flag = 1;
+  if (threadIdx.x < R && threadIdx.x != me && T > 0 && rank_live(w, threadIdx.x)) {
+    if (!wait_geq(control_u64(w.local_base, control::kDispatchReady, threadIdx.x), round, ctx,
+                  WaitSite::kHtDispatchReady, threadIdx.x, 0)) {
+      abort_flag = 1;
+    } else {
+      // Its rows go where this rank expects them only if both dispatch direct or neither does. (The ready
+      // value is round r or, when the peer is already a round ahead, r + 1: so is its mode word.)
+      const uint64_t mode = ld_volatile(control_u64(w.local_base, control::kDispatchMode, threadIdx.x));
+      if ((mode & 1) != (kDirect ? 1 : 0) && mode / 2 == round) {
+        record_timeout(ctx, WaitSite::kMismatch, threadIdx.x, 3, kDirect ? 1 : 0, mode & 1, 0);
+        abort_flag = 1;
+      }
+    }
+  }
   __syncthreads();
   if (abort_flag) return;
 
@@ -76,6 +100,10 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
     // positions and its stores).
     char* const peer_lo = lane < R ? w.peer_base[lane] : nullptr;
     char* const peer_hi = lane + 32 < R ? w.peer_base[lane + 32] : nullptr;
+    // Direct dispatch: lane d's (and d + 32's) first row at destination d.
+    constexpr bool direct = kDirect;
+    const int row0_lo = direct && lane < R ? p.handle.dest_row0[lane] : 0;
+    const int row0_hi = direct && lane + 32 < R ? p.handle.dest_row0[lane + 32] : 0;
     for (int k = 0;; ++k) {
       const int c = ticket[kSendRole][k & 1];
       if (c >= num_chunks) break;
@@ -88,18 +116,23 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
             warp_dest_mask(p.handle.send_pos + int64_t(t) * R, R, lane, pos_lo, pos_hi) & ~w.masked;
         const char* x_row = static_cast<const char*>(p.x.data) + t * p.x.row_stride * elem_bytes;
         // Row data first: each 16-byte vector of x is loaded once and stored to every destination. Lane
-        // d (and d + 32) holds destination d's row address; null for a local row past the capacity.
-        auto row_address = [&](int d, char* peer, int pos) -> char* {
+        // d (and d + 32) holds destination d's row address: its record in d's area, or with direct
+        // dispatch its final row in d's receive region; null for a row past the capacity.
+        auto row_address = [&](int d, char* peer, int pos, int row0) -> char* {
           if (d >= R || pos < 0) return nullptr;
           if (d == me) {
             const int64_t row = local_row0 + pos;
             return row < capacity ? static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * elem_bytes
                                   : nullptr;
           }
+          if (direct) {
+            const int64_t row = int64_t(row0) + pos;
+            return row < p.direct_rows ? peer + kControlBytes + p.direct_offset + row * p.row_bytes : nullptr;
+          }
           return area_segment(peer, p.area_offset, me, d, p.area_rows, p.record_bytes) + pos * p.record_bytes;
         };
-        char* const dst_lo = row_address(lane, peer_lo, pos_lo);
-        char* const dst_hi = row_address(lane + 32, peer_hi, pos_hi);
+        char* const dst_lo = row_address(lane, peer_lo, pos_lo, row0_lo);
+        char* const dst_hi = row_address(lane + 32, peer_hi, pos_hi, row0_hi);
         if (kBulk && !warp_bulk_send(x_row, p.row_bytes, mask, dst_lo, dst_hi, stages, lane, ctx)) {
           send_abort = 1;
           break;  // to the chunk's barrier, then out
@@ -170,8 +203,15 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
             }
             if (lane == 0) p.handle.recv_src_token[row] = t;
           } else {
-            char* rec = reinterpret_cast<char*>(  // the row's address (its record starts with the row)
-                __shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? dst_lo : dst_hi), d & 31));
+            // The row's record (it starts with the row, unless the row went straight to its final place).
+            char* rec = reinterpret_cast<char*>(
+                __shfl_sync(~0u,
+                            reinterpret_cast<uintptr_t>(direct ? (d < 32 ? peer_lo : peer_hi)
+                                                               : (d < 32 ? dst_lo : dst_hi)),
+                            d & 31));
+            if (direct)
+              rec =
+                  area_segment(rec, p.area_offset, me, d, p.area_rows, p.record_bytes) + pos * p.record_bytes;
             int32_t* tail = reinterpret_cast<int32_t*>(rec + p.row_bytes);
             put_scales([&](int g) -> int32_t& { return tail[g]; });
             tail += p.scale_cols;
@@ -227,9 +267,11 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
           const int64_t row = row0 + r;
           if (row >= capacity) continue;
           const char* rec = seg + int64_t(r) * p.record_bytes;
-          char* dst =
-              static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * (p.kind == RowKind::kBf16 ? 2 : 1);
-          warp_copy_row<false>(reinterpret_cast<const int4*>(rec), reinterpret_cast<int4*>(dst), vecs, lane);
+          if (!kDirect) {  // else the row is in place already: only the record's tail is copied
+            char* dst = static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * elem_bytes;
+            warp_copy_row<false>(reinterpret_cast<const int4*>(rec), reinterpret_cast<int4*>(dst), vecs,
+                                 lane);
+          }
           // The record's tail, every word loaded before any is stored (as on the sending side).
           const int32_t* tail = reinterpret_cast<const int32_t*>(rec + p.row_bytes);
           const int32_t* tail_topk = tail + p.scale_cols;
@@ -277,7 +319,10 @@ bool ht_bulk_send() {
 void launch_ht_dispatch(const HtDispatchParams& p, int num_sms, cudaStream_t stream) {
   HtDispatchParams q = p;
   q.trace = ht_trace_arm(HtTraceKind::kDispatch, num_sms, stream);
-  launch_ht_kernel(ht_dispatch_kernel<true>, ht_dispatch_kernel<false>, q, num_sms, stream);
+  if (q.direct_offset >= 0)
+    launch_ht_kernel(ht_dispatch_kernel<true, true>, ht_dispatch_kernel<false, true>, q, num_sms, stream);
+  else
+    launch_ht_kernel(ht_dispatch_kernel<true, false>, ht_dispatch_kernel<false, false>, q, num_sms, stream);
 }
 
 }  // namespace expertlink::kernels

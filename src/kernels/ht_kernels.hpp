@@ -38,6 +38,7 @@ struct HtHandleView {
   int32_t* send_pos;        // [T, R]: position of token t among the rows this rank sends to d, -1 if none
   uint64_t* token_mask;     // [T]: bit d set when token t goes to rank d (notify's scratch)
   int32_t* rank_prefix;     // [R + 1]: first received row of each source rank; [R] = total
+  int32_t* dest_row0;       // [R]: first row of this rank's rows at each destination (its rank_prefix[me])
   int32_t* chunk_prefix;    // [R, kMaxChunks + 1]: first row of each source chunk within its source segment
   int32_t* src_tokens;      // [R]: T of each source rank
   int32_t* expert_count;    // [E_local]: received rows per local expert, padded to the alignment
@@ -95,7 +96,13 @@ struct HtDispatchParams {
   int64_t record_bytes;        // bytes per row in the receiving area
   int64_t area_rows;           // rows per source segment of the receiving area
   int64_t area_offset;         // of the dispatch area within the data region
-  uint64_t* trace;             // null, or the phase stamps (EXPERTLINK_HT_TRACE, below)
+  // Direct dispatch (recv_x is the window's receive region, Buffer::ht_window_recv_x): the region's offset
+  // within the data region, -1 otherwise, and the rows it holds (the same on every rank). Senders then
+  // write each row straight to its final place at the destination; the receiving halves copy out only the
+  // records' small data (scales, top-k, weights, source token).
+  int64_t direct_offset = -1;
+  int64_t direct_rows = 0;
+  uint64_t* trace;  // null, or the phase stamps (EXPERTLINK_HT_TRACE, below)
 };
 
 struct HtCombineParams {

@@ -112,6 +112,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   __shared__ typename BlockScan::TempStorage scan_storage;
   __shared__ int expert_count[kMaxExpertsTotal];
   __shared__ int chunk_count[kMaxChunks];
+  __shared__ int dest_total[kMaxRanks];  // rows this rank sends to each rank
   __shared__ int failed;
   // A dependent launch of the scan (or of the previous work): wait for it, then let the dispatch kernel
   // be launched and become resident (it waits for this one in turn; kernels/pdl.hpp).
@@ -198,6 +199,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
       if (t_begin + i < t_end) place(t_begin + i, masks[i]);
     for (int t = t_begin + kMaskRegs; t < t_end; ++t) place(t, p.handle.token_mask[t]);
     __syncthreads();
+    if (tid == 0) dest_total[d] = total;
     int32_t* meta = meta_record(w.peer_base[d], round, me);
     if (!rank_live(w, d)) continue;  // uniform over the block: no barrier skipped by some threads only
     if (tid == 0) {
@@ -214,6 +216,12 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     __syncthreads();
   }
 
+  // Every record also carries this rank's totals to every rank.
+  __syncthreads();  // dest_total complete (the loop's last pass may have skipped its closing barrier)
+  for (int i = tid; i < R * R; i += kNotifyThreads) {
+    const int d = i / R, j = i % R;
+    if (rank_live(w, d)) meta_record(w.peer_base[d], round, me)[control::kMetaTotals + j] = dest_total[j];
+  }
   // Publish: every thread's meta writes (block barrier), then per destination one system fence and a
   // release store. A fence in every thread would wait for the block's host-mapped writes 1024 times.
   __syncthreads();
@@ -270,6 +278,13 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     // Over capacity is not a protocol failure (every rank still runs the whole protocol, rows past the
     // capacity are not written): it is flagged on the handle, and the host raises it.
     p.handle.host_counts[kHostOverCapacity] = acc > p.handle.capacity ? 1 : 0;
+  }
+  // Where this rank's rows land at each destination d: after the rows of the live sources before it.
+  if (tid < R) {
+    int row0 = 0;
+    for (int s = 0; s < me; ++s)
+      if (rank_live(w, s)) row0 += meta_record(w.local_base, round, s)[control::kMetaTotals + tid];
+    p.handle.dest_row0[tid] = row0;
   }
   if (by_topk) {
     for (int j = tid; j < experts_per_rank; j += kNotifyThreads) {

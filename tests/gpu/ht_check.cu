@@ -104,18 +104,34 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   const int64_t rows = std::max<int64_t>(capacity, 1);
   const int scale_cols = c.fmt == Fmt::kFp8 ? H / 128 : (H + 511) / 512;
   const size_t row_bytes = size_t(H) * (c.fmt == Fmt::kBf16 ? 2 : 1);
-  DeviceArray<uint8_t> rx(rows * row_bytes);
+  DeviceArray<uint8_t> rx(c.direct ? 0 : rows * row_bytes);
+  // Direct dispatch writes recv_x in the window: poisoned and read back there (before this rank's dispatch
+  // starts, no peer writes into it: they wait for its dispatch kernel's "ready").
+  uint8_t* const rx_ptr =
+      c.direct ? static_cast<uint8_t*>(buffer.ht_window_recv_x(x_dtype(c.fmt), H).data) : rx.get();
+  auto poison_rx = [&] {
+    if (c.direct)
+      cudaMemsetAsync(rx_ptr, 0xFF, rows * row_bytes, stream);
+    else
+      rx.poison();
+  };
+  auto download_rx = [&](int64_t bytes) {
+    std::vector<uint8_t> v(bytes);
+    if (bytes) cudaMemcpyAsync(v.data(), rx_ptr, bytes, cudaMemcpyDeviceToHost, stream);
+    cudaStreamSynchronize(stream);
+    return v;
+  };
   DeviceArray<int32_t> rs(rows * scale_cols);
   DeviceArray<int64_t> ridx64(rows * K);
   DeviceArray<int32_t> ridx32(rows * K);
   DeviceArray<float> rw(rows * K);
   const int E_local = c.experts / R;
   DeviceArray<int32_t> rcount(E_local);
-  for (auto* p : {&rx}) p->poison();
+  poison_rx();
   rs.poison(), ridx64.poison(), ridx32.poison(), rw.poison(), rcount.poison();
 
   HtDispatchOutputs out;
-  out.recv_x = TensorView(rx.get(), x_dtype(c.fmt), {rows, H});
+  out.recv_x = TensorView(rx_ptr, x_dtype(c.fmt), {rows, H});
   if (c.fmt != Fmt::kBf16)
     out.recv_x_scales =
         TensorView(rs.get(), c.fmt == Fmt::kFp8 ? DType::kF32 : DType::kI32, {rows, scale_cols});
@@ -130,7 +146,7 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
              (long long)handle.num_recv_tokens(), (long long)N);
 
   // ---- dispatch, bitwise ----
-  auto got_x = rx.download(N * row_bytes);
+  auto got_x = download_rx(N * row_bytes);
   const auto& wx = mine_ref.x;
   const uint8_t* want_x = wx.is_fp8() ? wx.fp8.data() : reinterpret_cast<const uint8_t*>(wx.bf16.data());
   for (int64_t i = 0; i < int64_t(N * row_bytes); ++i) {
@@ -204,12 +220,12 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
     HtDispatchArgs a2;
     a2.x = TensorView(x2.get(), DType::kBF16, {T, H});
     a2.num_sms = c.num_sms;
-    rx.poison();
+    poison_rx();
     HtDispatchOutputs o2;
     o2.recv_x = out.recv_x;
     buffer.ht_dispatch(a2, handle, o2, stream);
     buffer.synchronize(stream);
-    auto g2 = rx.download(N * row_bytes);
+    auto g2 = download_rx(N * row_bytes);
     int64_t d = first_diff(
         g2,
         std::vector<uint8_t>(reinterpret_cast<const uint8_t*>(want_cached[me].bf16.data()),

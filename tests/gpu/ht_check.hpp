@@ -41,6 +41,9 @@ struct HtCase {
   // The kernels sum combine in the oracle's order (intranode; internode with one GPU per node). Off: only
   // within the tolerance (internode with several GPUs per node sums in another order).
   bool combine_bitwise = true;
+  // recv_x is the Buffer's receive region (Buffer::ht_window_recv_x: direct dispatch); the Buffer needs
+  // ht_recv_bytes for it.
+  bool direct = false;
 };
 
 // What a checked round saw, for the caller's log.

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <string>
 
 #include "ht_check.hpp"
@@ -23,11 +24,16 @@ using workload::Routing;
 
 int run_cases(const RankContext& ctx, std::initializer_list<HtCase> cases, int rounds = 1) {
   Communicator comm(ctx.id, ctx.rank, ctx.num_ranks, ctx.device);
-  size_t bytes = 0;
-  for (const auto& c : cases)
+  size_t bytes = 0, recv_bytes = 0;
+  for (const auto& c : cases) {
     bytes = std::max(
         bytes, Buffer::ht_size_hint(ctx.num_ranks, c.tokens + 3, c.hidden, c.topk) + (size_t(c.hidden) << 5));
-  Buffer buffer(comm, bytes, 0);
+    // Capacity sizing asks for 17 rows more than arrive (ht_check.cu).
+    if (c.direct)
+      recv_bytes = std::max(recv_bytes, Buffer::ht_recv_size_hint(ctx.num_ranks, c.tokens + 3, c.hidden) +
+                                            (size_t(c.hidden) << 6));
+  }
+  Buffer buffer(comm, bytes, 0, {}, recv_bytes);
   cudaStream_t stream;
   cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
   const uint64_t seed = run_seed(ctx.id);
@@ -214,6 +220,100 @@ GPU_CASE(ht_timing_breakdown, 2, 300) {
 
 namespace expertlink::test {
 namespace {
+
+// Direct dispatch (recv_x is the Buffer's receive region, Buffer::ht_window_recv_x): the senders write
+// rows straight into their final place; the same checks as every HT case, over two rounds on one Buffer,
+// BF16 and FP8, exact and capacity sizing, cached dispatch, an empty rank, and a call that is not direct in
+// between.
+GPU_CASE(ht_direct_recv_x_matches_oracle, 2, 300) {
+  HtCase a{"direct bf16 T=512 H=7168 top-8/256 i64", 512, 7168, 8, 256};
+  a.direct = true;
+  HtCase b{"direct fp8 T=300 H=2048 top-6/64 i32 skewed capacity",
+           300,
+           2048,
+           6,
+           64,
+           Fmt::kFp8,
+           true,
+           Routing::kSkewed};
+  b.direct = true;
+  b.sizing = Sizing::kCapacity;
+  HtCase c{"direct fp8-ue8m0 T=257 H=7168 top-8/256 8 SMs", 257, 7168, 8, 256, Fmt::kFp8Ue8m0};
+  c.direct = true;
+  c.num_sms = 8;
+  HtCase d{"not direct, same Buffer", 200, 2048, 4, 64};
+  HtCase e{"direct, rank 1 has no tokens", 64, 1024, 4, 64};
+  e.direct = true;
+  e.zero_tokens_rank = 1;
+  return run_cases(ctx, {a, b, c, d, e}, 2);
+}
+
+// What direct dispatch refuses, before any kernel: a recv_x inside the window that is not the receive
+// region's view, a Buffer without a receive region; and ranks that disagree (one direct, one not) fail on
+// the device, naming the disagreement, instead of writing rows where the other does not look.
+GPU_CASE(ht_direct_refusals_and_disagreement, 2, 240) {
+  Communicator comm(ctx.id, ctx.rank, ctx.num_ranks, ctx.device);
+  const HtCase c{"bf16 T=128 H=2048 top-4/64", 128, 2048, 4, 64};
+  const size_t bytes =
+      Buffer::ht_size_hint(ctx.num_ranks, c.tokens + 3, c.hidden, c.topk) + (size_t(c.hidden) << 5);
+  auto expect_error = [&](const std::function<void()>& f, const char* what, const char* needle) {
+    std::string message = "no error";
+    try {
+      f();
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    GPU_EXPECT(message.find(needle) != std::string::npos, "%s: expected an error naming \"%s\", got: %s",
+               what, needle, message.c_str());
+    return 0;
+  };
+  {
+    Buffer plain(comm, bytes, 0);
+    if (expect_error([&] { plain.ht_window_recv_x(DType::kBF16, c.hidden); }, "no receive region",
+                     "no receive region") != 0)
+      return 1;
+  }
+  Buffer buffer(comm, bytes, 0, {}, Buffer::ht_recv_size_hint(ctx.num_ranks, c.tokens + 3, c.hidden));
+  const TensorView view = buffer.ht_window_recv_x(DType::kBF16, c.hidden);
+  GPU_EXPECT(view.shape[1] == c.hidden && view.shape[0] >= ctx.num_ranks * (c.tokens + 3),
+             "ht_window_recv_x: %s", view.describe().c_str());
+  cudaStream_t stream;
+  cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  const uint64_t seed = run_seed(ctx.id);
+  HtHandle handle;
+  // A recv_x one row into the region: refused on the host (every rank refuses, so none launches).
+  {
+    DeviceArray<uint16_t> x(size_t(c.tokens) * c.hidden);
+    x.upload(workload::make_bf16(size_t(c.tokens) * c.hidden, seed, ctx.rank));
+    auto idx = workload::make_topk_idx(c.tokens, c.topk, c.experts, ctx.num_ranks, Routing::kUniform,
+                                       seed + 1, ctx.rank, 0);
+    DeviceArray<int64_t> idx_dev(idx);
+    HtDispatchArgs a;
+    a.x = TensorView(x.get(), DType::kBF16, {c.tokens, c.hidden});
+    a.topk_idx = TensorView(idx_dev.get(), DType::kI64, {c.tokens, c.topk});
+    a.num_experts = c.experts;
+    buffer.ht_notify(a, handle, Sizing::kCapacity, ctx.num_ranks * c.tokens, stream);
+    HtDispatchOutputs o;
+    o.recv_x = TensorView(static_cast<uint16_t*>(view.data) + c.hidden, DType::kBF16,
+                          {ctx.num_ranks * c.tokens, c.hidden});
+    if (expect_error([&] { buffer.ht_dispatch(a, handle, o, stream); }, "recv_x inside the window",
+                     "is not the view ht_window_recv_x returned") != 0)
+      return 1;
+    // The notify ran: a plain dispatch completes the round on every rank.
+    DeviceArray<uint16_t> rx(size_t(ctx.num_ranks) * c.tokens * c.hidden);
+    o.recv_x = TensorView(rx.get(), DType::kBF16, {ctx.num_ranks * c.tokens, c.hidden});
+    buffer.ht_dispatch(a, handle, o, stream);
+    buffer.synchronize(stream);
+  }
+  // Rank 0 direct, rank 1 not: both ranks' kernels see the other's placement and stop.
+  HtCase mixed = c;
+  mixed.direct = ctx.rank == 0;
+  if (expect_error([&] { htt::run_round(ctx, mixed, buffer, handle, seed + 5, stream, false); },
+                   "one rank direct, one not", "recv_x placement") != 0)
+    return 1;
+  cudaStreamDestroy(stream);
+  return 0;
+}
 
 // notify (capacity sizing) + dispatch + combine captured once in a CUDA graph, then replayed on fresh
 // inputs copied into the same buffers; every replay checked against the oracle.
