@@ -75,7 +75,8 @@ std::vector<Variant> ExpertLinkImpl::variants(Op op) const {
         buffer_ && buffer_->num_nodes() > 1 ? "_internode" + std::to_string(buffer_->num_nodes()) + "n" : "";
     v.push_back(Variant{4 * i, inter});
     if (op_has_dispatch(op)) v.push_back(Variant{4 * i + kExactBit, inter + "_exact"});
-    if (op_has_dispatch(op) && recv_region_ > 0) v.push_back(Variant{4 * i + kDirectBit, "_direct"});
+    // Direct: dispatch into the Buffer's receive region; combine reading the rows from there.
+    if (recv_region_ > 0) v.push_back(Variant{4 * i + kDirectBit, "_direct"});
   }
   return v;
 }
@@ -130,12 +131,14 @@ void ExpertLinkImpl::dispatch(bool fp8, Sizing sizing, cudaStream_t stream) {
 void ExpertLinkImpl::combine(cudaStream_t stream) {
   const Inputs& in = data_->inputs();
   HtCombineArgs a;
-  a.x = TensorView(recv_x_.as(), DType::kBF16, {combine_rows_, in.hidden});
-  a.topk_weights = TensorView(recv_topk_weights_.as(), DType::kF32, {combine_rows_, in.topk});
+  a.x = TensorView(recv_x_rows(false), DType::kBF16, {combine_rows_, in.hidden});
+  // Direct combine reads only the rows (no top-k weights in that mode yet).
+  if (!direct_) a.topk_weights = TensorView(recv_topk_weights_.as(), DType::kF32, {combine_rows_, in.topk});
   a.num_sms = sms_;
   HtCombineOutputs o;
   o.combined_x = TensorView(combined_x_.as(), DType::kBF16, {in.tokens, in.hidden});
-  o.combined_topk_weights = TensorView(combined_weights_.as(), DType::kF32, {in.tokens, in.topk});
+  if (!direct_)
+    o.combined_topk_weights = TensorView(combined_weights_.as(), DType::kF32, {in.tokens, in.topk});
   buffer_->ht_combine(a, handle_, o, stream);
 }
 
@@ -156,7 +159,7 @@ ExpertOutputs ExpertLinkImpl::prepare(Op op, cudaStream_t stream) {
   combine_rows_ = handle_.num_recv_tokens();
   const Inputs& in = data_->inputs();
   ExpertOutputs eo;
-  eo.rows = recv_x_.as<uint16_t>();
+  eo.rows = static_cast<uint16_t*>(recv_x_rows(false));
   eo.ids = received_rows(Family::kHt, data_->routings(), in.rank);
   if (static_cast<int64_t>(eo.ids.size()) != combine_rows_)
     EL_FAIL(ErrorCode::kInternal, "expertlink's dispatch received %lld rows, the routing says %zu",
@@ -276,7 +279,7 @@ std::string ExpertLinkImpl::check_own(Op op) {
     buffer_->synchronize(stream_);
     handle_.check_capacity();
     std::string p = check_dispatch_meta(op == Op::kHtDispatchFp8);
-    if (p.empty() && op_has_combine(op)) p = check_combined_weights();
+    if (p.empty() && op_has_combine(op) && !direct_) p = check_combined_weights();
     return p;
   } catch (const Error& e) {
     return e.what();

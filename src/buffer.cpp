@@ -32,10 +32,10 @@ Buffer::Buffer(const Communicator& comm, size_t ht_bytes, size_t ll_bytes, Runti
   } else {
     s_->window = std::make_unique<SymmetricMemory>(comm, ht_recv_offset() + s_->ht_recv_bytes, options);
   }
-  EL_CUDA_CHECK(cudaMalloc(&s_->ht.rounds, 3 * sizeof(uint64_t)));
+  EL_CUDA_CHECK(cudaMalloc(&s_->ht.rounds, 4 * sizeof(uint64_t)));
   EL_CUDA_CHECK(cudaMalloc(&s_->ht.done_blocks, 3 * sizeof(uint32_t)));
   EL_CUDA_CHECK(cudaMalloc(&s_->ht.tickets, kernels::kHtTicketWords * sizeof(uint32_t)));
-  EL_CUDA_CHECK(cudaMemset(s_->ht.rounds, 0, 3 * sizeof(uint64_t)));
+  EL_CUDA_CHECK(cudaMemset(s_->ht.rounds, 0, 4 * sizeof(uint64_t)));
   EL_CUDA_CHECK(cudaMemset(s_->ht.done_blocks, 0, 3 * sizeof(uint32_t)));
   EL_CUDA_CHECK(cudaMemset(s_->ht.tickets, 0, kernels::kHtTicketWords * sizeof(uint32_t)));
   EL_CUDA_CHECK(cudaMalloc(&s_->ht.scan, kernels::kScanWords * sizeof(int32_t)));
@@ -96,6 +96,7 @@ void Buffer::mask_rank(int rank) {
   s_->window->mask_rank(rank);  // checks `rank`; clears the record; barrier epoch + 1
   // HT: every round one up (stale signals of an aborted round stay below the next one) and no kernel
   // half-finished. Equal on every live rank, as they all mask at the same point of their call sequence.
+  // (rounds[3], the last combine that read the receive regions, stays: the peers' "done" words hold it.)
   uint64_t rounds[3];
   EL_CUDA_CHECK(cudaMemcpy(rounds, s_->ht.rounds, sizeof(rounds), cudaMemcpyDeviceToHost));
   for (uint64_t& r : rounds) ++r;

@@ -57,7 +57,9 @@ struct HtDispatchOutputs {
 };
 
 struct HtCombineArgs {
-  TensorView x;             // BF16 [N_recv, H]: one expert-output row per received row
+  // BF16 [N_recv, H]: one expert-output row per received row (the view Buffer::ht_window_recv_x returned:
+  // direct combine)
+  TensorView x;
   TensorView topk_weights;  // F32 [N_recv, K], optional: summed per token into combined_topk_weights
   TensorView bias0, bias1;  // BF16 [T, H], optional
   int num_sms = 0;
@@ -183,10 +185,14 @@ class Buffer {
   // with as many rows as the region holds (slice it to the capacity or count you need, keeping its start
   // and row stride). Given as ht_dispatch's recv_x, the senders write every row straight into its final
   // place here instead of into the receiving area, and the receiving side copies out only the small data
-  // (scales, top-k, weights): a third less data moved by the SMs. Every rank must do the same (a rank
-  // that does not makes the call fail on all ranks, naming the disagreement). The rows stay valid until
-  // the next ht_dispatch on this Buffer; read them on the dispatch's stream (or order the reads before
-  // the next dispatch). Refused without a receive region (ht_recv_bytes = 0) or across nodes.
+  // (scales, top-k, weights): a third less data moved by the SMs. Given as ht_combine's x (BF16, the
+  // expert outputs written over the received rows), the combine is direct too: every source reads its
+  // rows from the holders' regions and sums them, nothing is sent (no top-k weights in that mode yet).
+  // Every rank must do the same in each call (a rank that does not makes the call fail on all ranks,
+  // naming the disagreement). The rows stay valid until the next ht_dispatch on this Buffer; read and
+  // write them on the calls' stream (or order that before the next dispatch); after a direct combine,
+  // peers may read them until the next dispatch, so do not write them before it. Refused without a
+  // receive region (ht_recv_bytes = 0) or across nodes.
   TensorView ht_window_recv_x(DType dtype, int64_t hidden) const;
 
   int rank() const;

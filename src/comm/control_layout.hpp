@@ -25,6 +25,11 @@ inline constexpr size_t kCombineReady = 1536;
 // u64 [kMaxRanks]: 2 x (the dispatch round s started) + 1 if s dispatches direct (recv_x in its window),
 // written before s's kDispatchReady: every rank checks that all ranks place their rows the same way.
 inline constexpr size_t kDispatchMode = 2048;
+// u64 [kMaxRanks]: the same for combine (+ 1: s reads the rows from the receive regions, direct combine).
+inline constexpr size_t kCombineMode = 2560;
+// u64 [kMaxRanks]: the last direct-combine round in which rank s has finished reading this rank's receive
+// region; a direct dispatch (which overwrites it) waits for every rank's.
+inline constexpr size_t kCombineDone = 3072;
 // u64 [kMaxRanks][kMaxChunks]: round in which rank s finished writing chunk c of rows here.
 inline constexpr size_t kDispatchChunk = 4096;
 inline constexpr size_t kCombineChunk = kDispatchChunk + 8ull * kMaxRanks * kMaxChunks;

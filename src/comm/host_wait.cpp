@@ -36,6 +36,8 @@ const char* wait_site_name(WaitSite site) {
       return "HT combine (receiver ready)";
     case WaitSite::kHtCombineChunk:
       return "HT combine (chunk arrival)";
+    case WaitSite::kHtCombineDone:
+      return "HT dispatch (readers of the receive region done)";
     case WaitSite::kLlDispatchFree:
       return "LL dispatch (receiver's buffer free)";
     case WaitSite::kLlDispatchData:
@@ -56,10 +58,12 @@ const char* wait_site_name(WaitSite site) {
 
 std::string describe(const WaitRecord& r) {
   if (r.site == static_cast<int32_t>(WaitSite::kMismatch)) {
-    static const char* names[] = {"hidden", "topk", "num_experts",
-                                  "recv_x placement (1: the view Buffer::ht_window_recv_x returned, 0: not)"};
+    static const char* names[] = {
+        "hidden", "topk", "num_experts",
+        "recv_x placement (1: the view Buffer::ht_window_recv_x returned, 0: not)",
+        "combine x placement (1: the view Buffer::ht_window_recv_x returned, 0: not)"};
     return detail::format("rank %d and rank %d called with different %s: %llu here, %llu there", r.rank,
-                          r.peer, names[r.counter < 4 ? r.counter : 0],
+                          r.peer, names[r.counter < 5 ? r.counter : 0],
                           static_cast<unsigned long long>(r.expected),
                           static_cast<unsigned long long>(r.seen));
   }

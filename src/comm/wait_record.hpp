@@ -20,6 +20,7 @@ enum class WaitSite : int32_t {
   kHtDispatchChunk = 5,  // counter = chunk index of the peer's rows
   kHtCombineReady = 6,
   kHtCombineChunk = 7,
+  kHtCombineDone = 8,  // the peer has not finished reading this rank's receive region (direct combine)
   // Low-latency path: counter = buffer parity (0 or 1).
   kLlDispatchFree = 20,    // the peer has not finished reading its dispatch area of the previous use
   kLlDispatchData = 21,    // the peer's dispatch messages of this use have not arrived
@@ -28,8 +29,9 @@ enum class WaitSite : int32_t {
   kLlCombineData = 24,     // the peer's combine partial sums of this use have not arrived
   kBulkCopy = 30,          // a local bulk (TMA) copy did not complete; peer = this rank
   // Not waits: errors found on the device, reported through the same record.
-  kMismatch = 101,  // counter = which argument (0 hidden, 1 topk, 2 num_experts, 3 direct dispatch); expected
-                    // = ours, seen = peer's
+  // counter = which argument (0 hidden, 1 topk, 2 num_experts, 3 direct dispatch, 4 direct combine);
+  // expected = ours, seen = peer's
+  kMismatch = 101,
 };
 
 struct WaitRecord {

@@ -94,6 +94,29 @@ Area plan_area(size_t ht_bytes, int num_ranks, int64_t record, bool combine, int
   return a;
 }
 
+// Whether `t` ([rows, H] of its dtype) is the receive region's view (Buffer::ht_window_recv_x: the same
+// start, rows back to back, within the region): direct dispatch (recv_x) or direct combine (x). Any other
+// view into the window is refused, naming `name`.
+bool is_receive_region(const Buffer::State& s, size_t recv_offset, const TensorView& t, int64_t H,
+                       const char* name) {
+  if (!s.window) return false;
+  const char* data = s.window->data();
+  const char* t0 = static_cast<const char*>(t.data);
+  const bool direct = s.ht_recv_bytes > 0 && t0 == data + recv_offset;
+  EL_CHECK(
+      direct || t0 < data || t0 >= data + s.window->data_bytes(),
+      "%s lies in this Buffer's window but is not the view ht_window_recv_x returned (it must start where "
+      "that view starts)",
+      name);
+  if (!direct) return false;
+  EL_CHECK(t.stride[0] == H,
+           "%s: a view of the receive region keeps ht_window_recv_x's row stride %lld, got %s", name,
+           static_cast<long long>(H), t.describe().c_str());
+  EL_CHECK(static_cast<size_t>(t.shape[0]) * H * dtype_size(t.dtype) <= s.ht_recv_bytes,
+           "%s: %s does not fit the receive region (%zu bytes)", name, t.describe().c_str(), s.ht_recv_bytes);
+  return true;
+}
+
 // What notify and dispatch both take: well-formed views on the buffer's device, x BF16 or FP8 token rows.
 void check_dispatch_inputs(const HtDispatchArgs& args, int device, cudaStream_t stream) {
   checks::required(args.x, "x");
@@ -332,25 +355,8 @@ void Buffer::ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtD
              out.num_recv_tokens_per_expert.describe().c_str());
   }
 
-  // Direct dispatch: recv_x is the receive region's view (ht_window_recv_x), same start and row stride.
-  const char* recv_base =
-      s_->window && s_->ht_recv_bytes > 0 ? s_->window->data() + ht_recv_offset() : nullptr;
-  const bool direct = recv_base != nullptr && out.recv_x.data == recv_base;
-  if (s_->window) {
-    const char* x0 = static_cast<const char*>(out.recv_x.data);
-    EL_CHECK(
-        direct || x0 < s_->window->data() || x0 >= s_->window->data() + s_->window->data_bytes(),
-        "recv_x lies in this Buffer's window but is not the view ht_window_recv_x returned (it must start "
-        "where that view starts)");
-  }
-  if (direct) {
-    EL_CHECK(out.recv_x.stride[0] == H,
-             "recv_x: a direct recv_x keeps ht_window_recv_x's row stride %lld, got %s",
-             static_cast<long long>(H), out.recv_x.describe().c_str());
-    EL_CHECK(static_cast<size_t>(out.recv_x.shape[0]) * H * dtype_size(args.x.dtype) <= s_->ht_recv_bytes,
-             "recv_x: %s does not fit the receive region (%zu bytes)", out.recv_x.describe().c_str(),
-             s_->ht_recv_bytes);
-  }
+  // Direct dispatch: recv_x is the receive region's view (ht_window_recv_x).
+  const bool direct = is_receive_region(*s_, ht_recv_offset(), out.recv_x, H, "recv_x");
   if (s_->internode) return internode::ht_dispatch(*s_, args, h, out, stream);
   kernels::HtDispatchParams p{};
   p.direct_offset = direct ? static_cast<int64_t>(ht_recv_offset()) : -1;
@@ -439,8 +445,15 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
              h.topk, out.combined_topk_weights.describe().c_str());
   }
 
+  // Direct combine: x is the receive region's view, every source reads its rows from the holders' regions.
+  const bool direct = is_receive_region(*s_, ht_recv_offset(), args.x, H, "x");
+  EL_CHECK(!direct || !args.topk_weights.defined(),
+           "topk_weights: not supported yet when x is the receive region's view (direct combine: the sources "
+           "read only the rows); leave it out, or pass x from outside the window");
   if (s_->internode) return internode::ht_combine(*s_, args, h, out, stream);
   kernels::HtCombineParams p{};
+  p.direct_offset = direct ? static_cast<int64_t>(ht_recv_offset()) : -1;
+  p.direct_rows = direct ? static_cast<int64_t>(s_->ht_recv_bytes / (2 * H)) : 0;
   p.record_bytes = kernels::combine_record_bytes(static_cast<int>(H), h.topk);
   const Area area = plan_area(s_->ht_bytes, R, p.record_bytes, /*combine=*/true, T);
   p.area_rows = area.rows;

@@ -53,7 +53,9 @@ static_assert(kCombineSendWarps >= 1 && kCombineSendWarps <= kBulkSendWarps &&
                   kCombineSendWarps < kCombineThreadsFew / 32 && kCombineSendWarps < kCombineThreadsMany / 32,
               "EXPERTLINK_HT_COMBINE_SENDERS: 1..16 (bulk sending has stages for 16 warps)");
 
-template <bool kBulk, int kThreads>
+// kPull: direct combine (HtCombineParams::direct_offset >= 0): no sending half; every warp reduces, reading
+// each row from its holder's receive region over NVLink.
+template <bool kBulk, int kThreads, bool kPull>
 __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams p) {
   __shared__ int abort_flag, send_abort, copy_abort;
   __shared__ int ticket[2];  // [parity]: the sending half's current and next item (draw_ticket)
@@ -64,14 +66,32 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
   const SymmetricView& w = p.win;
   const int me = w.rank, R = w.num_ranks, T = p.num_tokens, K = p.topk, H = p.hidden;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  constexpr int S = kCombineSendWarps;
+  constexpr int S = kPull ? 0 : kCombineSendWarps;
   const uint64_t round = p.state.rounds[2] + 1;
   const WaitContext ctx{w.record, w.timeout_ns, me};
   const int64_t vecs = 2ll * H / 16;
   const bool with_weights = p.topk_weights.data != nullptr;
+  // Peer d has started this combine round, and pulls or pushes as this rank does (else the mismatch is
+  // recorded): the calling thread waits, bounded.
+  auto peer_ready_same_mode = [&](int d) {
+    if (!wait_geq(control_u64(w.local_base, control::kCombineReady, d), round, ctx, WaitSite::kHtCombineReady,
+                  d, 0))
+      return false;
+    // The ready value is this round or, for a peer a round ahead, the next: so is its mode word.
+    const uint64_t mode = ld_volatile(control_u64(w.local_base, control::kCombineMode, d));
+    if (mode / 2 == round && (mode & 1) != (kPull ? 1 : 0)) {
+      record_timeout(ctx, WaitSite::kMismatch, d, 4, kPull ? 1 : 0, mode & 1, 0);
+      return false;
+    }
+    return true;
+  };
 
-  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
+  // Announce that this rank's combine area is free (push) or its expert outputs are readable (pull: every
+  // earlier stream operation, the expert computation included, is done), and which of the two it does.
+  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
+    *control_u64(w.peer_base[threadIdx.x], control::kCombineMode, me) = 2 * round + (kPull ? 1 : 0);
     st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kCombineReady, me), round);
+  }
   if (threadIdx.x == 0) {
     abort_flag = wait_aborted(ctx);
     send_abort = copy_abort = 0;
@@ -82,6 +102,13 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
   if (kBulk && warp < S) stages = warp_stages(stage_smem, stage_bar, warp, lane);
   __syncthreads();
   if (abort_flag) return;
+  if (kPull) {  // every peer's rows readable, and every peer pulling too
+    if (threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x) &&
+        !peer_ready_same_mode(threadIdx.x))
+      abort_flag = 1;
+    __syncthreads();
+    if (abort_flag) return;
+  }
 
   // ---- reduce: token by token. Each warp draws its own tokens (tickets, in token order) and waits for
   // every rank's flag of the token's chunk itself, so no warp waits for the others. Trace stamps: the
@@ -89,6 +116,11 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
   auto reduce_tokens = [&]() {
     const int chunk_tokens = ht_chunk_tokens(T);
     const int64_t local_row0 = p.handle.rank_prefix[me];
+    // Pull: lane d's (and d + 32's) window and this rank's first row in d's receive region.
+    char* const peer_lo = kPull && lane < R ? w.peer_base[lane] : nullptr;
+    char* const peer_hi = kPull && lane + 32 < R ? w.peer_base[lane + 32] : nullptr;
+    const int row0_lo = kPull && lane < R ? p.handle.dest_row0[lane] : 0;
+    const int row0_hi = kPull && lane + 32 < R ? p.handle.dest_row0[lane + 32] : 0;
     int ready_chunk = -1, k = -1;  // the chunk whose rows have all arrived; warp 0's stamped chunks
     int t = __shfl_sync(~0u, lane == 0 ? draw_ticket(p.state, 2, kRecvRole) : 0, 0);
     while (t < T) {
@@ -98,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
       const int32_t* pos_row = p.handle.send_pos + int64_t(t) * R;
       const int pos_lo = lane < R ? pos_row[lane] : -1, pos_hi = lane + 32 < R ? pos_row[lane + 32] : -1;
       const int c = t / chunk_tokens;
-      if (c != ready_chunk) {
+      if (!kPull && c != ready_chunk) {  // pull: every peer's rows were ready at the start
         if (warp == S && lane == 0) {
           if (k >= 0) ht_stamp(p.trace, k, kHtRecvDone);
           ht_stamp(p.trace, k + 1, kHtRecvWait);
@@ -132,6 +164,15 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
       // Rows of token t, rank ascending: the local one in place, the others from the combine area.
       auto row_of = [&](int d, int pos) -> const char* {
         if (d == me) return static_cast<const char*>(p.x.data) + (local_row0 + pos) * p.x.row_stride * 2;
+        if constexpr (kPull) {
+          // d's row of this token in d's receive region (a row past the region, which only an over-capacity
+          // round at d can ask for, reads the region's last row instead: d has raised that round's error).
+          const int64_t row =
+              min(int64_t(__shfl_sync(~0u, d < 32 ? row0_lo : row0_hi, d & 31)) + pos, p.direct_rows - 1);
+          const char* base = reinterpret_cast<const char*>(
+              __shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? peer_lo : peer_hi), d & 31));
+          return base + kControlBytes + p.direct_offset + row * 2ll * H;
+        }
         return area_segment(w.local_base, p.area_offset, d, me, p.area_rows, p.record_bytes) +
                int64_t(pos) * p.record_bytes;
       };
@@ -205,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
           if (v < vecs) reinterpret_cast<int4*>(out_row)[v] = to_bf16x8(acc[u]);
         }
       }
-      if (p.out_topk_weights != nullptr) {  // requires topk_weights (checked on the host)
+      if (!kPull && p.out_topk_weights != nullptr) {  // requires topk_weights (checked on the host)
         float sum = 0.f;
         for (uint64_t m = mask; m != 0; m &= m - 1) {
           const int d = __ffsll(m) - 1;
@@ -240,9 +281,7 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
         const int32_t* chunk_prefix = p.handle.chunk_prefix + s * (kMaxChunks + 1);
         const int r0 = chunk_prefix[c], r1 = chunk_prefix[c + 1];
         if (r0 < r1) {
-          if (threadIdx.x == 0)
-            send_abort = !wait_geq(control_u64(w.local_base, control::kCombineReady, s), round, ctx,
-                                   WaitSite::kHtCombineReady, s, 0);
+          if (threadIdx.x == 0) send_abort = !peer_ready_same_mode(s);
           role_barrier(kSendBarrier, S);
           if (send_abort) break;
           const int64_t row0 = p.handle.rank_prefix[s];
@@ -285,7 +324,13 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
   } else {
     reduce_tokens();
   }
-  finish_round(p.state, 2, round);
+  if (finish_round<kPull>(p.state, 2, round) && kPull) {
+    // Every block's reads of the peers' regions are done (each block fenced before counting itself): tell
+    // every peer, whose next direct dispatch overwrites its region only then; and remember the round.
+    if (threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
+      st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kCombineDone, me), round);
+    if (threadIdx.x == 0) p.state.rounds[3] = round;
+  }
 }
 
 }  // namespace
@@ -293,12 +338,23 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
   HtCombineParams q = p;
   q.trace = ht_trace_arm(HtTraceKind::kCombine, num_sms, stream);
-  if (num_sms <= kFewSms)
-    launch_ht_kernel(ht_combine_kernel<true, kCombineThreadsFew>,
-                     ht_combine_kernel<false, kCombineThreadsFew>, q, num_sms, stream, kCombineThreadsFew);
+  // Pull has no sending half, so no bulk instance: the warp-copy kernel serves both.
+  if (q.direct_offset >= 0 && num_sms <= kFewSms)
+    launch_ht_kernel(ht_combine_kernel<false, kCombineThreadsFew, true>,
+                     ht_combine_kernel<false, kCombineThreadsFew, true>, q, num_sms, stream,
+                     kCombineThreadsFew);
+  else if (q.direct_offset >= 0)
+    launch_ht_kernel(ht_combine_kernel<false, kCombineThreadsMany, true>,
+                     ht_combine_kernel<false, kCombineThreadsMany, true>, q, num_sms, stream,
+                     kCombineThreadsMany);
+  else if (num_sms <= kFewSms)
+    launch_ht_kernel(ht_combine_kernel<true, kCombineThreadsFew, false>,
+                     ht_combine_kernel<false, kCombineThreadsFew, false>, q, num_sms, stream,
+                     kCombineThreadsFew);
   else
-    launch_ht_kernel(ht_combine_kernel<true, kCombineThreadsMany>,
-                     ht_combine_kernel<false, kCombineThreadsMany>, q, num_sms, stream, kCombineThreadsMany);
+    launch_ht_kernel(ht_combine_kernel<true, kCombineThreadsMany, false>,
+                     ht_combine_kernel<false, kCombineThreadsMany, false>, q, num_sms, stream,
+                     kCombineThreadsMany);
 }
 
 }  // namespace expertlink::kernels

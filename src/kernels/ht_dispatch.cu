@@ -59,6 +59,16 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   const int64_t vecs = p.row_bytes / 16, capacity = p.handle.capacity;
   const int elem_bytes = p.kind == RowKind::kBf16 ? 2 : 1;
 
+  // Direct: this rank's receive region is overwritten from here on (peers' rows, and its own), so every
+  // rank that read it in a direct combine must be done before block 0 announces "ready". (A timeout is
+  // recorded, and wait_aborted below ends the call.)
+  if (kDirect && blockIdx.x == 0) {
+    const uint64_t pulled = p.state.rounds[3];
+    if (pulled > 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
+      (void)wait_geq(control_u64(w.local_base, control::kCombineDone, threadIdx.x), pulled, ctx,
+                     WaitSite::kHtCombineDone, threadIdx.x, 0);
+    __syncthreads();
+  }
   // Announce that this rank's receiving area is free for this round (and how it places its rows); then
   // wait for every destination's.
   if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {

@@ -19,7 +19,9 @@ struct Strided2d {
 
 // Per-buffer device-local state of the HT protocol (not symmetric).
 struct HtState {
-  uint64_t* rounds;       // [3]: notify, dispatch, combine rounds completed by this rank
+  // [4]: notify, dispatch, combine rounds completed by this rank; [3] the last combine round that read the
+  // peers' receive regions (direct combine), which a direct dispatch waits to be done everywhere.
+  uint64_t* rounds;
   uint32_t* done_blocks;  // [3]: blocks of the running kernel that have finished (last one bumps the round)
   // [kHtTicketWords = 3 x 2]: work tickets of the kernels' sending and receiving roles (ht_protocol.cuh,
   // draw_ticket); zero between calls: the last block of a kernel zeroes its pair.
@@ -119,7 +121,11 @@ struct HtCombineParams {
   int64_t record_bytes;
   int64_t area_rows;
   int64_t area_offset;  // of the combine area within the data region
-  uint64_t* trace;      // as HtDispatchParams::trace
+  // Direct combine (x is the receive region's view, Buffer::ht_window_recv_x): each source reads its rows
+  // from every rank's region (offset within the data region, -1 otherwise; rows it holds).
+  int64_t direct_offset = -1;
+  int64_t direct_rows = 0;
+  uint64_t* trace;  // as HtDispatchParams::trace
 };
 
 // EXPERTLINK_HT_TRACE=N (diagnostics only, in a build configured with -DEXPERTLINK_HT_TRACE=ON, which

@@ -215,9 +215,12 @@ __device__ __forceinline__ SourceChunk source_chunk(const SymmetricView& w, cons
 
 // The last block of a kernel to finish advances the rank's round counter `which` (the next kernel on
 // the stream reads it at entry; all blocks of this one read it before any could finish) and zeroes the
-// kernel's tickets (every block has drawn its last).
-__device__ __forceinline__ void finish_round(const HtState& st, int which, uint64_t round) {
+// kernel's tickets (every block has drawn its last). kTell: every thread learns whether its block was
+// that last one (one more block barrier).
+template <bool kTell = false>
+__device__ __forceinline__ bool finish_round(const HtState& st, int which, uint64_t round) {
   __syncthreads();
+  int last = 0;
   if (threadIdx.x == 0) {
     __threadfence();
     if (atomicAdd(&st.done_blocks[which], 1u) == gridDim.x - 1) {
@@ -226,8 +229,11 @@ __device__ __forceinline__ void finish_round(const HtState& st, int which, uint6
       st.tickets[2 * which + kSendRole] = 0;
       st.tickets[2 * which + kRecvRole] = 0;
       __threadfence();
+      last = 1;
     }
   }
+  if constexpr (kTell) return __syncthreads_or(last) != 0;
+  return last != 0;
 }
 
 }  // namespace expertlink::kernels

@@ -246,16 +246,24 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   for (auto& w : want) handles.push_back(w.handle);
   auto want_comb = ref::ht_combine_explicit(handles, cins, H, /*sum_topk_weights=*/true);
   // In capacity sizing the expert outputs have the capacity's rows (only the first N are read).
-  DeviceArray<uint16_t> y(size_t(rows) * H), b0(all[me].bias0), b1(all[me].bias1);
-  y.poison();
-  y.upload(cins[me].x);
+  DeviceArray<uint16_t> y(c.direct_combine ? 0 : size_t(rows) * H), b0(all[me].bias0), b1(all[me].bias1);
+  uint16_t* const y_ptr =
+      c.direct_combine ? static_cast<uint16_t*>(buffer.ht_window_recv_x(DType::kBF16, H).data) : y.get();
+  if (c.direct_combine) {  // the expert outputs over the received rows, in the window
+    cudaMemsetAsync(y_ptr, 0xFF, size_t(rows) * H * 2, stream);
+    if (N) cudaMemcpyAsync(y_ptr, cins[me].x.data(), size_t(N) * H * 2, cudaMemcpyHostToDevice, stream);
+    cudaStreamSynchronize(stream);
+  } else {
+    y.poison();
+    y.upload(cins[me].x);
+  }
   DeviceArray<uint16_t> comb(size_t(T) * H);
   DeviceArray<float> comb_w(size_t(T) * K);
   comb.poison(), comb_w.poison();
   HtCombineArgs ca;
   const int64_t y_rows = c.sizing == Sizing::kExact ? N : rows;
-  ca.x = TensorView(y.get(), DType::kBF16, {y_rows, H});
-  ca.topk_weights = TensorView(rw.get(), DType::kF32, {y_rows, K});
+  ca.x = TensorView(y_ptr, DType::kBF16, {y_rows, H});
+  if (!c.direct_combine) ca.topk_weights = TensorView(rw.get(), DType::kF32, {y_rows, K});
   if (c.with_bias) {
     ca.bias0 = TensorView(b0.get(), DType::kBF16, {T, H});
     ca.bias1 = TensorView(b1.get(), DType::kBF16, {T, H});
@@ -263,9 +271,13 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   ca.num_sms = c.num_sms;
   HtCombineOutputs co;
   co.combined_x = TensorView(comb.get(), DType::kBF16, {T, H});
-  co.combined_topk_weights = TensorView(comb_w.get(), DType::kF32, {T, K});
+  if (!c.direct_combine) co.combined_topk_weights = TensorView(comb_w.get(), DType::kF32, {T, K});
   buffer.ht_combine(ca, handle, co, stream);
   buffer.synchronize(stream);
+  if (c.direct_combine) {  // every rank past its combine before any rank touches its region again
+    buffer.barrier(stream);
+    buffer.synchronize(stream);
+  }
   auto got_c = comb.download();
   auto got_cw = comb_w.download();
   int64_t inexact = 0;
@@ -283,7 +295,7 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   }
   // Each slot's weight comes from the one rank of its expert (the others add 0): its sum is exact.
   const std::vector<float>& want_cw = want_comb[me].topk_weights;
-  for (int64_t i = 0; i < int64_t(T) * K; ++i)
+  for (int64_t i = 0; i < (c.direct_combine ? 0 : int64_t(T) * K); ++i)
     GPU_EXPECT(c.combine_bitwise ? std::memcmp(&got_cw[i], &want_cw[i], 4) == 0
                                  : std::fabs(got_cw[i] - want_cw[i]) <= 1e-6f,
                "[%s] combined_topk_weights[%lld][%lld]: expected %g, got %g", c.name, (long long)(i / K),

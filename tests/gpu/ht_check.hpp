@@ -44,6 +44,10 @@ struct HtCase {
   // recv_x is the Buffer's receive region (Buffer::ht_window_recv_x: direct dispatch); the Buffer needs
   // ht_recv_bytes for it.
   bool direct = false;
+  // combine's x is the receive region too (direct combine: the sources read the rows from the holders);
+  // no top-k weights then. The round ends with a barrier (the next round's poison of the region must not
+  // land while a peer still reads it).
+  bool direct_combine = false;
 };
 
 // What a checked round saw, for the caller's log.

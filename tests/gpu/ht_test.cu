@@ -29,7 +29,7 @@ int run_cases(const RankContext& ctx, std::initializer_list<HtCase> cases, int r
     bytes = std::max(
         bytes, Buffer::ht_size_hint(ctx.num_ranks, c.tokens + 3, c.hidden, c.topk) + (size_t(c.hidden) << 5));
     // Capacity sizing asks for 17 rows more than arrive (ht_check.cu).
-    if (c.direct)
+    if (c.direct || c.direct_combine)
       recv_bytes = std::max(recv_bytes, Buffer::ht_recv_size_hint(ctx.num_ranks, c.tokens + 3, c.hidden) +
                                             (size_t(c.hidden) << 6));
   }
@@ -222,13 +222,13 @@ namespace expertlink::test {
 namespace {
 
 // Direct dispatch (recv_x is the Buffer's receive region, Buffer::ht_window_recv_x): the senders write
-// rows straight into their final place; the same checks as every HT case, over two rounds on one Buffer,
-// BF16 and FP8, exact and capacity sizing, cached dispatch, an empty rank, and a call that is not direct in
-// between.
+// rows straight into their final place; direct combine (x is that region: the sources read the rows from
+// the holders). The same checks as every HT case, over two rounds on one Buffer, BF16 and FP8, exact and
+// capacity sizing, cached dispatch, an empty rank, 8 SMs, and calls that are not direct in between.
 GPU_CASE(ht_direct_recv_x_matches_oracle, 2, 300) {
-  HtCase a{"direct bf16 T=512 H=7168 top-8/256 i64", 512, 7168, 8, 256};
-  a.direct = true;
-  HtCase b{"direct fp8 T=300 H=2048 top-6/64 i32 skewed capacity",
+  HtCase a{"direct bf16 T=512 H=7168 top-8/256 i64, direct combine", 512, 7168, 8, 256};
+  a.direct = a.direct_combine = true;
+  HtCase b{"direct fp8 T=300 H=2048 top-6/64 i32 skewed capacity, direct combine",
            300,
            2048,
            6,
@@ -236,14 +236,14 @@ GPU_CASE(ht_direct_recv_x_matches_oracle, 2, 300) {
            Fmt::kFp8,
            true,
            Routing::kSkewed};
-  b.direct = true;
+  b.direct = b.direct_combine = true;
   b.sizing = Sizing::kCapacity;
   HtCase c{"direct fp8-ue8m0 T=257 H=7168 top-8/256 8 SMs", 257, 7168, 8, 256, Fmt::kFp8Ue8m0};
   c.direct = true;
   c.num_sms = 8;
   HtCase d{"not direct, same Buffer", 200, 2048, 4, 64};
-  HtCase e{"direct, rank 1 has no tokens", 64, 1024, 4, 64};
-  e.direct = true;
+  HtCase e{"direct, rank 1 has no tokens, direct combine", 64, 1024, 4, 64};
+  e.direct = e.direct_combine = true;
   e.zero_tokens_rank = 1;
   return run_cases(ctx, {a, b, c, d, e}, 2);
 }
@@ -305,12 +305,22 @@ GPU_CASE(ht_direct_refusals_and_disagreement, 2, 240) {
     buffer.ht_dispatch(a, handle, o, stream);
     buffer.synchronize(stream);
   }
-  // Rank 0 direct, rank 1 not: both ranks' kernels see the other's placement and stop.
+  // Rank 0 direct, rank 1 not: both ranks' kernels see the other's placement and stop (the Buffer stays
+  // broken after that, so the combine's disagreement gets a Buffer of its own).
   HtCase mixed = c;
   mixed.direct = ctx.rank == 0;
   if (expect_error([&] { htt::run_round(ctx, mixed, buffer, handle, seed + 5, stream, false); },
                    "one rank direct, one not", "recv_x placement") != 0)
     return 1;
+  {
+    Buffer other(comm, bytes, 0, {}, Buffer::ht_recv_size_hint(ctx.num_ranks, c.tokens + 3, c.hidden));
+    HtHandle h2;
+    HtCase mixed_combine = c;
+    mixed_combine.direct_combine = ctx.rank == 0;
+    if (expect_error([&] { htt::run_round(ctx, mixed_combine, other, h2, seed + 6, stream, false); },
+                     "one rank's combine direct, one not", "combine x placement") != 0)
+      return 1;
+  }
   cudaStreamDestroy(stream);
   return 0;
 }
