@@ -44,11 +44,16 @@ inline constexpr int kCombineSendWarps = EXPERTLINK_HT_COMBINE_SENDERS;
 #define EXPERTLINK_HT_REDUCE_UNROLL 4
 #endif
 // Vectors per lane per row in flight in the two-row reduce (both rows' at once); 0 turns it off
-// (EXPERTLINK_HT_PAIR_UNROLL, a build option).
+// (EXPERTLINK_HT_PAIR_UNROLL, a build option). Direct combine reads one of the two rows over NVLink and
+// wants more in flight: 2x H200, 2026-11-28, 4 -> 8 took direct combine 216.5 -> 212.9 us at 24 SMs
+// and 335.2 -> 281.2 at 8, but the push combine 233.4 -> 244.2 and 455.3 -> 468.3 (ptxas: no spills at
+// 640 threads, 20 bytes at 768).
 #ifndef EXPERTLINK_HT_PAIR_UNROLL
 #define EXPERTLINK_HT_PAIR_UNROLL 4
 #endif
-inline constexpr int kPairUnroll = EXPERTLINK_HT_PAIR_UNROLL;
+#ifndef EXPERTLINK_HT_PULL_PAIR_UNROLL
+#define EXPERTLINK_HT_PULL_PAIR_UNROLL 8
+#endif
 static_assert(kCombineSendWarps >= 1 && kCombineSendWarps <= kBulkSendWarps &&
                   kCombineSendWarps < kCombineThreadsFew / 32 && kCombineSendWarps < kCombineThreadsMany / 32,
               "EXPERTLINK_HT_COMBINE_SENDERS: 1..16 (bulk sending has stages for 16 warps)");
@@ -57,6 +62,7 @@ static_assert(kCombineSendWarps >= 1 && kCombineSendWarps <= kBulkSendWarps &&
 // each row from its holder's receive region over NVLink.
 template <bool kBulk, int kThreads, bool kPull>
 __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams p) {
+  constexpr int kPairUnroll = kPull ? EXPERTLINK_HT_PULL_PAIR_UNROLL : EXPERTLINK_HT_PAIR_UNROLL;
   __shared__ int abort_flag, send_abort, copy_abort;
   __shared__ int ticket[2];  // [parity]: the sending half's current and next item (draw_ticket)
   __shared__ uint32_t chunk_seen[kMaxChunks / 32];  // chunks whose rows have all arrived (reduce_tokens)

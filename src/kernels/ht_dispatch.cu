@@ -38,13 +38,22 @@ static_assert(EXPERTLINK_HT_DIRECT_SENDERS >= 1 && EXPERTLINK_HT_DIRECT_SENDERS 
 // 8192 with float32 scales).
 constexpr int kScaleRegs = 2;
 
+// Sending warps run free (SendSteps: no barrier per chunk) up to this many SMs, and in step with the
+// block's others (a role barrier per chunk) above. 2x H200, 2026-11-28, one call (T = 4096, H = 7168,
+// 28 direct / 24 plain senders, us at 24 / 8 SMs), barrier -> free: direct FP8 169.0 -> 180.6 / 306.2
+// -> 265.1, direct BF16 245.3 -> 254.8 / 460.4 -> 401.5, FP8 177.7 -> 193.3 / 338.0 -> 317.8, BF16
+// 260.7 -> 281.8 / 551.1 -> 525.7.
+constexpr int kFreeSendMaxSms = 16;
+
 // kDirect: direct dispatch (HtDispatchParams::direct_offset >= 0), compiled apart so that the default
-// path keeps its registers.
-template <bool kBulk, bool kDirect>
+// path keeps its registers. kFree: free-running sending warps (not with bulk sending).
+template <bool kBulk, bool kDirect, bool kFree>
 __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchParams p) {
+  static_assert(!(kBulk && kFree), "bulk sending publishes its chunks behind a role barrier");
   __shared__ int abort_flag, recv_abort, send_abort;
   __shared__ int ticket[2][2];  // [role][parity]: the role's current and next chunk or item (draw_ticket)
   __shared__ uint64_t stage_bar[kBulkSendWarps][2];
+  __shared__ SendSteps steps;  // kFree
   extern __shared__ __align__(128) char stage_smem[];
   wait_prior_grids();  // launched as a dependent of notify (kernels/pdl.hpp): nothing is read before it
   const SymmetricView& w = p.win;
@@ -78,8 +87,9 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   if (threadIdx.x == 0) {
     abort_flag = wait_aborted(ctx);  // e.g. ranks disagreed in notify
     send_abort = 0;
-    ticket[kSendRole][0] = draw_ticket(p.state, 1, kSendRole);
+    if (!kFree) ticket[kSendRole][0] = draw_ticket(p.state, 1, kSendRole);
   }
+  if (kFree) init_send_steps(steps);
   if (threadIdx.x == S * 32) ticket[kRecvRole][0] = draw_ticket(p.state, 1, kRecvRole);
   WarpStages stages{};
   if (kBulk && warp < S) stages = warp_stages(stage_smem, stage_bar, warp, lane);
@@ -115,11 +125,13 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
     const int row0_lo = direct && lane < R ? p.handle.dest_row0[lane] : 0;
     const int row0_hi = direct && lane + 32 < R ? p.handle.dest_row0[lane + 32] : 0;
     for (int k = 0;; ++k) {
-      const int c = ticket[kSendRole][k & 1];
+      const int c = kFree ? warp_step_chunk(steps, k, p.state, 1, lane) : ticket[kSendRole][k & 1];
       if (c >= num_chunks) break;
-      if (threadIdx.x == 0) ht_stamp(p.trace, k, kHtSendStart);
-      const int t_end = min(T, (c + 1) * chunk_tokens);
-      for (int t = c * chunk_tokens + warp; t < t_end; t += S) {
+      if (kFree ? lane == 0 && warp == 0 : threadIdx.x == 0) ht_stamp(p.trace, k, kHtSendStart);
+      const int t0 = c * chunk_tokens, t_end = min(T, t0 + chunk_tokens);
+      // Warp w takes the chunk's tokens w, w + S, ...; free-running, the tokens t with t % S == w, so
+      // that the chunks' surplus rows (chunk_tokens % S) fall to different warps from chunk to chunk.
+      for (int t = kFree ? t0 + (warp - t0 % S + S) % S : t0 + warp; t < t_end; t += S) {
         int pos_lo, pos_hi;
         // A handle made before a rank was masked still names it: it gets nothing.
         uint64_t mask =
@@ -236,6 +248,20 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       }
       // Publish chunk c to every other rank (also when it sent them nothing): every sender thread's rows
       // (bulk stores complete first), then (barrier, one system fence) the release stores of the round.
+      // Free-running, the last warp done with the chunk publishes it, and the others go on.
+      if constexpr (kFree) {
+        if (warp_step_done(steps, k, S, lane)) {
+          if (lane == 0) ht_stamp(p.trace, k, kHtSendIssued);
+          for (int d = lane; d < R; d += 32)
+            if (d != me && rank_live(w, d)) {
+              __threadfence_system();
+              st_release_sys(control_u64(w.peer_base[d], control::kDispatchChunk, me * kMaxChunks + c),
+                             round);
+            }
+          if (lane == 0) ht_stamp(p.trace, k, kHtSendPublished);
+        }
+        continue;
+      }
       if (kBulk && lane == 0) bulk_wait_all();
       if (threadIdx.x == 0) ticket[kSendRole][(k + 1) & 1] = draw_ticket(p.state, 1, kSendRole);
       role_barrier(kSendBarrier, S);
@@ -329,10 +355,15 @@ bool ht_bulk_send() {
 void launch_ht_dispatch(const HtDispatchParams& p, int num_sms, cudaStream_t stream) {
   HtDispatchParams q = p;
   q.trace = ht_trace_arm(HtTraceKind::kDispatch, num_sms, stream);
+  const bool free = num_sms <= kFreeSendMaxSms;
   if (q.direct_offset >= 0)
-    launch_ht_kernel(ht_dispatch_kernel<true, true>, ht_dispatch_kernel<false, true>, q, num_sms, stream);
+    launch_ht_kernel(ht_dispatch_kernel<true, true, false>,
+                     free ? ht_dispatch_kernel<false, true, true> : ht_dispatch_kernel<false, true, false>, q,
+                     num_sms, stream);
   else
-    launch_ht_kernel(ht_dispatch_kernel<true, false>, ht_dispatch_kernel<false, false>, q, num_sms, stream);
+    launch_ht_kernel(ht_dispatch_kernel<true, false, false>,
+                     free ? ht_dispatch_kernel<false, false, true> : ht_dispatch_kernel<false, false, false>,
+                     q, num_sms, stream);
 }
 
 }  // namespace expertlink::kernels

@@ -193,6 +193,51 @@ __device__ __forceinline__ int draw_ticket(const HtState& st, int which, int rol
   return static_cast<int>(atomicAdd(&st.tickets[2 * which + role], 1u));
 }
 
+// Free-running sending warps: no barrier per chunk, so a warp with fewer of the chunk's rows goes on to
+// the next chunk instead of idling (with 32-token chunks and 28 sending warps, 4 warps had two rows and
+// 24 one). The block's k-th chunk is drawn by the first of its warps to reach step k: steps[k] is -1
+// until then, -2 while that warp draws (the others wait one atomic's latency: the wait is bounded).
+// steps has room for every chunk and the final draw past the last one.
+struct SendSteps {
+  int chunk[kMaxChunks + 1];
+  int done[kMaxChunks + 1];  // warps done with step k
+};
+__device__ __forceinline__ void init_send_steps(SendSteps& s) {
+  for (int i = threadIdx.x; i <= kMaxChunks; i += blockDim.x) {
+    s.chunk[i] = -1;
+    s.done[i] = 0;
+  }
+}
+__device__ __forceinline__ int warp_step_chunk(SendSteps& s, int k, const HtState& st, int which, int lane) {
+  int c = 0;
+  if (lane == 0) {
+    volatile int* slot = s.chunk + k;
+    c = *slot;
+    if (c == -1 && atomicCAS_block(s.chunk + k, -1, -2) == -1) {
+      c = draw_ticket(st, which, kSendRole);
+      *slot = c;
+    } else {
+      while (c < 0) c = *slot;
+    }
+  }
+  return __shfl_sync(~0u, c, 0);
+}
+// The calling warp's rows of step k are written; true for the last of the block's `warps` sending warps,
+// which then publishes the chunk: every lane of it is ordered after every sending warp's stores (each warp's
+// fence and counter increment, the last one's acquire, then __syncwarp), so its system fence covers them.
+__device__ __forceinline__ bool warp_step_done(SendSteps& s, int k, int warps, int lane) {
+  __syncwarp();
+  int last = 0;
+  if (lane == 0) {
+    __threadfence_block();
+    last = atomicAdd_block(s.done + k, 1) == warps - 1;
+    if (last) __threadfence_block();
+  }
+  last = __shfl_sync(~0u, last, 0);
+  __syncwarp();
+  return last != 0;
+}
+
 // The (source, chunk) items a rank receives (dispatch) or sends back (combine), chunk-major: the order
 // in which the sources publish them. Item i is chunk i / (R - 1) of the (i % (R - 1))-th other rank;
 // there are (R - 1) x (the most chunks of any live other source) items, and an item is empty (nothing to

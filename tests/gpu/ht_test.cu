@@ -238,13 +238,16 @@ GPU_CASE(ht_direct_recv_x_matches_oracle, 2, 300) {
            Routing::kSkewed};
   b.direct = b.direct_combine = true;
   b.sizing = Sizing::kCapacity;
-  HtCase c{"direct fp8-ue8m0 T=257 H=7168 top-8/256 8 SMs", 257, 7168, 8, 256, Fmt::kFp8Ue8m0};
-  c.direct = true;
+  // Up to 16 SMs the senders run free and the direct combine has its own instance: c and e.
+  HtCase c{
+      "direct fp8-ue8m0 T=257 H=7168 top-8/256 8 SMs, direct combine", 257, 7168, 8, 256, Fmt::kFp8Ue8m0};
+  c.direct = c.direct_combine = true;
   c.num_sms = 8;
   HtCase d{"not direct, same Buffer", 200, 2048, 4, 64};
-  HtCase e{"direct, rank 1 has no tokens, direct combine", 64, 1024, 4, 64};
+  HtCase e{"direct, rank 1 has no tokens, direct combine, 1 SM", 64, 1024, 4, 64};
   e.direct = e.direct_combine = true;
   e.zero_tokens_rank = 1;
+  e.num_sms = 1;
   return run_cases(ctx, {a, b, c, d, e}, 2);
 }
 
