@@ -42,7 +42,9 @@ constexpr int kScaleRegs = 2;
 // block's others (a role barrier per chunk) above. 2x H200, 2026-11-28, one call (T = 4096, H = 7168,
 // 28 direct / 24 plain senders, us at 24 / 8 SMs), barrier -> free: direct FP8 169.0 -> 180.6 / 306.2
 // -> 265.1, direct BF16 245.3 -> 254.8 / 460.4 -> 401.5, FP8 177.7 -> 193.3 / 338.0 -> 317.8, BF16
-// 260.7 -> 281.8 / 551.1 -> 525.7.
+// 260.7 -> 281.8 / 551.1 -> 525.7. At 16 / 12 SMs (another call): direct FP8 192.3 -> 180.2 / 228.8 ->
+// 203.3, direct BF16 277.0 -> 258.1 / 334.9 -> 294.8, FP8 205.8 -> 203.4 / 249.3 -> 239.6, BF16 313.6 ->
+// 312.4 / 394.7 -> 378.7.
 constexpr int kFreeSendMaxSms = 16;
 
 // kDirect: direct dispatch (HtDispatchParams::direct_offset >= 0), compiled apart so that the default
