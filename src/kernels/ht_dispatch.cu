@@ -44,7 +44,8 @@ constexpr int kScaleRegs = 2;
 // -> 265.1, direct BF16 245.3 -> 254.8 / 460.4 -> 401.5, FP8 177.7 -> 193.3 / 338.0 -> 317.8, BF16
 // 260.7 -> 281.8 / 551.1 -> 525.7. At 16 / 12 SMs (another call): direct FP8 192.3 -> 180.2 / 228.8 ->
 // 203.3, direct BF16 277.0 -> 258.1 / 334.9 -> 294.8, FP8 205.8 -> 203.4 / 249.3 -> 239.6, BF16 313.6 ->
-// 312.4 / 394.7 -> 378.7.
+// 312.4 / 394.7 -> 378.7. EXPERTLINK_HT_FREE_SEND_MAX_SMS (environment, read once) sets it for
+// experiments (0: never free-running).
 constexpr int kFreeSendMaxSms = 16;
 
 // kDirect: direct dispatch (HtDispatchParams::direct_offset >= 0), compiled apart so that the default
@@ -357,7 +358,11 @@ bool ht_bulk_send() {
 void launch_ht_dispatch(const HtDispatchParams& p, int num_sms, cudaStream_t stream) {
   HtDispatchParams q = p;
   q.trace = ht_trace_arm(HtTraceKind::kDispatch, num_sms, stream);
-  const bool free = num_sms <= kFreeSendMaxSms;
+  static const int free_max_sms = [] {
+    const char* v = std::getenv("EXPERTLINK_HT_FREE_SEND_MAX_SMS");
+    return v != nullptr ? std::atoi(v) : kFreeSendMaxSms;
+  }();
+  const bool free = num_sms <= free_max_sms;
   if (q.direct_offset >= 0)
     launch_ht_kernel(ht_dispatch_kernel<true, true, false>,
                      free ? ht_dispatch_kernel<false, true, true> : ht_dispatch_kernel<false, true, false>, q,
