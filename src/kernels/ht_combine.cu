@@ -313,14 +313,13 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
         if (kBulk && lane == 0) bulk_wait_all();
       }
       if (threadIdx.x == 0) ticket[(k + 1) & 1] = draw_ticket(p.state, 2, kSendRole);
-      // The item's rows from every sender warp (and the next ticket), then one fenced release store, also
-      // for an item with no rows: s's reduce waits for every rank's flag of each chunk.
+      // The item's rows from every sender warp (and the next ticket), then one release store (publish_chunk),
+      // also for an item with no rows: s's reduce waits for every rank's flag of each chunk.
       role_barrier(kSendBarrier, S);
       if (kBulk && copy_abort) break;
       if (sc.valid && threadIdx.x == 0) {
         ht_stamp(p.trace, m, kHtSendIssued);
-        __threadfence_system();
-        st_release_sys(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
+        publish_chunk<kBulk>(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
         ht_stamp(p.trace, m, kHtSendPublished);
       }
     }
