@@ -92,9 +92,20 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
     return true;
   };
 
+  // A push combine right after a direct combine with weights (no dispatch between them): the peers may
+  // still read the weights staged in this rank's combine area, which the pushed rows overwrite. Wait for
+  // their "done reading" words first (a dispatch between the two, the usual order, has waited already).
+  bool readers_done = true;
+  if (!kPull && blockIdx.x == 0) {
+    const uint64_t pulled = p.state.rounds[3];
+    if (pulled > 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
+      readers_done = wait_geq(control_u64(w.local_base, control::kCombineDone, threadIdx.x), pulled, ctx,
+                              WaitSite::kHtCombineDone, threadIdx.x, 0);  // a timeout: wait_aborted below
+    readers_done = __syncthreads_and(readers_done);
+  }
   // Announce that this rank's combine area is free (push) or its expert outputs are readable (pull: every
   // earlier stream operation, the expert computation included, is done), and which of the two it does.
-  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
+  if (readers_done && blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
     *control_u64(w.peer_base[threadIdx.x], control::kCombineMode, me) = 2 * round + (kPull ? 1 : 0);
     st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kCombineReady, me), round);
   }
