@@ -92,9 +92,20 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
     return true;
   };
 
+  // A push combine right after a direct combine with weights (no dispatch between them): the peers may
+  // still read the weights staged in this rank's combine area, which the pushed rows overwrite. Wait for
+  // their "done reading" words first (a dispatch between the two, the usual order, has waited already).
+  bool readers_done = true;
+  if (!kPull && blockIdx.x == 0) {
+    const uint64_t pulled = p.state.rounds[3];
+    if (pulled > 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
+      readers_done = wait_geq(control_u64(w.local_base, control::kCombineDone, threadIdx.x), pulled, ctx,
+                              WaitSite::kHtCombineDone, threadIdx.x, 0);  // a timeout: wait_aborted below
+    readers_done = __syncthreads_and(readers_done);
+  }
   // Announce that this rank's combine area is free (push) or its expert outputs are readable (pull: every
   // earlier stream operation, the expert computation included, is done), and which of the two it does.
-  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
+  if (readers_done && blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
     *control_u64(w.peer_base[threadIdx.x], control::kCombineMode, me) = 2 * round + (kPull ? 1 : 0);
     st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kCombineReady, me), round);
   }
@@ -252,17 +263,28 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
           if (v < vecs) reinterpret_cast<int4*>(out_row)[v] = to_bf16x8(acc[u]);
         }
       }
-      if (!kPull && p.out_topk_weights != nullptr) {  // requires topk_weights (checked on the host)
+      if (p.out_topk_weights != nullptr) {  // requires topk_weights (checked on the host)
         float sum = 0.f;
         for (uint64_t m = mask; m != 0; m &= m - 1) {
           const int d = __ffsll(m) - 1;
           const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
+          if constexpr (kPull) {
+            // d's weights of this token: its row in d's staged weights (ht_stage_weights_kernel), the row of
+            // the receive region (clamped as in row_of).
+            const int64_t row =
+                min(int64_t(__shfl_sync(~0u, d < 32 ? row0_lo : row0_hi, d & 31)) + pos, p.direct_rows - 1);
+            const char* base = reinterpret_cast<const char*>(
+                __shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? peer_lo : peer_hi), d & 31));
+            if (lane < K && d != me)
+              sum += __ldcg(reinterpret_cast<const float*>(base + kControlBytes + p.area_offset) + row * K +
+                            lane);
+          }
           if (lane < K) {
             if (d == me)
               sum += static_cast<const float*>(
                   p.topk_weights.data)[(local_row0 + pos) * p.topk_weights.row_stride +
                                        lane * p.topk_weights.col_stride];
-            else
+            else if (!kPull)
               sum += __ldcg(reinterpret_cast<const float*>(row_of(d, pos) + 2ll * H) + lane);
           }
         }
@@ -338,7 +360,44 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
   }
 }
 
+// Direct combine with top-k weights: the peers read this rank's weights of the rows it holds from its
+// window, so they are copied there first, into the combine area (unused by direct combine), as float
+// [N_recv, K] (row r = the receive region's row r). The previous direct combine's readers must be done with
+// them (their "done reading" words, as direct dispatch waits for them); the combine kernel, launched after
+// this one, announces "ready" only when it starts, so no peer reads before the copy is complete.
+__global__ void ht_stage_weights_kernel(HtCombineParams p, int64_t rows) {
+  __shared__ int abort_flag;
+  const SymmetricView& w = p.win;
+  const int me = w.rank, R = w.num_ranks, K = p.topk;
+  const WaitContext ctx{w.record, w.timeout_ns, me};
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  const uint64_t pulled = p.state.rounds[3];
+  if (pulled > 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x) &&
+      !wait_geq(control_u64(w.local_base, control::kCombineDone, threadIdx.x), pulled, ctx,
+                WaitSite::kHtCombineDone, threadIdx.x, 0))
+    abort_flag = 1;  // recorded: the combine kernel (wait_aborted) and the host report it
+  __syncthreads();
+  if (abort_flag) return;
+  float* staged = reinterpret_cast<float*>(w.local_base + kControlBytes + p.area_offset);
+  const float* src = static_cast<const float*>(p.topk_weights.data);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < rows * K;
+       i += gridDim.x * int64_t(blockDim.x)) {
+    const int64_t r = i / K, k = i % K;
+    staged[i] = src[r * p.topk_weights.row_stride + k * p.topk_weights.col_stride];
+  }
+}
+
 }  // namespace
+
+void launch_ht_stage_weights(const HtCombineParams& p, int64_t rows, cudaStream_t stream) {
+  const int threads = 256;
+  const int64_t n = rows * p.topk;
+  const int blocks =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 132)));
+  ht_stage_weights_kernel<<<blocks, threads, 0, stream>>>(p, rows);
+  EL_CUDA_CHECK(cudaGetLastError());
+}
 
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
   HtCombineParams q = p;
