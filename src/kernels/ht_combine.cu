@@ -80,24 +80,14 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
   // Peer d has started this combine round, and pulls or pushes as this rank does (else the mismatch is
   // recorded): the calling thread waits, bounded.
   auto peer_ready_same_mode = [&](int d) {
-    if (!wait_geq(control_u64(w.local_base, control::kCombineReady, d), round, ctx, WaitSite::kHtCombineReady,
-                  d, 0))
-      return false;
-    // The ready value is this round or, for a peer a round ahead, the next: so is its mode word.
-    const uint64_t mode = ld_volatile(control_u64(w.local_base, control::kCombineMode, d));
-    if (mode / 2 == round && (mode & 1) != (kPull ? 1 : 0)) {
-      record_timeout(ctx, WaitSite::kMismatch, d, 4, kPull ? 1 : 0, mode & 1, 0);
-      return false;
-    }
-    return true;
+    return wait_round_same_mode(w, d, control::kCombineReady, control::kCombineMode, round, kPull, ctx,
+                                WaitSite::kHtCombineReady, 4);
   };
 
   // Announce that this rank's combine area is free (push) or its expert outputs are readable (pull: every
   // earlier stream operation, the expert computation included, is done), and which of the two it does.
-  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
-    *control_u64(w.peer_base[threadIdx.x], control::kCombineMode, me) = 2 * round + (kPull ? 1 : 0);
-    st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kCombineReady, me), round);
-  }
+  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
+    announce_round(w, threadIdx.x, control::kCombineReady, control::kCombineMode, round, kPull);
   if (threadIdx.x == 0) {
     abort_flag = wait_aborted(ctx);
     send_abort = copy_abort = 0;
@@ -339,28 +329,26 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
   }
 }
 
+template <int kThreads>
+void launch_combine(const HtCombineParams& q, int num_sms, cudaStream_t stream) {
+  if (q.direct_offset >=
+      0)  // pull has no sending half, so no bulk instance: the warp-copy kernel serves both
+    launch_ht_kernel(ht_combine_kernel<false, kThreads, true>, ht_combine_kernel<false, kThreads, true>, q,
+                     num_sms, stream, kThreads);
+  else
+    launch_ht_kernel(ht_combine_kernel<true, kThreads, false>, ht_combine_kernel<false, kThreads, false>, q,
+                     num_sms, stream, kThreads);
+}
+
 }  // namespace
 
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
   HtCombineParams q = p;
   q.trace = ht_trace_arm(HtTraceKind::kCombine, num_sms, stream);
-  // Pull has no sending half, so no bulk instance: the warp-copy kernel serves both.
-  if (q.direct_offset >= 0 && num_sms <= kFewSms)
-    launch_ht_kernel(ht_combine_kernel<false, kCombineThreadsFew, true>,
-                     ht_combine_kernel<false, kCombineThreadsFew, true>, q, num_sms, stream,
-                     kCombineThreadsFew);
-  else if (q.direct_offset >= 0)
-    launch_ht_kernel(ht_combine_kernel<false, kCombineThreadsMany, true>,
-                     ht_combine_kernel<false, kCombineThreadsMany, true>, q, num_sms, stream,
-                     kCombineThreadsMany);
-  else if (num_sms <= kFewSms)
-    launch_ht_kernel(ht_combine_kernel<true, kCombineThreadsFew, false>,
-                     ht_combine_kernel<false, kCombineThreadsFew, false>, q, num_sms, stream,
-                     kCombineThreadsFew);
+  if (num_sms <= kFewSms)
+    launch_combine<kCombineThreadsFew>(q, num_sms, stream);
   else
-    launch_ht_kernel(ht_combine_kernel<true, kCombineThreadsMany, false>,
-                     ht_combine_kernel<false, kCombineThreadsMany, false>, q, num_sms, stream,
-                     kCombineThreadsMany);
+    launch_combine<kCombineThreadsMany>(q, num_sms, stream);
 }
 
 }  // namespace expertlink::kernels
