@@ -329,10 +329,10 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
   }
 }
 
+// Pull has no sending half, so no bulk instance: the warp-copy kernel serves both.
 template <int kThreads>
 void launch_combine(const HtCombineParams& q, int num_sms, cudaStream_t stream) {
-  if (q.direct_offset >=
-      0)  // pull has no sending half, so no bulk instance: the warp-copy kernel serves both
+  if (q.direct_offset >= 0)
     launch_ht_kernel(ht_combine_kernel<false, kThreads, true>, ht_combine_kernel<false, kThreads, true>, q,
                      num_sms, stream, kThreads);
   else
