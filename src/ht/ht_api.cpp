@@ -153,9 +153,7 @@ size_t Buffer::ht_recv_size_hint(int num_ranks, int64_t max_tokens_per_rank, int
 
 TensorView Buffer::ht_window_recv_x(DType dtype, int64_t hidden) const {
   EL_CHECK(dtype == DType::kBF16 || dtype == DType::kFP8E4M3,
-           "ht_window_recv_x: dtype must be bf16 or "
-           "fp8_e4m3, got %s",
-           dtype_name(dtype));
+           "ht_window_recv_x: dtype must be bf16 or fp8_e4m3, got %s", dtype_name(dtype));
   EL_CHECK(hidden > 0 && hidden * dtype_size(dtype) % 16 == 0,
            "ht_window_recv_x: hidden = %lld must make rows of a multiple of 16 bytes",
            static_cast<long long>(hidden));

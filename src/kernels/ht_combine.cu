@@ -80,35 +80,20 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
   // Peer d has started this combine round, and pulls or pushes as this rank does (else the mismatch is
   // recorded): the calling thread waits, bounded.
   auto peer_ready_same_mode = [&](int d) {
-    if (!wait_geq(control_u64(w.local_base, control::kCombineReady, d), round, ctx, WaitSite::kHtCombineReady,
-                  d, 0))
-      return false;
-    // The ready value is this round or, for a peer a round ahead, the next: so is its mode word.
-    const uint64_t mode = ld_volatile(control_u64(w.local_base, control::kCombineMode, d));
-    if (mode / 2 == round && (mode & 1) != (kPull ? 1 : 0)) {
-      record_timeout(ctx, WaitSite::kMismatch, d, 4, kPull ? 1 : 0, mode & 1, 0);
-      return false;
-    }
-    return true;
+    return wait_round_same_mode(w, d, control::kCombineReady, control::kCombineMode, round, kPull, ctx,
+                                WaitSite::kHtCombineReady, 4);
   };
 
   // A push combine right after a direct combine with weights (no dispatch between them): the peers may
   // still read the weights staged in this rank's combine area, which the pushed rows overwrite. Wait for
   // their "done reading" words first (a dispatch between the two, the usual order, has waited already).
   bool readers_done = true;
-  if (!kPull && blockIdx.x == 0) {
-    const uint64_t pulled = p.state.rounds[3];
-    if (pulled > 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
-      readers_done = wait_geq(control_u64(w.local_base, control::kCombineDone, threadIdx.x), pulled, ctx,
-                              WaitSite::kHtCombineDone, threadIdx.x, 0);  // a timeout: wait_aborted below
-    readers_done = __syncthreads_and(readers_done);
-  }
+  if (!kPull && blockIdx.x == 0)  // a timeout is recorded: wait_aborted below
+    readers_done = __syncthreads_and(wait_direct_readers_done(w, p.state, ctx));
   // Announce that this rank's combine area is free (push) or its expert outputs are readable (pull: every
   // earlier stream operation, the expert computation included, is done), and which of the two it does.
-  if (readers_done && blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
-    *control_u64(w.peer_base[threadIdx.x], control::kCombineMode, me) = 2 * round + (kPull ? 1 : 0);
-    st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kCombineReady, me), round);
-  }
+  if (readers_done && blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
+    announce_round(w, threadIdx.x, control::kCombineReady, control::kCombineMode, round, kPull);
   if (threadIdx.x == 0) {
     abort_flag = wait_aborted(ctx);
     send_abort = copy_abort = 0;
@@ -368,14 +353,11 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
 __global__ void ht_stage_weights_kernel(HtCombineParams p, int64_t rows) {
   __shared__ int abort_flag;
   const SymmetricView& w = p.win;
-  const int me = w.rank, R = w.num_ranks, K = p.topk;
+  const int me = w.rank, K = p.topk;
   const WaitContext ctx{w.record, w.timeout_ns, me};
   if (threadIdx.x == 0) abort_flag = 0;
   __syncthreads();
-  const uint64_t pulled = p.state.rounds[3];
-  if (pulled > 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x) &&
-      !wait_geq(control_u64(w.local_base, control::kCombineDone, threadIdx.x), pulled, ctx,
-                WaitSite::kHtCombineDone, threadIdx.x, 0))
+  if (!wait_direct_readers_done(w, p.state, ctx))
     abort_flag = 1;  // recorded: the combine kernel (wait_aborted) and the host report it
   __syncthreads();
   if (abort_flag) return;
@@ -386,6 +368,17 @@ __global__ void ht_stage_weights_kernel(HtCombineParams p, int64_t rows) {
     const int64_t r = i / K, k = i % K;
     staged[i] = src[r * p.topk_weights.row_stride + k * p.topk_weights.col_stride];
   }
+}
+
+// Pull has no sending half, so no bulk instance: the warp-copy kernel serves both.
+template <int kThreads>
+void launch_combine(const HtCombineParams& q, int num_sms, cudaStream_t stream) {
+  if (q.direct_offset >= 0)
+    launch_ht_kernel(ht_combine_kernel<false, kThreads, true>, ht_combine_kernel<false, kThreads, true>, q,
+                     num_sms, stream, kThreads);
+  else
+    launch_ht_kernel(ht_combine_kernel<true, kThreads, false>, ht_combine_kernel<false, kThreads, false>, q,
+                     num_sms, stream, kThreads);
 }
 
 }  // namespace
@@ -402,23 +395,10 @@ void launch_ht_stage_weights(const HtCombineParams& p, int64_t rows, cudaStream_
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
   HtCombineParams q = p;
   q.trace = ht_trace_arm(HtTraceKind::kCombine, num_sms, stream);
-  // Pull has no sending half, so no bulk instance: the warp-copy kernel serves both.
-  if (q.direct_offset >= 0 && num_sms <= kFewSms)
-    launch_ht_kernel(ht_combine_kernel<false, kCombineThreadsFew, true>,
-                     ht_combine_kernel<false, kCombineThreadsFew, true>, q, num_sms, stream,
-                     kCombineThreadsFew);
-  else if (q.direct_offset >= 0)
-    launch_ht_kernel(ht_combine_kernel<false, kCombineThreadsMany, true>,
-                     ht_combine_kernel<false, kCombineThreadsMany, true>, q, num_sms, stream,
-                     kCombineThreadsMany);
-  else if (num_sms <= kFewSms)
-    launch_ht_kernel(ht_combine_kernel<true, kCombineThreadsFew, false>,
-                     ht_combine_kernel<false, kCombineThreadsFew, false>, q, num_sms, stream,
-                     kCombineThreadsFew);
+  if (num_sms <= kFewSms)
+    launch_combine<kCombineThreadsFew>(q, num_sms, stream);
   else
-    launch_ht_kernel(ht_combine_kernel<true, kCombineThreadsMany, false>,
-                     ht_combine_kernel<false, kCombineThreadsMany, false>, q, num_sms, stream,
-                     kCombineThreadsMany);
+    launch_combine<kCombineThreadsMany>(q, num_sms, stream);
 }
 
 }  // namespace expertlink::kernels

@@ -26,8 +26,9 @@ __device__ __forceinline__ uint64_t warp_dest_mask(const int32_t* send_pos_row, 
 #endif
 static_assert(EXPERTLINK_HT_DISPATCH_SENDERS >= 1 && EXPERTLINK_HT_DISPATCH_SENDERS < kHtThreads / 32,
               "EXPERTLINK_HT_DISPATCH_SENDERS: 1..31");
-// The same for direct dispatch, whose receiving warps copy only the records' small data (not measured yet:
-// EXPERTLINK_HT_DIRECT_SENDERS, a build option, sets it for experiments).
+// The same for direct dispatch, whose receiving warps copy only the records' small data. 2x H200,
+// 2026-11-28, against 28 (FP8, 24 / 8 SMs): 31 (one receiving warp) 169 -> 240 / 306 -> 447 us, the small
+// data's copy-out setting the pace; 30 was mixed. EXPERTLINK_HT_DIRECT_SENDERS (a build option) sets it.
 #ifndef EXPERTLINK_HT_DIRECT_SENDERS
 #define EXPERTLINK_HT_DIRECT_SENDERS 28
 #endif
@@ -75,18 +76,13 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   // rank that read it in a direct combine must be done before block 0 announces "ready". (A timeout is
   // recorded, and wait_aborted below ends the call.)
   if (kDirect && blockIdx.x == 0) {
-    const uint64_t pulled = p.state.rounds[3];
-    if (pulled > 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
-      (void)wait_geq(control_u64(w.local_base, control::kCombineDone, threadIdx.x), pulled, ctx,
-                     WaitSite::kHtCombineDone, threadIdx.x, 0);
+    (void)wait_direct_readers_done(w, p.state, ctx);
     __syncthreads();
   }
   // Announce that this rank's receiving area is free for this round (and how it places its rows); then
   // wait for every destination's.
-  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
-    *control_u64(w.peer_base[threadIdx.x], control::kDispatchMode, me) = 2 * round + (kDirect ? 1 : 0);
-    st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kDispatchReady, me), round);
-  }
+  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
+    announce_round(w, threadIdx.x, control::kDispatchReady, control::kDispatchMode, round, kDirect);
   if (threadIdx.x == 0) {
     abort_flag = wait_aborted(ctx);  // e.g. ranks disagreed in notify
     send_abort = 0;
@@ -98,20 +94,11 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   if (kBulk && warp < S) stages = warp_stages(stage_smem, stage_bar, warp, lane);
   __syncthreads();
   if (abort_flag) return;
-  if (threadIdx.x < R && threadIdx.x != me && T > 0 && rank_live(w, threadIdx.x)) {
-    if (!wait_geq(control_u64(w.local_base, control::kDispatchReady, threadIdx.x), round, ctx,
-                  WaitSite::kHtDispatchReady, threadIdx.x, 0)) {
-      abort_flag = 1;
-    } else {
-      // Its rows go where this rank expects them only if both dispatch direct or neither does. (The ready
-      // value is round r or, when the peer is already a round ahead, r + 1: so is its mode word.)
-      const uint64_t mode = ld_volatile(control_u64(w.local_base, control::kDispatchMode, threadIdx.x));
-      if ((mode & 1) != (kDirect ? 1 : 0) && mode / 2 == round) {
-        record_timeout(ctx, WaitSite::kMismatch, threadIdx.x, 3, kDirect ? 1 : 0, mode & 1, 0);
-        abort_flag = 1;
-      }
-    }
-  }
+  // Its rows go where this rank expects them only if both dispatch direct or neither does.
+  if (threadIdx.x < R && threadIdx.x != me && T > 0 && rank_live(w, threadIdx.x) &&
+      !wait_round_same_mode(w, threadIdx.x, control::kDispatchReady, control::kDispatchMode, round, kDirect,
+                            ctx, WaitSite::kHtDispatchReady, 3))
+    abort_flag = 1;
   __syncthreads();
   if (abort_flag) return;
 
@@ -124,9 +111,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
     char* const peer_lo = lane < R ? w.peer_base[lane] : nullptr;
     char* const peer_hi = lane + 32 < R ? w.peer_base[lane + 32] : nullptr;
     // Direct dispatch: lane d's (and d + 32's) first row at destination d.
-    constexpr bool direct = kDirect;
-    const int row0_lo = direct && lane < R ? p.handle.dest_row0[lane] : 0;
-    const int row0_hi = direct && lane + 32 < R ? p.handle.dest_row0[lane + 32] : 0;
+    const int row0_lo = kDirect && lane < R ? p.handle.dest_row0[lane] : 0;
+    const int row0_hi = kDirect && lane + 32 < R ? p.handle.dest_row0[lane + 32] : 0;
     for (int k = 0;; ++k) {
       const int c = kFree ? warp_step_chunk(steps, k, p.state, 1, lane) : ticket[kSendRole][k & 1];
       if (c >= num_chunks) break;
@@ -150,7 +136,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
             return row < capacity ? static_cast<char*>(p.recv_x) + row * p.recv_x_row_stride * elem_bytes
                                   : nullptr;
           }
-          if (direct) {
+          if (kDirect) {
             const int64_t row = int64_t(row0) + pos;
             return row < p.direct_rows ? peer + kControlBytes + p.direct_offset + row * p.row_bytes : nullptr;
           }
@@ -231,10 +217,10 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
             // The row's record (it starts with the row, unless the row went straight to its final place).
             char* rec = reinterpret_cast<char*>(
                 __shfl_sync(~0u,
-                            reinterpret_cast<uintptr_t>(direct ? (d < 32 ? peer_lo : peer_hi)
-                                                               : (d < 32 ? dst_lo : dst_hi)),
+                            reinterpret_cast<uintptr_t>(kDirect ? (d < 32 ? peer_lo : peer_hi)
+                                                                : (d < 32 ? dst_lo : dst_hi)),
                             d & 31));
-            if (direct)
+            if (kDirect)
               rec =
                   area_segment(rec, p.area_offset, me, d, p.area_rows, p.record_bytes) + pos * p.record_bytes;
             int32_t* tail = reinterpret_cast<int32_t*>(rec + p.row_bytes);
@@ -345,6 +331,15 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   finish_round(p.state, 1, round);
 }
 
+// Bulk sending, or warp copies in step (a role barrier per chunk) or free-running.
+template <bool kDirect>
+void launch_dispatch(const HtDispatchParams& q, int num_sms, bool free, cudaStream_t stream) {
+  launch_ht_kernel(
+      ht_dispatch_kernel<true, kDirect, false>,
+      free ? ht_dispatch_kernel<false, kDirect, true> : ht_dispatch_kernel<false, kDirect, false>, q, num_sms,
+      stream);
+}
+
 }  // namespace
 
 bool ht_bulk_send() {
@@ -361,13 +356,9 @@ void launch_ht_dispatch(const HtDispatchParams& p, int num_sms, cudaStream_t str
   }();
   const bool free = num_sms <= free_max_sms;
   if (q.direct_offset >= 0)
-    launch_ht_kernel(ht_dispatch_kernel<true, true, false>,
-                     free ? ht_dispatch_kernel<false, true, true> : ht_dispatch_kernel<false, true, false>, q,
-                     num_sms, stream);
+    launch_dispatch<true>(q, num_sms, free, stream);
   else
-    launch_ht_kernel(ht_dispatch_kernel<true, false, false>,
-                     free ? ht_dispatch_kernel<false, false, true> : ht_dispatch_kernel<false, false, false>,
-                     q, num_sms, stream);
+    launch_dispatch<false>(q, num_sms, free, stream);
 }
 
 }  // namespace expertlink::kernels

@@ -267,6 +267,43 @@ __device__ __forceinline__ bool warp_step_done(SendSteps& s, int k, int warps, i
   return last != 0;
 }
 
+// Dispatch and combine each start a round by telling every peer d (block 0, the thread of d) that this rank
+// has started it, so its area may be written (push) or its rows read (direct): the mode word (2 x round,
+// + 1 when direct) first, then the release of the ready signal. A peer then waits for the signal and checks
+// that both ranks place or read the rows the same way: a disagreement is recorded as a kMismatch of
+// argument `which` (3 dispatch, 4 combine; control_layout.hpp, wait_record.hpp).
+__device__ __forceinline__ void announce_round(const SymmetricView& w, int d, size_t ready, size_t mode,
+                                               uint64_t round, bool direct) {
+  *control_u64(w.peer_base[d], mode, w.rank) = 2 * round + (direct ? 1 : 0);
+  st_release_sys(control_u64(w.peer_base[d], ready, w.rank), round);
+}
+// Waits (bounded) for peer d's signal of `round`; false, recorded, on a timeout or a disagreement. The ready
+// value is this round or, for a peer already a round ahead, the next: so is its mode word.
+__device__ __forceinline__ bool wait_round_same_mode(const SymmetricView& w, int d, size_t ready, size_t mode,
+                                                     uint64_t round, bool direct, const WaitContext& ctx,
+                                                     WaitSite site, int which) {
+  if (!wait_geq(control_u64(w.local_base, ready, d), round, ctx, site, d, 0)) return false;
+  const uint64_t seen = ld_volatile(control_u64(w.local_base, mode, d));
+  if (seen / 2 == round && (seen & 1) != (direct ? 1 : 0)) {
+    record_timeout(ctx, WaitSite::kMismatch, d, which, direct ? 1 : 0, seen & 1, 0);
+    return false;
+  }
+  return true;
+}
+
+// Whether the peer of the calling thread (thread d for peer d; every other thread: true at once) has
+// finished reading this rank's window in its last direct combine (its "done reading" word >= rounds[3]),
+// before anything there is overwritten: the receive region (direct dispatch) or the staged weights in the
+// combine area (their next copy, or a push combine's rows). Bounded; a timeout is recorded.
+__device__ __forceinline__ bool wait_direct_readers_done(const SymmetricView& w, const HtState& st,
+                                                         const WaitContext& ctx) {
+  const uint64_t pulled = st.rounds[3];
+  const int d = threadIdx.x;
+  if (pulled == 0 || d >= w.num_ranks || d == w.rank || !rank_live(w, d)) return true;
+  return wait_geq(control_u64(w.local_base, control::kCombineDone, d), pulled, ctx, WaitSite::kHtCombineDone,
+                  d, 0);
+}
+
 // The (source, chunk) items a rank receives (dispatch) or sends back (combine), chunk-major: the order
 // in which the sources publish them. Item i is chunk i / (R - 1) of the (i % (R - 1))-th other rank;
 // there are (R - 1) x (the most chunks of any live other source) items, and an item is empty (nothing to

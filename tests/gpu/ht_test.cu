@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <functional>
 #include <string>
 
 #include "ht_check.hpp"
@@ -260,21 +259,11 @@ GPU_CASE(ht_direct_refusals_and_disagreement, 2, 240) {
   const HtCase c{"bf16 T=128 H=2048 top-4/64", 128, 2048, 4, 64};
   const size_t bytes =
       Buffer::ht_size_hint(ctx.num_ranks, c.tokens + 3, c.hidden, c.topk) + (size_t(c.hidden) << 5);
-  auto expect_error = [&](const std::function<void()>& f, const char* what, const char* needle) {
-    std::string message = "no error";
-    try {
-      f();
-    } catch (const Error& e) {
-      message = e.what();
-    }
-    GPU_EXPECT(message.find(needle) != std::string::npos, "%s: expected an error naming \"%s\", got: %s",
-               what, needle, message.c_str());
-    return 0;
-  };
   {
     Buffer plain(comm, bytes, 0);
-    if (expect_error([&] { plain.ht_window_recv_x(DType::kBF16, c.hidden); }, "no receive region",
-                     "no receive region") != 0)
+    if (expect_invalid(
+            ctx, [&] { plain.ht_window_recv_x(DType::kBF16, c.hidden); }, "no receive region",
+            "no receive region") != 0)
       return 1;
   }
   Buffer buffer(comm, bytes, 0, {}, Buffer::ht_recv_size_hint(ctx.num_ranks, c.tokens + 3, c.hidden));
@@ -300,8 +289,9 @@ GPU_CASE(ht_direct_refusals_and_disagreement, 2, 240) {
     HtDispatchOutputs o;
     o.recv_x = TensorView(static_cast<uint16_t*>(view.data) + c.hidden, DType::kBF16,
                           {ctx.num_ranks * c.tokens, c.hidden});
-    if (expect_error([&] { buffer.ht_dispatch(a, handle, o, stream); }, "recv_x inside the window",
-                     "is not the view ht_window_recv_x returned") != 0)
+    if (expect_invalid(
+            ctx, [&] { buffer.ht_dispatch(a, handle, o, stream); },
+            "is not the view ht_window_recv_x returned", "recv_x inside the window") != 0)
       return 1;
     // The notify ran: a plain dispatch completes the round on every rank.
     DeviceArray<uint16_t> rx(size_t(ctx.num_ranks) * c.tokens * c.hidden);
@@ -313,16 +303,18 @@ GPU_CASE(ht_direct_refusals_and_disagreement, 2, 240) {
   // broken after that, so the combine's disagreement gets a Buffer of its own).
   HtCase mixed = c;
   mixed.direct = ctx.rank == 0;
-  if (expect_error([&] { htt::run_round(ctx, mixed, buffer, handle, seed + 5, stream, false); },
-                   "one rank direct, one not", "recv_x placement") != 0)
+  if (expect_invalid(
+          ctx, [&] { htt::run_round(ctx, mixed, buffer, handle, seed + 5, stream, false); },
+          "recv_x placement", "one rank direct, one not") != 0)
     return 1;
   {
     Buffer other(comm, bytes, 0, {}, Buffer::ht_recv_size_hint(ctx.num_ranks, c.tokens + 3, c.hidden));
     HtHandle h2;
     HtCase mixed_combine = c;
     mixed_combine.direct_combine = ctx.rank == 0;
-    if (expect_error([&] { htt::run_round(ctx, mixed_combine, other, h2, seed + 6, stream, false); },
-                     "one rank's combine direct, one not", "combine x placement") != 0)
+    if (expect_invalid(
+            ctx, [&] { htt::run_round(ctx, mixed_combine, other, h2, seed + 6, stream, false); },
+            "combine x placement", "one rank's combine direct, one not") != 0)
       return 1;
   }
   cudaStreamDestroy(stream);
