@@ -75,15 +75,4 @@ __device__ __forceinline__ void bulk_wait_all() {
   asm volatile("fence.proxy.async.global;" ::: "memory");
 }
 
-// A 4-byte global -> shared copy in flight without a register to land in (cp.async, cached in L1: read
-// only data no earlier access of this kernel on this SM has cached), complete at async_copy_wait_all.
-__device__ __forceinline__ void async_copy_4(void* smem, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_u32(smem)), "l"(gmem) : "memory");
-}
-
-// Until all of this thread's cp.async copies have landed in shared memory (visible to the thread).
-__device__ __forceinline__ void async_copy_wait_all() {
-  asm volatile("cp.async.wait_all;" ::: "memory");
-}
-
 }  // namespace expertlink::kernels

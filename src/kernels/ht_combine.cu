@@ -66,7 +66,6 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
   __shared__ int abort_flag, send_abort, copy_abort;
   __shared__ int ticket[2];  // [parity]: the sending half's current and next item (draw_ticket)
   __shared__ uint32_t chunk_seen[kMaxChunks / 32];  // chunks whose rows have all arrived (reduce_tokens)
-  __shared__ float weight_stage[kThreads];          // a reducing warp's token's top-k weights (reduce_tokens)
   __shared__ uint64_t stage_bar[kBulkSendWarps][2];
   extern __shared__ __align__(128) char stage_smem[];
   wait_prior_grids();  // a dependent launch (kernels/pdl.hpp): nothing is read before it
@@ -164,63 +163,21 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
       const uint64_t mask = (static_cast<uint64_t>(__ballot_sync(~0u, pos_lo >= 0)) |
                              (static_cast<uint64_t>(__ballot_sync(~0u, pos_hi >= 0)) << 32)) &
                             ~w.masked;
-      // Where rank d's row of token t is, for a d that may differ between lanes (every lane shuffles).
-      struct RankRow {
-        int pos;           // the row's position in d's segment (send_pos)
-        int64_t row;       // pull: d's row in its receive region (a row past the region, which only an
-                           // over-capacity round at d can ask for, is clamped to the last: d has raised it)
-        const char* peer;  // pull: d's window
-      };
-      auto rank_row = [&](int d) -> RankRow {
-        const int src = d & 31;
-        const int pl = __shfl_sync(~0u, pos_lo, src), ph = __shfl_sync(~0u, pos_hi, src);
-        RankRow r{d < 32 ? pl : ph, 0, nullptr};
+      // Rows of token t, rank ascending: the local one in place, the others from the combine area.
+      auto row_of = [&](int d, int pos) -> const char* {
+        if (d == me) return static_cast<const char*>(p.x.data) + (local_row0 + pos) * p.x.row_stride * 2;
         if constexpr (kPull) {
-          const int rl = __shfl_sync(~0u, row0_lo, src), rh = __shfl_sync(~0u, row0_hi, src);
-          const auto bl = __shfl_sync(~0u, reinterpret_cast<uintptr_t>(peer_lo), src);
-          const auto bh = __shfl_sync(~0u, reinterpret_cast<uintptr_t>(peer_hi), src);
-          r.row = min(int64_t(d < 32 ? rl : rh) + r.pos, p.direct_rows - 1);
-          r.peer = reinterpret_cast<const char*>(d < 32 ? bl : bh);
+          // d's row of this token in d's receive region (a row past the region, which only an over-capacity
+          // round at d can ask for, reads the region's last row instead: d has raised that round's error).
+          const int64_t row =
+              min(int64_t(__shfl_sync(~0u, d < 32 ? row0_lo : row0_hi, d & 31)) + pos, p.direct_rows - 1);
+          const char* base = reinterpret_cast<const char*>(
+              __shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? peer_lo : peer_hi), d & 31));
+          return base + kControlBytes + p.direct_offset + row * 2ll * H;
         }
-        return r;
-      };
-      // Rows of token t, rank ascending: the local one in place, the others from the combine area (push) or
-      // from d's receive region (pull).
-      auto row_of = [&](int d, const RankRow& r) -> const char* {
-        if (d == me) return static_cast<const char*>(p.x.data) + (local_row0 + r.pos) * p.x.row_stride * 2;
-        if constexpr (kPull) return r.peer + kControlBytes + p.direct_offset + r.row * 2ll * H;
         return area_segment(w.local_base, p.area_offset, d, me, p.area_rows, p.record_bytes) +
-               int64_t(r.pos) * p.record_bytes;
+               int64_t(pos) * p.record_bytes;
       };
-      // Where d's weight kk of token t is: the caller's topk_weights (d = me), d's staged weights in its
-      // window (pull: ht_stage_weights_kernel, one [K] row per receive-region row), or the record after the
-      // row (push).
-      auto weight_at = [&](int d, const RankRow& r, int kk) -> const float* {
-        if (d == me)
-          return static_cast<const float*>(p.topk_weights.data) +
-                 (local_row0 + r.pos) * p.topk_weights.row_stride + kk * p.topk_weights.col_stride;
-        if constexpr (kPull)
-          return reinterpret_cast<const float*>(r.peer + kControlBytes + p.area_offset) + r.row * K + kk;
-        return reinterpret_cast<const float*>(row_of(d, r) + 2ll * H) + kk;
-      };
-      // The weights are requested before the rows, so their latency (an NVLink round trip in pull mode)
-      // overlaps the rows' instead of following them, and they land in shared memory (no register held across
-      // the rows): lane j * K + kk fetches weight kk of the mask's j-th rank (rank ascending), for the first
-      // 32 / K ranks; any further ones are loaded after the rows. Only weights no one writes during this
-      // kernel go this way (the copy is cached in L1, which peers' writes do not update): the caller's and,
-      // in pull mode, the peers' staged ones; a push combine's records (written by the peers while this
-      // kernel runs, beside other chunks' records in one cache line when rows are short) are read after.
-      const bool want_weights = p.out_topk_weights != nullptr;  // requires topk_weights (checked on the host)
-      float* const weight_slot = weight_stage + warp * 32;
-      if (want_weights) {
-        const int j = lane / K;
-        uint64_t m = mask;
-        for (int i = 0; i < j && m != 0; ++i) m &= m - 1;
-        const int d = m != 0 ? __ffsll(m) - 1 : me;
-        const RankRow r = rank_row(d);
-        if (j < 32 / K && m != 0 && (kPull || d == me))
-          async_copy_4(weight_slot + lane, weight_at(d, r, lane % K));
-      }
       char* out_row = static_cast<char*>(p.out) + int64_t(t) * p.out_row_stride * 2;
       // Two rows and no bias (every token of a 2-rank run that reaches both ranks): both rows' vectors are
       // requested before any is summed, and no accumulator lives across them, so twice the loads are in
@@ -229,8 +186,10 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
           kPairUnroll > 0 && __popcll(mask) == 2 && p.bias0.data == nullptr && p.bias1.data == nullptr;
       if (pair) {
         const int d0 = __ffsll(mask) - 1, d1 = __ffsll(mask & (mask - 1)) - 1;
-        const int4* a = reinterpret_cast<const int4*>(row_of(d0, rank_row(d0)));
-        const int4* b = reinterpret_cast<const int4*>(row_of(d1, rank_row(d1)));
+        const int4* a =
+            reinterpret_cast<const int4*>(row_of(d0, __shfl_sync(~0u, d0 < 32 ? pos_lo : pos_hi, d0 & 31)));
+        const int4* b =
+            reinterpret_cast<const int4*>(row_of(d1, __shfl_sync(~0u, d1 < 32 ? pos_lo : pos_hi, d1 & 31)));
         for (int64_t v0 = 0; v0 < vecs; v0 += 32 * kPairUnroll) {
           // Zeroed: a guarded load leaves no value to carry over from the last iteration (else spilled).
           int4 va[kPairUnroll > 0 ? kPairUnroll : 1] = {}, vb[kPairUnroll > 0 ? kPairUnroll : 1] = {};
@@ -272,7 +231,8 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
         };
         for (uint64_t m = mask; m != 0; m &= m - 1) {
           const int d = __ffsll(m) - 1;
-          accumulate(reinterpret_cast<const int4*>(row_of(d, rank_row(d))), d == me);
+          const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
+          accumulate(reinterpret_cast<const int4*>(row_of(d, pos)), d == me);
         }
         if (p.bias0.data != nullptr)
           accumulate(reinterpret_cast<const int4*>(static_cast<const char*>(p.bias0.data) +
@@ -288,28 +248,69 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
           if (v < vecs) reinterpret_cast<int4*>(out_row)[v] = to_bf16x8(acc[u]);
         }
       }
-      if (want_weights) {  // summed rank ascending from 0, as the oracle does
-        async_copy_wait_all();
-        __syncwarp();
-        float sum = 0.f;
-        int j = 0;
-        for (uint64_t m = mask; m != 0; m &= m - 1, ++j) {
+      if (!kPull && p.out_topk_weights != nullptr) {  // requires topk_weights (checked on the host)
+        float sum = 0.f;  // rank ascending from 0, as the oracle sums (pull: sum_pulled_weights)
+        for (uint64_t m = mask; m != 0; m &= m - 1) {
           const int d = __ffsll(m) - 1;
-          float v;
-          if (j < 32 / K && (kPull || d == me)) {
-            v = weight_slot[j * K + lane % K];
-          } else {
-            const RankRow r = rank_row(d);
-            v = lane < K ? __ldcg(weight_at(d, r, lane)) : 0.f;
+          const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
+          if (lane < K) {
+            if (d == me)
+              sum += static_cast<const float*>(
+                  p.topk_weights.data)[(local_row0 + pos) * p.topk_weights.row_stride +
+                                       lane * p.topk_weights.col_stride];
+            else
+              sum += __ldcg(reinterpret_cast<const float*>(row_of(d, pos) + 2ll * H) + lane);
           }
-          if (lane < K) sum += v;
         }
-        __syncwarp();  // every lane's reads of the slots before the next token's copies into them
         if (lane < K) p.out_topk_weights[int64_t(t) * K + lane] = sum;
       }
       t = __shfl_sync(~0u, next, 0);
     }
     if (warp == S && lane == 0 && k >= 0) ht_stamp(p.trace, k, kHtRecvDone);
+  };
+
+  // Pull with top-k weights: every token's summed weights in one pass after the rows, over all the grid's
+  // threads (thread i sums item i = (token, k), kBatch items at once so their loads are in flight together),
+  // instead of one NVLink round trip after each token's rows in its warp (+31 us at 8 SMs, +6 at 24, 2x H200,
+  // 2026-11-28: the reduce is latency-bound). Each peer d's weights are staged in its window, one [K] row per
+  // receive-region row (ht_stage_weights_kernel), readable from the start (its "ready"); this rank's are the
+  // caller's topk_weights. Summed rank ascending from 0, as the oracle does.
+  auto sum_pulled_weights = [&]() {
+    constexpr int kBatch = 8;
+    const int64_t items = int64_t(T) * K, stride = int64_t(gridDim.x) * kThreads;
+    const int64_t local_row0 = p.handle.rank_prefix[me];
+    for (int64_t i0 = int64_t(blockIdx.x) * kThreads + threadIdx.x; i0 < items; i0 += kBatch * stride) {
+      float sum[kBatch] = {};
+      for (int d = 0; d < R; ++d) {
+        if (!rank_live(w, d)) continue;
+        int pos[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int64_t i = i0 + b * stride;
+          pos[b] = i < items ? p.handle.send_pos[(i / K) * R + d] : -1;
+        }
+        float v[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int k = static_cast<int>((i0 + b * stride) % K);
+          if (pos[b] < 0)
+            v[b] = 0.f;
+          else if (d == me)
+            v[b] = static_cast<const float*>(
+                p.topk_weights
+                    .data)[(local_row0 + pos[b]) * p.topk_weights.row_stride + k * p.topk_weights.col_stride];
+          else  // d's row in its receive region, clamped as in row_of
+            v[b] = __ldcg(reinterpret_cast<const float*>(w.peer_base[d] + kControlBytes + p.area_offset) +
+                          min(int64_t(p.handle.dest_row0[d]) + pos[b], p.direct_rows - 1) * K + k);
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b)
+          if (pos[b] >= 0) sum[b] += v[b];
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (i0 + b * stride < items) p.out_topk_weights[i0 + b * stride] = sum[b];
+    }
   };
 
   if (warp < S) {
@@ -367,6 +368,7 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
     if (!send_abort && !(kBulk && copy_abort)) reduce_tokens();
   } else {
     reduce_tokens();
+    if (kPull && p.out_topk_weights != nullptr) sum_pulled_weights();
   }
   if (finish_round<kPull>(p.state, 2, round) && kPull) {
     // Every block's reads of the peers' regions are done (each block fenced before counting itself): tell
