@@ -132,13 +132,11 @@ void ExpertLinkImpl::combine(cudaStream_t stream) {
   const Inputs& in = data_->inputs();
   HtCombineArgs a;
   a.x = TensorView(recv_x_rows(false), DType::kBF16, {combine_rows_, in.hidden});
-  // Direct combine reads only the rows (no top-k weights in that mode yet).
-  if (!direct_) a.topk_weights = TensorView(recv_topk_weights_.as(), DType::kF32, {combine_rows_, in.topk});
+  a.topk_weights = TensorView(recv_topk_weights_.as(), DType::kF32, {combine_rows_, in.topk});
   a.num_sms = sms_;
   HtCombineOutputs o;
   o.combined_x = TensorView(combined_x_.as(), DType::kBF16, {in.tokens, in.hidden});
-  if (!direct_)
-    o.combined_topk_weights = TensorView(combined_weights_.as(), DType::kF32, {in.tokens, in.topk});
+  o.combined_topk_weights = TensorView(combined_weights_.as(), DType::kF32, {in.tokens, in.topk});
   buffer_->ht_combine(a, handle_, o, stream);
 }
 
@@ -279,7 +277,7 @@ std::string ExpertLinkImpl::check_own(Op op) {
     buffer_->synchronize(stream_);
     handle_.check_capacity();
     std::string p = check_dispatch_meta(op == Op::kHtDispatchFp8);
-    if (p.empty() && op_has_combine(op) && !direct_) p = check_combined_weights();
+    if (p.empty() && op_has_combine(op)) p = check_combined_weights();
     return p;
   } catch (const Error& e) {
     return e.what();

@@ -187,7 +187,9 @@ class Buffer {
   // place here instead of into the receiving area, and the receiving side copies out only the small data
   // (scales, top-k, weights): a third less data moved by the SMs. Given as ht_combine's x (BF16, the
   // expert outputs written over the received rows), the combine is direct too: every source reads its
-  // rows from the holders' regions and sums them, nothing is sent (no top-k weights in that mode yet).
+  // rows from the holders' regions and sums them, nothing is sent (top-k weights for
+  // combined_topk_weights are first copied into this rank's window, where the sources read them: that
+  // needs the HT region's combine half to hold N_recv x topk floats).
   // Every rank must do the same in each call (a rank that does not makes the call fail on all ranks,
   // naming the disagreement). The rows stay valid until the next ht_dispatch on this Buffer; read and
   // write them on the calls' stream (or order that before the next dispatch); after a direct combine,

@@ -15,6 +15,14 @@ larger one (a grow, collective); the old window is retired, not freed, so a hand
 same point) frees retired windows; handles made on them then raise. Frees happen only there and in
 ``destroy()``, so every rank frees the same windows at the same point (NCCL window deregistration is
 collective).
+
+Direct dispatch (opt-in, ``direct_recv=True``): the window gets a third region, the receive region, and a
+dispatch's recv_x is a tensor viewing its first rows instead of a fresh allocation: the senders write every row
+straight into it (no copy-out of the rows on the receiving side). ``get_direct_combine_buffer(handle)`` is the
+BF16 view of the same region that a direct combine reads (the expert outputs written there are read by their
+sources, nothing is sent). The price is the lifetime: those rows are overwritten by the next dispatch on the
+Buffer, so recv_x (and anything that still views it, such as autograd's saved tensors) is only valid until then.
+The C++ side tells direct from plain calls by where recv_x / x start (Buffer::ht_window_recv_x).
 """
 
 import itertools
@@ -25,6 +33,7 @@ from ._torch import (
     StreamPlan,
     check_stream_args,
     current_stream_handle,
+    dtype_name,
     invalid_argument,
     make_communicator,
     require_torch,
@@ -51,9 +60,11 @@ class HtHandle:
     ``num_recv_tokens()``: rows received (-1 until the stream has passed the notify in num_worst_tokens
     mode), ``num_recv_tokens_per_expert()``: host list per local expert, ``check_capacity()``: raises if a
     num_worst_tokens dispatch received more rows than it held (call after the stream passed the dispatch).
-    DeepEP's handle is a tuple of tensors; this one is not (code that only passes it back works as is)."""
+    DeepEP's handle is a tuple of tensors; this one is not (code that only passes it back works as is).
+    ``direct``: the fresh dispatch that made it wrote into the receive region (direct_recv)."""
 
-    def __init__(self, handle, owner, generation, num_tokens, hidden, topk, num_experts, capacity_mode):
+    def __init__(self, handle, owner, generation, num_tokens, hidden, topk, num_experts, capacity_mode,
+                 direct=False):
         self._h = handle
         self._owner = owner
         self.generation = generation
@@ -62,6 +73,7 @@ class HtHandle:
         self.topk = topk
         self.num_experts = num_experts
         self.capacity_mode = capacity_mode
+        self.direct = direct
 
     def __del__(self):
         _give_back(self, "ht")
@@ -170,13 +182,26 @@ def check_ht_dispatch_args(x, handle, topk_idx, topk_weights, is_token_in_rank, 
     return False
 
 
+def check_direct_recv_args(direct_recv, num_recv_bytes, grow):
+    """The receive region's constructor arguments (CPU-testable): num_recv_bytes sizes it and needs
+    direct_recv; a Buffer that does not grow needs it sized."""
+    if int(num_recv_bytes) < 0:
+        raise invalid_argument(f"num_recv_bytes = {num_recv_bytes} must be >= 0")
+    if int(num_recv_bytes) > 0 and not direct_recv:
+        raise invalid_argument(f"num_recv_bytes = {num_recv_bytes} sizes the receive region of direct dispatch: "
+                               f"pass direct_recv=True too")
+    if direct_recv and not grow and int(num_recv_bytes) <= 0:
+        raise invalid_argument("direct_recv=True on a Buffer that does not grow needs num_recv_bytes > 0 (see "
+                               "expertlink.Buffer.ht_recv_size_hint(num_ranks, max_tokens_per_rank, hidden))")
+
+
 class BufferCore:
     """The shared implementation (see the module docstring). Not used directly."""
 
     num_sms = 0  # SMs of the HT kernels; 0 = ExpertLink's analytic default
 
     def __init__(self, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, explicitly_destroy, timeout_s,
-                 adopt):
+                 adopt, direct_recv=False, num_recv_bytes=0):
         torch = require_torch()
         self.group = group
         self.rank = group.rank()
@@ -192,18 +217,22 @@ class BufferCore:
         self._gen = None
         self.num_nvl_bytes = int(num_nvl_bytes)
         self.num_rdma_bytes = int(num_rdma_bytes)
+        self.direct_recv = bool(direct_recv)
+        self.num_recv_bytes = int(num_recv_bytes)  # the receive region of direct dispatch (0: none)
         if self.num_nvl_bytes + self.num_rdma_bytes > 0:
             self._build(self.num_nvl_bytes, self.num_rdma_bytes)
 
     # ---- windows ----
-    def _build(self, ht_bytes, ll_bytes):
-        """Collective: a new window of these sizes becomes current; the old one is retired (kept)."""
-        buf = _C.Buffer(self._comm, int(ht_bytes), int(ll_bytes), self._timeout_s)
+    def _build(self, ht_bytes, ll_bytes, recv_bytes=None):
+        """Collective: a new window of these sizes becomes current; the old one is retired (kept). recv_bytes:
+        the receive region (default: as now)."""
+        recv_bytes = self.num_recv_bytes if recv_bytes is None else int(recv_bytes)
+        buf = _C.Buffer(self._comm, int(ht_bytes), int(ll_bytes), self._timeout_s, recv_bytes)
         gen = next(self._next_gen)
         self._gens[gen] = buf
         self._gen = gen
         self._pools.clear()
-        self.num_nvl_bytes, self.num_rdma_bytes = buf.ht_bytes, buf.ll_bytes
+        self.num_nvl_bytes, self.num_rdma_bytes, self.num_recv_bytes = buf.ht_bytes, buf.ll_bytes, recv_bytes
         return buf
 
     def _current(self):
@@ -280,8 +309,9 @@ class BufferCore:
         return EventOverlap.record()
 
     # ---- hooks the two front ends fill in ----
-    def _prepare_ht(self, tokens, hidden, topk):
-        """Before a fresh HT dispatch (collective point): make sure the current window holds it, or fail."""
+    def _prepare_ht(self, tokens, hidden, topk, num_worst_tokens=0, direct=False):
+        """Before a fresh HT dispatch (collective point): make sure the current window holds it (and, direct,
+        its receive region every row and num_worst_tokens rows), or fail."""
 
     def _prepare_ll(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
         """Before an LL dispatch: make sure the current window holds it, or fail (the C++ check does)."""
@@ -303,15 +333,36 @@ class BufferCore:
                                 view(in_rank), plan.handle)
         return per_rank, None, per_expert, in_rank, plan.finish([topk_idx, per_rank, per_expert, in_rank])
 
+    def _direct_mode(self, direct, handle=None):
+        """Whether a dispatch writes into the receive region: `direct` if given (True needs direct_recv), else
+        the Buffer's direct_recv, and for a cached dispatch what the handle's own dispatch did."""
+        if direct is None:
+            return self.direct_recv and (handle is None or handle.direct)
+        if direct and not self.direct_recv:
+            raise invalid_argument("direct=True needs a Buffer made with direct_recv=True (this one has no receive "
+                                   "region)")
+        return bool(direct)
+
+    def _region_tensor(self, buf, dtype_label, hidden, rows):
+        """The first `rows` rows of the receive region of `buf`'s window as a [rows, hidden] tensor."""
+        region = buf.ht_window_recv_x(dtype_label, int(hidden))
+        if rows > region.shape[0]:
+            raise invalid_argument(
+                f"{rows} rows of {hidden} {dtype_label} channels do not fit the receive region, which holds "
+                f"{region.shape[0]} ({self.num_recv_bytes} bytes now; size it with Buffer.ht_recv_size_hint)")
+        return tensor_from_view(region, buf)[:rows]
+
     def _ht_dispatch(self, x, topk_idx=None, topk_weights=None, num_experts=None, handle=None,
                      is_token_in_rank=None, expert_alignment=1, num_worst_tokens=0, num_sms=None,
-                     previous_event=None, async_finish=False, allocate_on_comm_stream=False):
+                     previous_event=None, async_finish=False, allocate_on_comm_stream=False, direct=None):
         """Notify (unless `handle` is given: cached mode) + dispatch. Returns (recv_x, recv_topk_idx,
-        recv_topk_weights, num_recv_tokens_per_expert_list, handle, event)."""
+        recv_topk_weights, num_recv_tokens_per_expert_list, handle, event). direct: see _direct_mode; recv_x is
+        then a view of the receive region (valid until the next dispatch on this Buffer)."""
         cached = check_ht_dispatch_args(x, handle, topk_idx, topk_weights, is_token_in_rank, num_experts)
         check_stream_args(previous_event, async_finish, allocate_on_comm_stream)
         if num_worst_tokens < 0:
             raise invalid_argument(f"num_worst_tokens = {num_worst_tokens} must be >= 0")
+        direct = self._direct_mode(direct, handle if cached else None)
         torch = require_torch()
         x, x_scales = split_x(x)
         args = _C.HtDispatchArgs()
@@ -324,7 +375,8 @@ class BufferCore:
             plan = StreamPlan(self._comm_stream, previous_event, async_finish, allocate_on_comm_stream)
         else:
             topk = topk_idx.shape[1] if topk_idx is not None else 0
-            self._prepare_ht(x.shape[0], x.shape[1], topk)  # may grow (collective) or raise
+            # may grow (collective) or raise
+            self._prepare_ht(x.shape[0], x.shape[1], topk, num_worst_tokens if direct else 0, direct)
             buf = self._current()
             args.topk_idx = view(topk_idx, "topk_idx")
             args.topk_weights = view(topk_weights, "topk_weights")
@@ -339,13 +391,16 @@ class BufferCore:
             else:  # host wait on plan.stream: the exact received row count sizes the outputs
                 buf.ht_notify(args, h, _C.Sizing.exact, 0, plan.handle)
             handle = HtHandle(h, self, self._gen, x.shape[0], x.shape[1], topk, args.num_experts,
-                              num_worst_tokens > 0)
+                              num_worst_tokens > 0, direct)
         rows = h.capacity() if handle.capacity_mode else h.num_recv_tokens()
         dev = x.device
         recv_scales = recv_idx = recv_w = None
         out = _C.HtDispatchOutputs()
+        # Direct: the rows land in the receive region (not the caching allocator's: nothing to record_stream).
+        recv_x = self._region_tensor(buf, dtype_name(x.dtype), x.shape[1], rows) if direct else None
         with plan.allocating():
-            recv_x = torch.empty((rows, x.shape[1]), dtype=x.dtype, device=dev)
+            if not direct:
+                recv_x = torch.empty((rows, x.shape[1]), dtype=x.dtype, device=dev)
             if x_scales is not None:
                 recv_scales = torch.empty((rows, x_scales.shape[1]), dtype=x_scales.dtype, device=dev)
             if not cached and topk_idx is not None:
@@ -363,8 +418,8 @@ class BufferCore:
         per_expert = None if cached else ([] if (handle.capacity_mode or topk_idx is None)
                                           else h.num_recv_tokens_per_expert())
         recv = (recv_x, recv_scales) if x_scales is not None else recv_x
-        event = plan.finish([x, x_scales, topk_idx, topk_weights, is_token_in_rank, recv_x, recv_scales, recv_idx,
-                             recv_w])
+        event = plan.finish([x, x_scales, topk_idx, topk_weights, is_token_in_rank, None if direct else recv_x,
+                             recv_scales, recv_idx, recv_w])
         return recv, recv_idx, recv_w, per_expert, handle, event
 
     def _ht_combine(self, x, handle, topk_weights=None, bias=None, num_sms=None, previous_event=None,
@@ -377,8 +432,8 @@ class BufferCore:
         if len(biases) != 2:
             raise invalid_argument("bias must be a tensor or a pair of tensors")
         check_stream_args(previous_event, async_finish, allocate_on_comm_stream)
-        torch = require_torch()
         buf = self._buffer_of(handle)
+        torch = require_torch()
         plan = StreamPlan(self._comm_stream, previous_event, async_finish, allocate_on_comm_stream)
         args = _C.HtCombineArgs()
         args.x = view(x, "x")
@@ -399,6 +454,25 @@ class BufferCore:
         buf.ht_combine(args, handle._h, out, plan.handle)
         event = plan.finish([x, topk_weights, biases[0], biases[1], combined_x, combined_w])
         return combined_x, combined_w, event
+
+    def get_direct_combine_buffer(self, handle):
+        """BF16 [N_recv, H] tensor over the receive region (N_recv: the handle's received rows, or its capacity
+        with num_worst_tokens): write the expert outputs here and pass it to combine(), which is then direct
+        (each source reads its rows from the ranks holding them, and topk_weights from their windows).
+
+        It ALIASES the dispatch's recv_x (BF16: the same memory; FP8: the same bytes, differently laid out):
+        consume recv_x before writing here. Like recv_x it is only valid until the next dispatch on this Buffer,
+        and after the combine the peers may still read it until then: do not write it again before that
+        dispatch. Needs direct_recv=True."""
+        if not isinstance(handle, HtHandle):
+            raise invalid_argument(f"handle must come from an HT dispatch of an expertlink Buffer, got "
+                                   f"{type(handle).__name__}")
+        if not self.direct_recv:
+            raise invalid_argument("get_direct_combine_buffer needs a Buffer made with direct_recv=True (it has no "
+                                   "receive region)")
+        buf = self._buffer_of(handle)
+        rows = handle.capacity() if handle.capacity_mode else handle.num_recv_tokens()
+        return self._region_tensor(buf, "bf16", handle.hidden, rows)
 
     # ---- low latency ----
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,

@@ -7,6 +7,11 @@ area; the BF16 figure also covers FP8 rows and the combine that follows). A grow
 power of two (at least ``MIN_GROW_TOKENS``), so a workload whose token count drifts upwards rebuilds a
 logarithmic number of times, and the retired windows add up to less than the current one.
 
+Receive region (num_recv_bytes, direct dispatch only): ``Buffer.ht_recv_size_hint(R, T_rows, H)``, every row
+a dispatch may bring (BF16 rows of H, which cover FP8's) where T_rows is T_max, or more when num_worst_tokens
+asks for more rows than R * T_max (outputs of that many rows are views of the region). A grow rounds T_rows up
+as for HT.
+
 LL (num_rdma_bytes): ``Buffer.ll_size_hint(R, N, H, E)``; N, H and E are the same on every rank (the LL
 contract), so every rank reaches the same decision without communicating. A grow takes exactly that.
 """
@@ -35,21 +40,65 @@ def ht_grow_bytes(current_bytes, num_ranks, max_tokens, hidden, topk):
     return max(ht_bytes_needed(num_ranks, round_up_tokens(max_tokens), hidden, topk), int(current_bytes))
 
 
-def ht_allreduce_payload(tokens, hidden, topk):
-    """What each rank contributes to the grow check's all-reduce (MAX): its token count, and hidden and top-k
-    both as they are and negated, so the result carries the max and the min of each over the ranks."""
-    return [int(tokens), int(hidden), int(topk), -int(hidden), -int(topk)]
+def recv_tokens(num_ranks, max_tokens, num_worst_tokens=0):
+    """Tokens per rank the receive region must provide for: max_tokens, or num_worst_tokens / R rounded up when
+    that is more (R * T rows per region)."""
+    return max(int(max_tokens), -(-int(num_worst_tokens) // max(1, int(num_ranks))))
 
 
-def ht_grow_decision(current_bytes, num_ranks, reduced, hidden, topk):
-    """From the all-reduced payload (identical on every rank): None (the window holds the dispatch) or the HT
-    bytes to rebuild with. Raises on every rank alike when the ranks' hidden or top-k differ."""
-    max_tokens, max_hidden, max_topk, neg_min_hidden, neg_min_topk = (int(v) for v in reduced)
+def ht_recv_bytes_needed(num_ranks, max_tokens, hidden, num_worst_tokens=0):
+    """Receive-region bytes a direct dispatch of up to max_tokens tokens per rank needs: every row that may
+    arrive, and at least num_worst_tokens rows (a capacity-sized dispatch's outputs), as BF16 rows of hidden."""
+    return _C.Buffer.ht_recv_size_hint(int(num_ranks), recv_tokens(num_ranks, max_tokens, num_worst_tokens),
+                                       int(hidden))
+
+
+def ht_recv_grow_bytes(current_bytes, num_ranks, max_tokens, hidden, num_worst_tokens=0):
+    """None when the receive region's current_bytes hold the dispatch, else the bytes to rebuild it with
+    (rounded-up tokens; never less than now)."""
+    if ht_recv_bytes_needed(num_ranks, max_tokens, hidden, num_worst_tokens) <= current_bytes:
+        return None
+    tokens = round_up_tokens(recv_tokens(num_ranks, max_tokens, num_worst_tokens))
+    return max(_C.Buffer.ht_recv_size_hint(int(num_ranks), tokens, int(hidden)), int(current_bytes))
+
+
+def ht_allreduce_payload(tokens, hidden, topk, num_worst_tokens=0, direct=False):
+    """What each rank contributes to the grow check's all-reduce (MAX): its token count; hidden, top-k and
+    whether the dispatch is direct (0 / 1), each as it is and negated, so the result carries the max and the
+    min over the ranks; and num_worst_tokens (the receive region's rows in capacity mode)."""
+    return [int(tokens), int(hidden), int(topk), -int(hidden), -int(topk), int(num_worst_tokens), int(bool(direct)),
+            -int(bool(direct))]
+
+
+def _check_reduced(reduced, hidden, topk):
+    """The all-reduced payload as (max_tokens, max_worst_tokens, direct); raises on every rank alike when the
+    ranks' hidden, top-k or direct mode differ."""
+    max_tokens, max_hidden, max_topk, neg_min_hidden, neg_min_topk, max_worst, max_direct, neg_min_direct = \
+        (int(v) for v in reduced)
     if (max_hidden, max_topk) != (-neg_min_hidden, -neg_min_topk):
         raise invalid_argument(f"the ranks dispatch different shapes: hidden from {-neg_min_hidden} to {max_hidden}, "
                                f"top-k from {-neg_min_topk} to {max_topk} (this rank: {hidden}, {topk}); every rank "
                                f"must use the same")
+    if max_direct != -neg_min_direct:
+        raise invalid_argument("the ranks disagree on direct dispatch (recv_x placement): some dispatch into the "
+                               "receive region (direct_recv), some not; every rank must do the same")
+    return max_tokens, max_worst, bool(max_direct)
+
+
+def ht_grow_decision(current_bytes, num_ranks, reduced, hidden, topk):
+    """From the all-reduced payload (identical on every rank): None (the window holds the dispatch) or the HT
+    bytes to rebuild with. Raises on every rank alike when the ranks' hidden, top-k or direct mode differ."""
+    max_tokens, _, _ = _check_reduced(reduced, hidden, topk)
     return ht_grow_bytes(current_bytes, num_ranks, max_tokens, hidden, topk)
+
+
+def ht_recv_grow_decision(current_recv_bytes, num_ranks, reduced, hidden, topk):
+    """From the same payload: None (not direct, or the receive region holds the dispatch) or the receive-region
+    bytes to rebuild with."""
+    max_tokens, max_worst, direct = _check_reduced(reduced, hidden, topk)
+    if not direct:
+        return None
+    return ht_recv_grow_bytes(current_recv_bytes, num_ranks, max_tokens, hidden, max_worst)
 
 
 def ll_bytes_needed(num_ranks, num_max_dispatch_tokens_per_rank, hidden, num_experts):

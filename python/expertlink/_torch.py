@@ -213,7 +213,8 @@ class StreamPlan:
 
 
 class _CudaArray:
-    """__cuda_array_interface__ of raw device memory (int16 for BF16, viewed back as bfloat16); holds `owner`."""
+    """__cuda_array_interface__ of raw device memory (int16 for BF16, uint8 for FP8, viewed back as the torch
+    dtype); holds `owner`."""
 
     def __init__(self, data, shape, strides_elems, itemsize, typestr, owner):
         self.owner = owner
@@ -226,10 +227,15 @@ class _CudaArray:
         }
 
 
+# TensorView dtype -> (bytes, typestr of the carrier, torch dtype name).
+_VIEW_DTYPES = {"bf16": (2, "<i2", "bfloat16"), "fp8_e4m3": (1, "|u1", "float8_e4m3fn")}
+
+
 def tensor_from_view(view_, owner):
-    """A torch tensor over a TensorView's memory (BF16 only), keeping `owner` alive."""
+    """A torch tensor over a TensorView's memory (BF16 or FP8 e4m3), keeping `owner` alive."""
     torch = require_torch()
-    if view_.dtype != "bf16":
-        raise invalid_argument(f"tensor_from_view handles bf16, got {view_.dtype}")
-    arr = _CudaArray(view_.data, view_.shape, view_.strides, 2, "<i2", owner)
-    return torch.as_tensor(arr, device="cuda").view(torch.bfloat16)
+    if view_.dtype not in _VIEW_DTYPES:
+        raise invalid_argument(f"tensor_from_view handles bf16 and fp8_e4m3, got {view_.dtype}")
+    itemsize, typestr, dtype = _VIEW_DTYPES[view_.dtype]
+    arr = _CudaArray(view_.data, view_.shape, view_.strides, itemsize, typestr, owner)
+    return torch.as_tensor(arr, device="cuda").view(getattr(torch, dtype))

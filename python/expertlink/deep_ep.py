@@ -25,12 +25,17 @@ Accepted without effect (documented where they are taken):
 - use_logfmt (BF16 travels), dispatch_wait_recv_cost_stats / combine_wait_recv_cost_stats (left unchanged).
 Not available: the mpi4py ``comm`` instead of a group, get_local_buffer_tensor (the window is NCCL symmetric
 memory, not a tensor), use_per_tensor_quantization / static_scale (raise ``unsupported``).
+
+ExpertLink extension, opt-in: ``direct_recv=True, num_recv_bytes=N`` (N from
+``expertlink.Buffer.ht_recv_size_hint``; fixed, as every size here) makes dispatch's recv_x a view of the
+window's receive region, VALID ONLY UNTIL THE NEXT DISPATCH ON THIS BUFFER, and ``get_direct_combine_buffer``
+the view a direct combine reads (see expertlink.Buffer).
 """
 
 from . import _C
-from ._core import BufferCore, HtHandle, LlHandle  # noqa: F401 (re-exported for isinstance checks)
+from ._core import BufferCore, HtHandle, LlHandle, check_direct_recv_args  # noqa: F401 (HtHandle, LlHandle re-exported)
 from ._torch import EventOverlap, invalid_argument, require_torch, unsupported
-from .buffer import check_ht_fits
+from .buffer import check_ht_fits, check_ht_recv_fits
 
 __all__ = ["Buffer", "Config", "EventOverlap", "topk_idx_t"]
 
@@ -87,13 +92,15 @@ class Buffer(BufferCore):
 
     Attributes as DeepEP: num_sms (class), rank, group_size, group, num_nvl_bytes, num_rdma_bytes,
     low_latency_mode. Extra keyword arguments: timeout_s (bound of every wait), adopt ("split", "borrow",
-    "unique_id")."""
+    "unique_id"), direct_recv and num_recv_bytes (direct dispatch and combine into a receive region of that
+    many bytes: recv_x is then only valid until the next dispatch; see expertlink.Buffer)."""
 
     num_sms = 0  # DeepEP: 20; here 0 = ExpertLink's analytic default (Buffer.set_num_sms changes it)
 
     def __init__(self, group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, use_fabric=False,
-                 explicitly_destroy=False, enable_shrink=False, comm=None, timeout_s=None, adopt="split"):
+                 explicitly_destroy=False, enable_shrink=False, comm=None, timeout_s=None, adopt="split",
+                 direct_recv=False, num_recv_bytes=0):
         require_torch()
         if group is None:
             raise unsupported("deep_ep.Buffer needs a torch.distributed ProcessGroup (the mpi4py `comm` "
@@ -102,8 +109,9 @@ class Buffer(BufferCore):
             raise invalid_argument(f"num_nvl_bytes = {num_nvl_bytes}, num_rdma_bytes = {num_rdma_bytes}: both >= 0 "
                                    f"and not both 0 (see Config.get_nvl_buffer_size_hint, "
                                    f"Buffer.get_low_latency_rdma_size_hint)")
+        check_direct_recv_args(direct_recv, num_recv_bytes, grow=False)
         super().__init__(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, explicitly_destroy, timeout_s,
-                         adopt)
+                         adopt, direct_recv, num_recv_bytes)
 
     # ---- static helpers ----
     @staticmethod
@@ -135,9 +143,11 @@ class Buffer(BufferCore):
         raise unsupported("get_local_buffer_tensor: ExpertLink's window is NCCL symmetric memory, not exposed as "
                           "a tensor")
 
-    def _prepare_ht(self, tokens, hidden, topk):
+    def _prepare_ht(self, tokens, hidden, topk, num_worst_tokens=0, direct=False):
         if self.group_size > 1:
             check_ht_fits(self.num_nvl_bytes, self.group_size, tokens, hidden, topk)
+        if direct:
+            check_ht_recv_fits(self.num_recv_bytes, self.group_size, tokens, hidden, num_worst_tokens)
 
     # ---- high throughput ----
     def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
@@ -150,7 +160,8 @@ class Buffer(BufferCore):
         get_dispatch_layout returns them); one host sync sizes the outputs exactly, unless num_worst_tokens > 0
         (no sync, CUDA-graph capturable: outputs hold num_worst_tokens rows, the list is empty,
         handle.check_capacity() raises on overflow). Cached dispatch (handle given, no topk_idx/topk_weights):
-        returns (recv_x, None, None, None, None, event)."""
+        returns (recv_x, None, None, None, None, event). With direct_recv, recv_x views the receive region and is
+        valid only until the next dispatch on this Buffer."""
         num_sms = config.num_sms if config is not None else None
         if handle is not None:
             recv_x, _, _, _, _, event = self._ht_dispatch(

@@ -175,20 +175,25 @@ void bind_buffer(nb::module_& m) {
           Release());
 
   nb::class_<Buffer>(m, "Buffer",
-                     "Buffer(comm, ht_bytes, ll_bytes=0, timeout_s=None): collective; one symmetric window "
-                     "with an HT and an LL region. Keeps the Communicator alive.")
+                     "Buffer(comm, ht_bytes, ll_bytes=0, timeout_s=None, ht_recv_bytes=0): collective; one "
+                     "symmetric window with an HT and an LL region, and with ht_recv_bytes > 0 the receive "
+                     "region of direct dispatch (ht_window_recv_x). Keeps the Communicator alive.")
       .def(
           "__init__",
           [](Buffer* self, const Communicator& comm, size_t ht_bytes, size_t ll_bytes,
-             std::optional<double> timeout) {
+             std::optional<double> timeout, size_t ht_recv_bytes) {
             RuntimeOptions o = make_options(timeout);
             nb::gil_scoped_release release;
-            new (self) Buffer(comm, ht_bytes, ll_bytes, o);
+            new (self) Buffer(comm, ht_bytes, ll_bytes, o, ht_recv_bytes);
           },
           nb::arg("comm"), nb::arg("ht_bytes"), nb::arg("ll_bytes") = 0, nb::arg("timeout_s") = nb::none(),
-          nb::keep_alive<1, 2>())
+          nb::arg("ht_recv_bytes") = 0, nb::keep_alive<1, 2>())
       .def_static("ht_size_hint", &Buffer::ht_size_hint, nb::arg("num_ranks"), nb::arg("max_tokens_per_rank"),
                   nb::arg("hidden"), nb::arg("topk"))
+      .def_static("ht_recv_size_hint", &Buffer::ht_recv_size_hint, nb::arg("num_ranks"),
+                  nb::arg("max_tokens_per_rank"), nb::arg("hidden"),
+                  "ht_recv_bytes for direct dispatch of up to max_tokens_per_rank tokens per rank (BF16 rows "
+                  "of `hidden`; they cover FP8's).")
       .def_static("ll_size_hint", &Buffer::ll_size_hint, nb::arg("num_ranks"),
                   nb::arg("num_max_dispatch_tokens_per_rank"), nb::arg("hidden"), nb::arg("num_experts"))
       .def_prop_ro("rank", &Buffer::rank)
@@ -240,6 +245,16 @@ void bind_buffer(nb::module_& m) {
              uintptr_t stream) { return b.ll_combine(args, handle, out, as_stream(stream)); },
           nb::arg("args"), nb::arg("handle"), nb::arg("out"), nb::arg("stream"), Release(),
           nb::keep_alive<0, 1>())
+      .def(
+          "ht_window_recv_x",
+          [](const Buffer& b, const std::string& dtype, int64_t hidden) {
+            return b.ht_window_recv_x(parse_dtype(dtype), hidden);
+          },
+          nb::arg("dtype"), nb::arg("hidden"),
+          "Dense [rows, hidden] view (a TensorView, dtype bf16 or fp8_e4m3) of the receive region, as many "
+          "rows as it holds. ht_dispatch into it (same start, rows back to back) is a direct dispatch; "
+          "ht_combine of its BF16 view a direct combine. Its rows are valid until the next ht_dispatch on "
+          "this Buffer.")
       .def("get_next_ll_combine_buffer", &Buffer::get_next_ll_combine_buffer, nb::arg("handle"),
            "BF16 [E_local, R*N, H] device buffer (a TensorView; valid while the Buffer lives) that the next "
            "ll_combine with zero_copy reads.")

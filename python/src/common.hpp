@@ -10,6 +10,7 @@
 #include <nanobind/ndarray.h>
 
 #include "expertlink/error.hpp"
+#include "expertlink/tensor.hpp"
 
 namespace expertlink::python {
 
@@ -19,6 +20,9 @@ namespace nb = nanobind;
 [[noreturn]] inline void invalid(const std::string& message) {
   throw Error(ErrorCode::kInvalidArgument, message);
 }
+
+// A dtype from its name as Python gives it ("bf16" / "bfloat16", "fp8_e4m3" / "float8_e4m3fn", ...).
+DType parse_dtype(const std::string& name);
 
 void bind_tensor(nb::module_& m);
 void bind_buffer(nb::module_& m);

@@ -12,9 +12,6 @@
 #include "expertlink/tensor.hpp"
 
 namespace expertlink::python {
-namespace {
-
-PyObject* g_error_type = nullptr;
 
 DType parse_dtype(const std::string& name) {
   static const struct {
@@ -37,6 +34,10 @@ DType parse_dtype(const std::string& name) {
     if (name == n.name) return n.dtype;
   invalid("dtype '" + name + "' is not one of bf16, fp8_e4m3, f32, i32, i64, u8, bool");
 }
+
+namespace {
+
+PyObject* g_error_type = nullptr;
 
 TensorView make_view(uintptr_t data, const std::string& dtype, const std::vector<int64_t>& shape,
                      const std::vector<int64_t>& strides) {

@@ -445,9 +445,6 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
 
   // Direct combine: x is the receive region's view, every source reads its rows from the holders' regions.
   const bool direct = is_receive_region(*s_, ht_recv_offset(), args.x, H, "x");
-  EL_CHECK(!direct || !args.topk_weights.defined(),
-           "topk_weights: not supported yet when x is the receive region's view (direct combine: the sources "
-           "read only the rows); leave it out, or pass x from outside the window");
   if (s_->internode) return internode::ht_combine(*s_, args, h, out, stream);
   kernels::HtCombineParams p{};
   p.direct_offset = direct ? static_cast<int64_t>(ht_recv_offset()) : -1;
@@ -471,6 +468,17 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
   p.out = out.combined_x.data;
   p.out_row_stride = out.combined_x.stride[0];
   p.out_topk_weights = out.combined_topk_weights.defined() ? out.combined_topk_weights.ptr<float>() : nullptr;
+  if (direct && p.out_topk_weights != nullptr) {
+    // The peers read this rank's weights from its window: staged into the combine area (unused by direct
+    // combine) before the combine kernel announces that its rows are readable.
+    const size_t staged = size_t(args.x.shape[0]) * size_t(h.topk) * sizeof(float);
+    EL_CHECK(staged <= s_->ht_bytes - size_t(area.offset),
+             "topk_weights: direct combine stages this rank's %lld x %d weights (%zu bytes) in the HT "
+             "region's combine half (%zu bytes); it needs ht_bytes >= %zu",
+             static_cast<long long>(args.x.shape[0]), h.topk, staged, s_->ht_bytes - size_t(area.offset),
+             2 * staged + 256);
+    kernels::launch_ht_stage_weights(p, args.x.shape[0], stream);
+  }
   kernels::launch_ht_combine(p, pick_sms(args.num_sms, default_ht_sms(), s_->device_sms, "num_sms"), stream);
 }
 

@@ -84,9 +84,15 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
                                 WaitSite::kHtCombineReady, 4);
   };
 
+  // A push combine right after a direct combine with weights (no dispatch between them): the peers may
+  // still read the weights staged in this rank's combine area, which the pushed rows overwrite. Wait for
+  // their "done reading" words first (a dispatch between the two, the usual order, has waited already).
+  bool readers_done = true;
+  if (!kPull && blockIdx.x == 0)  // a timeout is recorded: wait_aborted below
+    readers_done = __syncthreads_and(wait_direct_readers_done(w, p.state, ctx));
   // Announce that this rank's combine area is free (push) or its expert outputs are readable (pull: every
   // earlier stream operation, the expert computation included, is done), and which of the two it does.
-  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
+  if (readers_done && blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
     announce_round(w, threadIdx.x, control::kCombineReady, control::kCombineMode, round, kPull);
   if (threadIdx.x == 0) {
     abort_flag = wait_aborted(ctx);
@@ -243,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
         }
       }
       if (!kPull && p.out_topk_weights != nullptr) {  // requires topk_weights (checked on the host)
-        float sum = 0.f;
+        float sum = 0.f;  // rank ascending from 0, as the oracle sums (pull: sum_pulled_weights)
         for (uint64_t m = mask; m != 0; m &= m - 1) {
           const int d = __ffsll(m) - 1;
           const int pos = __shfl_sync(~0u, d < 32 ? pos_lo : pos_hi, d & 31);
@@ -261,6 +267,50 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
       t = __shfl_sync(~0u, next, 0);
     }
     if (warp == S && lane == 0 && k >= 0) ht_stamp(p.trace, k, kHtRecvDone);
+  };
+
+  // Pull with top-k weights: every token's summed weights in one pass after the rows, over all the grid's
+  // threads (thread i sums item i = (token, k), kBatch items at once so their loads are in flight together),
+  // instead of one NVLink round trip after each token's rows in its warp (+31 us at 8 SMs, +6 at 24, 2x H200,
+  // 2026-11-28: the reduce is latency-bound). Each peer d's weights are staged in its window, one [K] row per
+  // receive-region row (ht_stage_weights_kernel), readable from the start (its "ready"); this rank's are the
+  // caller's topk_weights. Summed rank ascending from 0, as the oracle does.
+  auto sum_pulled_weights = [&]() {
+    constexpr int kBatch = 8;
+    const int64_t items = int64_t(T) * K, stride = int64_t(gridDim.x) * kThreads;
+    const int64_t local_row0 = p.handle.rank_prefix[me];
+    for (int64_t i0 = int64_t(blockIdx.x) * kThreads + threadIdx.x; i0 < items; i0 += kBatch * stride) {
+      float sum[kBatch] = {};
+      for (int d = 0; d < R; ++d) {
+        if (!rank_live(w, d)) continue;
+        int pos[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int64_t i = i0 + b * stride;
+          pos[b] = i < items ? p.handle.send_pos[(i / K) * R + d] : -1;
+        }
+        float v[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int k = static_cast<int>((i0 + b * stride) % K);
+          if (pos[b] < 0)
+            v[b] = 0.f;
+          else if (d == me)
+            v[b] = static_cast<const float*>(
+                p.topk_weights
+                    .data)[(local_row0 + pos[b]) * p.topk_weights.row_stride + k * p.topk_weights.col_stride];
+          else  // d's row in its receive region, clamped as in row_of
+            v[b] = __ldcg(reinterpret_cast<const float*>(w.peer_base[d] + kControlBytes + p.area_offset) +
+                          min(int64_t(p.handle.dest_row0[d]) + pos[b], p.direct_rows - 1) * K + k);
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b)
+          if (pos[b] >= 0) sum[b] += v[b];
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (i0 + b * stride < items) p.out_topk_weights[i0 + b * stride] = sum[b];
+    }
   };
 
   if (warp < S) {
@@ -303,14 +353,13 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
         if (kBulk && lane == 0) bulk_wait_all();
       }
       if (threadIdx.x == 0) ticket[(k + 1) & 1] = draw_ticket(p.state, 2, kSendRole);
-      // The item's rows from every sender warp (and the next ticket), then one fenced release store, also
-      // for an item with no rows: s's reduce waits for every rank's flag of each chunk.
+      // The item's rows from every sender warp (and the next ticket), then one release store (publish_chunk),
+      // also for an item with no rows: s's reduce waits for every rank's flag of each chunk.
       role_barrier(kSendBarrier, S);
       if (kBulk && copy_abort) break;
       if (sc.valid && threadIdx.x == 0) {
         ht_stamp(p.trace, m, kHtSendIssued);
-        __threadfence_system();
-        st_release_sys(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
+        publish_chunk<kBulk>(control_u64(w.peer_base[s], control::kCombineChunk, me * kMaxChunks + c), round);
         ht_stamp(p.trace, m, kHtSendPublished);
       }
     }
@@ -319,6 +368,7 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
     if (!send_abort && !(kBulk && copy_abort)) reduce_tokens();
   } else {
     reduce_tokens();
+    if (kPull && p.out_topk_weights != nullptr) sum_pulled_weights();
   }
   if (finish_round<kPull>(p.state, 2, round) && kPull) {
     // Every block's reads of the peers' regions are done (each block fenced before counting itself): tell
@@ -326,6 +376,31 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
     if (threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
       st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kCombineDone, me), round);
     if (threadIdx.x == 0) p.state.rounds[3] = round;
+  }
+}
+
+// Direct combine with top-k weights: the peers read this rank's weights of the rows it holds from its
+// window, so they are copied there first, into the combine area (unused by direct combine), as float
+// [N_recv, K] (row r = the receive region's row r). The previous direct combine's readers must be done with
+// them (their "done reading" words, as direct dispatch waits for them); the combine kernel, launched after
+// this one, announces "ready" only when it starts, so no peer reads before the copy is complete.
+__global__ void ht_stage_weights_kernel(HtCombineParams p, int64_t rows) {
+  __shared__ int abort_flag;
+  const SymmetricView& w = p.win;
+  const int me = w.rank, K = p.topk;
+  const WaitContext ctx{w.record, w.timeout_ns, me};
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  if (!wait_direct_readers_done(w, p.state, ctx))
+    abort_flag = 1;  // recorded: the combine kernel (wait_aborted) and the host report it
+  __syncthreads();
+  if (abort_flag) return;
+  float* staged = reinterpret_cast<float*>(w.local_base + kControlBytes + p.area_offset);
+  const float* src = static_cast<const float*>(p.topk_weights.data);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < rows * K;
+       i += gridDim.x * int64_t(blockDim.x)) {
+    const int64_t r = i / K, k = i % K;
+    staged[i] = src[r * p.topk_weights.row_stride + k * p.topk_weights.col_stride];
   }
 }
 
@@ -341,6 +416,15 @@ void launch_combine(const HtCombineParams& q, int num_sms, cudaStream_t stream) 
 }
 
 }  // namespace
+
+void launch_ht_stage_weights(const HtCombineParams& p, int64_t rows, cudaStream_t stream) {
+  const int threads = 256;
+  const int64_t n = rows * p.topk;
+  const int blocks =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 132)));
+  ht_stage_weights_kernel<<<blocks, threads, 0, stream>>>(p, rows);
+  EL_CUDA_CHECK(cudaGetLastError());
+}
 
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
   HtCombineParams q = p;

@@ -76,10 +76,7 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   // rank that read it in a direct combine must be done before block 0 announces "ready". (A timeout is
   // recorded, and wait_aborted below ends the call.)
   if (kDirect && blockIdx.x == 0) {
-    const uint64_t pulled = p.state.rounds[3];
-    if (pulled > 0 && threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x))
-      (void)wait_geq(control_u64(w.local_base, control::kCombineDone, threadIdx.x), pulled, ctx,
-                     WaitSite::kHtCombineDone, threadIdx.x, 0);
+    (void)wait_direct_readers_done(w, p.state, ctx);
     __syncthreads();
   }
   // Announce that this rank's receiving area is free for this round (and how it places its rows); then
@@ -239,17 +236,15 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
         }
       }
       // Publish chunk c to every other rank (also when it sent them nothing): every sender thread's rows
-      // (bulk stores complete first), then (barrier, one system fence) the release stores of the round.
+      // (bulk stores complete first), then (barrier) the release stores of the round (publish_chunk).
       // Free-running, the last warp done with the chunk publishes it, and the others go on.
       if constexpr (kFree) {
         if (warp_step_done(steps, k, S, lane)) {
           if (lane == 0) ht_stamp(p.trace, k, kHtSendIssued);
           for (int d = lane; d < R; d += 32)
-            if (d != me && rank_live(w, d)) {
-              __threadfence_system();
-              st_release_sys(control_u64(w.peer_base[d], control::kDispatchChunk, me * kMaxChunks + c),
-                             round);
-            }
+            if (d != me && rank_live(w, d))
+              publish_chunk<false>(control_u64(w.peer_base[d], control::kDispatchChunk, me * kMaxChunks + c),
+                                   round);
           if (lane == 0) ht_stamp(p.trace, k, kHtSendPublished);
         }
         continue;
@@ -260,9 +255,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       if (kBulk && send_abort) break;
       if (threadIdx.x == 0) ht_stamp(p.trace, k, kHtSendIssued);
       if (threadIdx.x < R && threadIdx.x != me && rank_live(w, threadIdx.x)) {
-        __threadfence_system();
-        st_release_sys(control_u64(w.peer_base[threadIdx.x], control::kDispatchChunk, me * kMaxChunks + c),
-                       round);
+        publish_chunk<kBulk>(
+            control_u64(w.peer_base[threadIdx.x], control::kDispatchChunk, me * kMaxChunks + c), round);
         ht_stamp(p.trace, k, kHtSendPublished);
       }
     }

@@ -152,6 +152,9 @@ void launch_ht_layout(const void* topk_idx, IdxType idx_type, int64_t idx_row_st
 void launch_ht_notify(const HtNotifyParams& p, cudaStream_t stream);
 void launch_ht_dispatch(const HtDispatchParams& p, int num_sms, cudaStream_t stream);
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream);
+// Direct combine with top-k weights: this rank's weights of its `rows` received rows into its window's
+// combine area, where the peers read them (before launch_ht_combine, on the same stream).
+void launch_ht_stage_weights(const HtCombineParams& p, int64_t rows, cudaStream_t stream);
 
 inline constexpr int kMaxTopkDevice = 32;
 

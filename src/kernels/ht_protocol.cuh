@@ -193,6 +193,21 @@ __device__ __forceinline__ int draw_ticket(const HtState& st, int which, int rol
   return static_cast<int>(atomicAdd(&st.tickets[2 * which + role], 1u));
 }
 
+// A chunk's flag, once the block's sending warps have written its rows (a role barrier or the step counter
+// orders their stores before the calling thread): a release store at system scope, which is cumulative
+// over those stores. EXPERTLINK_HT_PUBLISH_FENCE=1 (a build option) puts a full system fence before it,
+// as at 05a0df0, where the SASS had MEMBAR.SC.SYS and the store's MEMBAR.ALL.SYS back to back and the
+// phase trace put the publishing at ~30 % of the sending time (28-33 us of ~100 per block at 24 SMs).
+// Bulk (TMA) stores are another proxy's writes: after them the full fence stays (kAfterBulk).
+#ifndef EXPERTLINK_HT_PUBLISH_FENCE
+#define EXPERTLINK_HT_PUBLISH_FENCE 0
+#endif
+template <bool kAfterBulk>
+__device__ __forceinline__ void publish_chunk(uint64_t* flag, uint64_t round) {
+  if (kAfterBulk || EXPERTLINK_HT_PUBLISH_FENCE) __threadfence_system();
+  st_release_sys(flag, round);
+}
+
 // Free-running sending warps: no barrier per chunk, so a warp with fewer of the chunk's rows goes on to
 // the next chunk instead of idling (with 32-token chunks and 28 sending warps, 4 warps had two rows and
 // 24 one). The block's k-th chunk is drawn by the first of its warps to reach step k: steps[k] is -1
@@ -225,13 +240,27 @@ __device__ __forceinline__ int warp_step_chunk(SendSteps& s, int k, const HtStat
 // The calling warp's rows of step k are written; true for the last of the block's `warps` sending warps,
 // which then publishes the chunk: every lane of it is ordered after every sending warp's stores (each warp's
 // fence and counter increment, the last one's acquire, then __syncwarp), so its system fence covers them.
+// EXPERTLINK_HT_STEP_FENCES=1 (a build option): a CTA fence (MEMBAR.SC.CTA) on either side of a relaxed
+// increment, as at 05a0df0; 0 (default): one acquire-release increment.
+#ifndef EXPERTLINK_HT_STEP_FENCES
+#define EXPERTLINK_HT_STEP_FENCES 0
+#endif
 __device__ __forceinline__ bool warp_step_done(SendSteps& s, int k, int warps, int lane) {
   __syncwarp();
   int last = 0;
   if (lane == 0) {
+#if EXPERTLINK_HT_STEP_FENCES
     __threadfence_block();
     last = atomicAdd_block(s.done + k, 1) == warps - 1;
     if (last) __threadfence_block();
+#else
+    unsigned old;
+    asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;"
+                 : "=r"(old)
+                 : "r"(static_cast<unsigned>(__cvta_generic_to_shared(s.done + k)))
+                 : "memory");
+    last = old == static_cast<unsigned>(warps - 1);
+#endif
   }
   last = __shfl_sync(~0u, last, 0);
   __syncwarp();
@@ -260,6 +289,19 @@ __device__ __forceinline__ bool wait_round_same_mode(const SymmetricView& w, int
     return false;
   }
   return true;
+}
+
+// Whether the peer of the calling thread (thread d for peer d; every other thread: true at once) has
+// finished reading this rank's window in its last direct combine (its "done reading" word >= rounds[3]),
+// before anything there is overwritten: the receive region (direct dispatch) or the staged weights in the
+// combine area (their next copy, or a push combine's rows). Bounded; a timeout is recorded.
+__device__ __forceinline__ bool wait_direct_readers_done(const SymmetricView& w, const HtState& st,
+                                                         const WaitContext& ctx) {
+  const uint64_t pulled = st.rounds[3];
+  const int d = threadIdx.x;
+  if (pulled == 0 || d >= w.num_ranks || d == w.rank || !rank_live(w, d)) return true;
+  return wait_geq(control_u64(w.local_base, control::kCombineDone, d), pulled, ctx, WaitSite::kHtCombineDone,
+                  d, 0);
 }
 
 // The (source, chunk) items a rank receives (dispatch) or sends back (combine), chunk-major: the order

@@ -263,7 +263,7 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   HtCombineArgs ca;
   const int64_t y_rows = c.sizing == Sizing::kExact ? N : rows;
   ca.x = TensorView(y_ptr, DType::kBF16, {y_rows, H});
-  if (!c.direct_combine) ca.topk_weights = TensorView(rw.get(), DType::kF32, {y_rows, K});
+  if (c.combine_weights) ca.topk_weights = TensorView(rw.get(), DType::kF32, {y_rows, K});
   if (c.with_bias) {
     ca.bias0 = TensorView(b0.get(), DType::kBF16, {T, H});
     ca.bias1 = TensorView(b1.get(), DType::kBF16, {T, H});
@@ -271,7 +271,7 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   ca.num_sms = c.num_sms;
   HtCombineOutputs co;
   co.combined_x = TensorView(comb.get(), DType::kBF16, {T, H});
-  if (!c.direct_combine) co.combined_topk_weights = TensorView(comb_w.get(), DType::kF32, {T, K});
+  if (c.combine_weights) co.combined_topk_weights = TensorView(comb_w.get(), DType::kF32, {T, K});
   buffer.ht_combine(ca, handle, co, stream);
   buffer.synchronize(stream);
   if (c.direct_combine) {  // every rank past its combine before any rank touches its region again
@@ -295,7 +295,7 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   }
   // Each slot's weight comes from the one rank of its expert (the others add 0): its sum is exact.
   const std::vector<float>& want_cw = want_comb[me].topk_weights;
-  for (int64_t i = 0; i < (c.direct_combine ? 0 : int64_t(T) * K); ++i)
+  for (int64_t i = 0; i < (c.combine_weights ? int64_t(T) * K : 0); ++i)
     GPU_EXPECT(c.combine_bitwise ? std::memcmp(&got_cw[i], &want_cw[i], 4) == 0
                                  : std::fabs(got_cw[i] - want_cw[i]) <= 1e-6f,
                "[%s] combined_topk_weights[%lld][%lld]: expected %g, got %g", c.name, (long long)(i / K),

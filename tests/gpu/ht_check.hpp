@@ -44,10 +44,12 @@ struct HtCase {
   // recv_x is the Buffer's receive region (Buffer::ht_window_recv_x: direct dispatch); the Buffer needs
   // ht_recv_bytes for it.
   bool direct = false;
-  // combine's x is the receive region too (direct combine: the sources read the rows from the holders);
-  // no top-k weights then. The round ends with a barrier (the next round's poison of the region must not
-  // land while a peer still reads it).
+  // combine's x is the receive region too (direct combine: the sources read the rows from the holders,
+  // and the top-k weights from the holders' staged copies). The round ends with a barrier (the next round's
+  // poison of the region must not land while a peer still reads it).
   bool direct_combine = false;
+  // combine gets the received top-k weights and returns their sums per token (combined_topk_weights).
+  bool combine_weights = true;
 };
 
 // What a checked round saw, for the caller's log.

@@ -243,8 +243,9 @@ GPU_CASE(ht_direct_recv_x_matches_oracle, 2, 300) {
   c.direct = c.direct_combine = true;
   c.num_sms = 8;
   HtCase d{"not direct, same Buffer", 200, 2048, 4, 64};
-  HtCase e{"direct, rank 1 has no tokens, direct combine, 1 SM", 64, 1024, 4, 64};
+  HtCase e{"direct, rank 1 has no tokens, direct combine without weights, 1 SM", 64, 1024, 4, 64};
   e.direct = e.direct_combine = true;
+  e.combine_weights = false;
   e.zero_tokens_rank = 1;
   e.num_sms = 1;
   return run_cases(ctx, {a, b, c, d, e}, 2);

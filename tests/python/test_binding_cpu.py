@@ -289,6 +289,17 @@ def test_size_hints_and_their_checks():
     assert deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 2, 288) == _C.Buffer.ll_size_hint(2, 128, 7168, 288)
     with pytest.raises(expertlink.Error, match="ht_size_hint"):
         _C.Buffer.ht_size_hint(0, 1, 1, 1)
+    # Direct dispatch's receive region: every row that may arrive, BF16 (which covers FP8), one rank included.
+    assert _C.Buffer.ht_recv_size_hint(2, 4096, 7168) == 2 * 4096 * 7168 * 2
+    assert _C.Buffer.ht_recv_size_hint(1, 10, 128) == 10 * 128 * 2
+    assert expertlink.Buffer.ht_recv_size_hint(8, 100, 256) == 8 * 100 * 256 * 2
+    with pytest.raises(expertlink.Error, match=r"ht_recv_size_hint\(num_ranks = 2, max_tokens_per_rank = -1"):
+        _C.Buffer.ht_recv_size_hint(2, -1, 128)
+
+
+def test_buffer_binding_takes_a_receive_region():
+    assert "ht_recv_bytes" in _C.Buffer.__init__.__doc__
+    assert "ht_window_recv_x" in dir(_C.Buffer) and "dtype" in _C.Buffer.ht_window_recv_x.__doc__
 
 
 def test_communicator_arguments_checked_before_gpu_use():

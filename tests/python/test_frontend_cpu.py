@@ -53,7 +53,7 @@ def test_ht_grow_bytes_of_the_first_snippet_literal_hidden_bytes():
 def test_ht_grow_decision_from_the_allreduced_payload():
     payloads = [_sizing.ht_allreduce_payload(t, 256, 4) for t in (10, 70)]
     reduced = [max(col) for col in zip(*payloads)]
-    assert reduced == [70, 256, 4, -256, -4]
+    assert reduced == [70, 256, 4, -256, -4, 0, 0, 0]
     # Every rank decides from the same numbers, whatever its own token count.
     for _ in payloads:
         assert _sizing.ht_grow_decision(0, 2, reduced, 256, 4) == _C.Buffer.ht_size_hint(2, 128, 256, 4)
@@ -88,6 +88,128 @@ def test_check_ht_fits_gives_the_bytes_needed():
     with raises_invalid(f"needs num_nvl_bytes >= {need}") as info:
         check_ht_fits(512, 2, 64, 256, 4)
     assert info.value.code == expertlink.ErrorCode.invalid_argument
+
+
+# ---- direct dispatch: the receive region's size and grow decision ----------------------------------------
+
+def test_ht_recv_bytes_needed_is_the_size_hint_of_every_row():
+    assert _sizing.ht_recv_bytes_needed(2, 100, 7168) == _C.Buffer.ht_recv_size_hint(2, 100, 7168) == 2 * 100 * 7168 * 2
+    assert expertlink.Buffer.ht_recv_size_hint(2, 100, 7168) == _C.Buffer.ht_recv_size_hint(2, 100, 7168)
+    # num_worst_tokens beyond R * T: the region holds that many rows (R * ceil(worst / R) >= worst).
+    assert _sizing.recv_tokens(2, 100, 0) == 100 and _sizing.recv_tokens(2, 100, 201) == 101
+    assert _sizing.recv_tokens(2, 100, 150) == 100
+    assert _sizing.ht_recv_bytes_needed(2, 100, 256, 201) == _C.Buffer.ht_recv_size_hint(2, 101, 256) >= 201 * 256 * 2
+
+
+def test_ht_recv_grow_bytes_rounds_up_and_never_shrinks():
+    need = _C.Buffer.ht_recv_size_hint(2, 100, 256)
+    assert _sizing.ht_recv_grow_bytes(need, 2, 100, 256) is None
+    assert _sizing.ht_recv_grow_bytes(need - 1, 2, 100, 256) == _C.Buffer.ht_recv_size_hint(2, 128, 256)
+    assert _sizing.ht_recv_grow_bytes(0, 2, 10, 256) == _C.Buffer.ht_recv_size_hint(2, 64, 256)
+    assert _sizing.ht_recv_grow_bytes(0, 2, 10, 256, num_worst_tokens=300) == _C.Buffer.ht_recv_size_hint(2, 256, 256)
+    assert _sizing.ht_recv_grow_bytes(need, 2, 100, 256, num_worst_tokens=201) is not None  # 201 rows > 200
+
+
+def test_ht_recv_grow_decision_only_for_direct_dispatches():
+    payloads = [_sizing.ht_allreduce_payload(t, 256, 4, worst, direct=True) for t, worst in ((10, 0), (70, 300))]
+    reduced = [max(col) for col in zip(*payloads)]
+    assert reduced == [70, 256, 4, -256, -4, 300, 1, -1]
+    for _ in payloads:  # every rank: the same decision, from the largest token count and num_worst_tokens
+        assert _sizing.ht_recv_grow_decision(0, 2, reduced, 256, 4) == _C.Buffer.ht_recv_size_hint(2, 256, 256)
+        assert _sizing.ht_grow_decision(0, 2, reduced, 256, 4) == _C.Buffer.ht_size_hint(2, 128, 256, 4)
+    enough = _C.Buffer.ht_recv_size_hint(2, 150, 256)
+    assert _sizing.ht_recv_grow_decision(enough, 2, reduced, 256, 4) is None
+    plain = [max(col) for col in zip(*[_sizing.ht_allreduce_payload(t, 256, 4, 300) for t in (10, 70)])]
+    assert _sizing.ht_recv_grow_decision(0, 2, plain, 256, 4) is None  # not direct: no region needed
+
+
+def test_ranks_that_disagree_on_direct_dispatch_are_refused_on_every_rank():
+    payloads = [_sizing.ht_allreduce_payload(8, 256, 4, direct=d) for d in (True, False)]
+    reduced = [max(col) for col in zip(*payloads)]
+    for _ in payloads:
+        with raises_invalid("disagree on direct dispatch .recv_x placement."):
+            _sizing.ht_grow_decision(10**9, 2, reduced, 256, 4)
+        with raises_invalid("disagree on direct dispatch"):
+            _sizing.ht_recv_grow_decision(10**9, 2, reduced, 256, 4)
+
+
+def test_check_ht_recv_fits_gives_the_bytes_needed():
+    from expertlink.buffer import check_ht_recv_fits
+
+    need = _C.Buffer.ht_recv_size_hint(2, 64, 256)
+    check_ht_recv_fits(need, 2, 64, 256)
+    with raises_invalid(rf"needs num_recv_bytes >= {need} \(Buffer.ht_recv_size_hint\(2, 64, 256\)\)"):
+        check_ht_recv_fits(need - 1, 2, 64, 256)
+    worst = _C.Buffer.ht_recv_size_hint(2, 100, 256)
+    with raises_invalid(rf"num_worst_tokens 200, needs num_recv_bytes >= {worst}"):
+        check_ht_recv_fits(need, 2, 64, 256, num_worst_tokens=200)
+
+
+def test_direct_recv_constructor_rules():
+    check_direct_recv_args = _core.check_direct_recv_args
+    check_direct_recv_args(False, 0, True)
+    check_direct_recv_args(True, 0, True)  # grows from nothing
+    check_direct_recv_args(True, 4096, False)
+    with raises_invalid("num_recv_bytes = -1 must be >= 0"):
+        check_direct_recv_args(True, -1, True)
+    with raises_invalid("pass direct_recv=True too"):
+        check_direct_recv_args(False, 4096, True)
+    with raises_invalid("does not grow needs num_recv_bytes > 0 .*ht_recv_size_hint"):
+        check_direct_recv_args(True, 0, False)
+
+
+class FakeWindow:
+    """A C++ Buffer stand-in with a receive region starting at `start` (ht_window_recv_x), or none."""
+
+    def __init__(self, start=None, rows=1024):
+        self.start, self.rows = start, rows
+
+    def ht_window_recv_x(self, dtype, hidden):
+        if self.start is None:
+            raise _C.Error("invalid argument: ht_window_recv_x: this Buffer has no receive region")
+        return expertlink.TensorView(self.start, dtype, [self.rows, hidden])
+
+
+class FakeTensor:
+    def __init__(self, ptr, shape=(4, 128)):
+        self.ptr, self.shape = ptr, shape
+
+    def data_ptr(self):
+        return self.ptr
+
+
+def direct_buffer(cls, start=0x10000):
+    b = unconstructed(cls)
+    b.direct_recv, b.num_recv_bytes, b._gens, b._gen = True, 1 << 20, {0: FakeWindow(start)}, 0
+    return b
+
+
+def test_direct_mode_per_call():
+    b = direct_buffer(expertlink.Buffer)
+    assert b._direct_mode(None) is True and b._direct_mode(False) is False and b._direct_mode(True) is True
+    h = fake_ht_handle()
+    assert b._direct_mode(None, h) is False  # a cached dispatch does what the handle's dispatch did
+    h.direct = True
+    assert b._direct_mode(None, h) is True
+    plain = unconstructed(expertlink.Buffer)
+    plain.direct_recv = False
+    assert plain._direct_mode(None) is False
+    with raises_invalid("direct=True needs a Buffer made with direct_recv=True"):
+        plain._direct_mode(True)
+    with raises_invalid("direct=True needs a Buffer made with direct_recv=True"):
+        plain.dispatch(object(), object(), None, 8, direct=True)
+
+
+def test_get_direct_combine_buffer_rules():
+    plain = unconstructed(expertlink.Buffer)
+    plain.direct_recv = False
+    with raises_invalid("needs a Buffer made with direct_recv=True"):
+        plain.get_direct_combine_buffer(fake_ht_handle())
+    b = direct_buffer(deep_ep.Buffer)
+    with raises_invalid("handle must come from an HT dispatch"):
+        b.get_direct_combine_buffer(None)
+    with raises_invalid("made by another Buffer"):
+        b.get_direct_combine_buffer(fake_ht_handle())
 
 
 # ---- DeepEP's argument rules, before anything runs ---------------------------------------------------
@@ -147,6 +269,7 @@ def unconstructed(cls):
     """A Buffer object without a window (its checks run before any GPU use)."""
     b = object.__new__(cls)
     b.group_size, b.rank, b._gens, b._gen, b._comm = 2, 0, {}, None, None
+    b.direct_recv, b.num_recv_bytes = False, 0
     return b
 
 
@@ -244,7 +367,7 @@ def test_deep_ep_static_surface():
     for name in ["get_dispatch_layout", "dispatch", "combine", "low_latency_dispatch", "low_latency_combine",
                  "get_next_low_latency_combine_buffer", "clean_low_latency_buffer", "capture", "set_num_sms",
                  "get_dispatch_config", "get_combine_config", "get_low_latency_rdma_size_hint", "get_comm_stream",
-                 "destroy"]:
+                 "destroy", "get_direct_combine_buffer"]:
         assert callable(getattr(deep_ep.Buffer, name)), name
     with pytest.raises(AttributeError):
         deep_ep.no_such_name  # noqa: B018

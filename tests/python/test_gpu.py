@@ -12,7 +12,10 @@ arguments (previous_event on a delayed stream, async_finish, allocate_on_comm_st
 current_stream_wait and `with`, capture, get_comm_stream), low_latency_dispatch (BF16, FP8, round_scale,
 UE8M0, return_recv_hook with two calls in flight, async_finish, cumulative stats), low_latency_combine (hook,
 zero_copy with get_next_low_latency_combine_buffer, out, async_finish), clean_low_latency_buffer, the size
-hints, topk_idx_t, fixed-size failures that give the bytes needed, destroy."""
+hints, topk_idx_t, fixed-size failures that give the bytes needed, destroy. Direct dispatch and combine
+(direct_recv=True; written 2026-11-28, NOT YET RUN ON A GPU): BF16 and FP8 dispatch into the receive region and
+the direct combine from it, num_worst_tokens, cached, topk_weights refused, a plain dispatch on the same Buffer
+afterwards, and deep_ep.Buffer's fixed-size variant."""
 
 import datetime
 import os
@@ -221,6 +224,7 @@ class Ctx:
         self.ht = [routing(r, T_HT) for r in range(R)]
         self.ll = [routing(r, T_LL, seed=300) for r in range(R)]
         self.deep = None  # deep_ep.Buffer sized for both paths
+        self.direct = None  # expertlink.Buffer(direct_recv=True), grown by its first dispatch
 
     def mine(self, data):
         return tuple(t.to(self.dev) for t in data[self.rank])
@@ -648,8 +652,206 @@ def deep_ep_fixed_sizes_fail_with_the_bytes_needed(c):
     fixed.destroy()
 
 
+# ---- direct dispatch and combine (direct_recv) ------------------------------------------------------------
+
+def direct_buffer(c):
+    if c.direct is None:
+        c.direct = expertlink.Buffer(c.group, 0, 0, direct_recv=True)
+    return c.direct
+
+
+def oracle_rows(exp):
+    """The oracle's received BF16 rows as [n, H] uint16 bit patterns."""
+    return np.asarray(exp.x.bf16).reshape(exp.handle.num_recv(), H)
+
+
+@check
+def direct_bf16_dispatch_and_combine(c):
+    buf = direct_buffer(c)
+    x, idx, w = c.mine(c.ht)
+    recv_x, recv_idx, recv_w, handle, event = buf.dispatch(x, idx, w, E)
+    event.current_stream_wait()
+    assert buf.num_grows == 1 and handle.direct
+    assert buf.num_recv_bytes >= expertlink.Buffer.ht_recv_size_hint(R, T_HT, H)
+    outs = ht_oracle(*zip(*c.ht))
+    exp = outs[c.rank]
+    n = exp.handle.num_recv()
+    region = buf.get_direct_combine_buffer(handle)
+    assert recv_x.shape == (n, H) and recv_x.dtype == torch.bfloat16
+    assert region.shape == (n, H) and region.dtype == torch.bfloat16 and region.data_ptr() == recv_x.data_ptr()
+    np.testing.assert_array_equal(bits(recv_x), oracle_rows(exp))  # every row
+    np.testing.assert_array_equal(recv_idx.cpu().numpy().reshape(-1), exp.topk_idx)
+    np.testing.assert_array_equal(recv_w.cpu().numpy().reshape(-1), exp.topk_weights)
+    assert handle.num_recv_tokens_per_expert() == list(exp.num_recv_tokens_per_expert)
+    # The expert reads recv_x into a new tensor first: the region (recv_x's memory) is written afterwards.
+    y = expert_rows(recv_x, recv_idx, c.rank)
+    region.copy_(y)
+    combined, combined_w, _ = buf.combine(region, handle)
+    assert combined_w is None
+    want = ht_combine_oracle(outs, [oracle_expert_rows(o, d) for d, o in enumerate(outs)])
+    np.testing.assert_array_equal(bits(combined).reshape(-1), want[c.rank].x)
+
+
+@check
+def direct_fp8_dispatch_and_combine(c):
+    buf = direct_buffer(c)
+    _, idx, w = c.mine(c.ht)
+    casts = [fp8_cast(xr) for xr, _, _ in c.ht]
+    _, q, s = casts[c.rank]
+    (rq, rs), ri, rw, handle, _ = buf.dispatch((q.to(c.dev), s.to(c.dev)), idx, w, E)
+    outs = ht_oracle([cr[0] for cr in casts], [d[1] for d in c.ht], [d[2] for d in c.ht])
+    exp = outs[c.rank]
+    n = exp.handle.num_recv()
+    region = buf.get_direct_combine_buffer(handle)
+    assert rq.dtype == torch.float8_e4m3fn and rq.shape == (n, H) and rq.data_ptr() == region.data_ptr()
+    assert rs.dtype == torch.float32 and rs.shape == (n, H // 128)  # scales: an ordinary tensor
+    np.testing.assert_array_equal(rq.cpu().view(torch.uint8).numpy(), np.asarray(exp.x.fp8).reshape(n, H))
+    np.testing.assert_array_equal(rs.cpu().numpy().reshape(-1), exp.x.scales)
+    np.testing.assert_array_equal(ri.cpu().numpy().reshape(-1), exp.topk_idx)
+    np.testing.assert_array_equal(rw.cpu().numpy().reshape(-1), exp.topk_weights)
+    # Dequantized first (the BF16 view shares rq's bytes), then written for the direct combine.
+    y = (rq.float() * rs.repeat_interleave(128, dim=1)).to(torch.bfloat16)
+    region.copy_(y)
+    combined, _, _ = buf.combine(region, handle)
+    ys = []
+    for o in outs:
+        m = o.handle.num_recv()
+        deq = torch.from_numpy(np.asarray(o.x.fp8).reshape(m, H)).view(torch.float8_e4m3fn).float()
+        ys.append((deq * torch.from_numpy(np.asarray(o.x.scales).reshape(m, -1)).repeat_interleave(128, dim=1))
+                  .to(torch.bfloat16))
+    want = ht_combine_oracle(outs, ys)
+    np.testing.assert_array_equal(bits(combined).reshape(-1), want[c.rank].x)
+
+
+@check
+def direct_dispatch_num_worst_tokens(c):
+    buf = direct_buffer(c)
+    x, idx, w = c.mine(c.ht)
+    outs = ht_oracle(*zip(*c.ht))
+    exp = outs[c.rank]
+    n = exp.handle.num_recv()
+    worst = R * T_HT
+    rx, ri, rw, handle, _ = buf.dispatch(x, idx, w, E, num_worst_tokens=worst)
+    assert rx.shape == (worst, H) and handle.capacity_mode and handle.direct
+    torch.cuda.synchronize()
+    handle.check_capacity()
+    assert handle.num_recv_tokens() == n
+    np.testing.assert_array_equal(bits(rx[:n]), oracle_rows(exp))
+    np.testing.assert_array_equal(ri[:n].cpu().numpy().reshape(-1), exp.topk_idx)
+    np.testing.assert_array_equal(rw[:n].cpu().numpy().reshape(-1), exp.topk_weights)
+    region = buf.get_direct_combine_buffer(handle)
+    assert region.shape == (worst, H) and region.data_ptr() == rx.data_ptr()
+    y = expert_rows(rx, ri, c.rank)
+    y[n:] = 0
+    region.copy_(y)
+    cx, _, _ = buf.combine(region, handle)
+    want = ht_combine_oracle(outs, [oracle_expert_rows(o, d) for d, o in enumerate(outs)])
+    np.testing.assert_array_equal(bits(cx).reshape(-1), want[c.rank].x)
+
+
+@check
+def direct_cached_dispatch(c):
+    buf = direct_buffer(c)
+    x, idx, w = c.mine(c.ht)
+    rx, _, _, handle, _ = buf.dispatch(x, idx, w, E)
+    x2 = (x.float() * 2).to(torch.bfloat16)
+    rx2, n1, n2, handle2, _ = buf.dispatch(x2, handle=handle)
+    assert n1 is None and n2 is None and handle2 is handle
+    assert rx2.data_ptr() == rx.data_ptr()  # the same region (rx now holds the cached rows too)
+    cached = ref.ht_dispatch_cached(
+        [o.handle for o in ht_oracle(*zip(*c.ht))],
+        [ref.TokenRows.from_bf16(bits((xr.float() * 2).to(torch.bfloat16))) for xr, _, _ in c.ht])
+    n = handle.num_recv_tokens()
+    want = np.asarray(cached[c.rank].bf16).reshape(n, H)
+    np.testing.assert_array_equal(bits(rx2), want)
+    # direct=False: the same cached rows into an ordinary tensor.
+    rx3, _, _, _, _ = buf.dispatch(x2, handle=handle, direct=False)
+    assert rx3.data_ptr() != rx2.data_ptr()
+    np.testing.assert_array_equal(bits(rx3), want)
+
+
+@check
+def direct_combine_with_topk_weights(c):
+    buf = direct_buffer(c)
+    x, idx, w = c.mine(c.ht)
+    rx, ri, rw, handle, _ = buf.dispatch(x, idx, w, E)
+    region = buf.get_direct_combine_buffer(handle)
+    region.copy_(expert_rows(rx, ri, c.rank))
+    y = region.clone()
+    outs = ht_oracle(*zip(*c.ht))
+    want = ht_combine_oracle(outs, [oracle_expert_rows(o, d) for d, o in enumerate(outs)], with_weights=True)
+    # Direct, weights summed from the holders' staged copies.
+    cx, cw, _ = buf.combine(region, handle, topk_weights=rw)
+    np.testing.assert_array_equal(bits(cx).reshape(-1), want[c.rank].x)
+    np.testing.assert_allclose(cw.cpu().numpy().reshape(-1), want[c.rank].topk_weights, rtol=1e-6)
+    # The same rows from outside the region right after it (no dispatch between): an ordinary combine.
+    cx, cw, _ = buf.combine(y, handle, topk_weights=rw)
+    np.testing.assert_array_equal(bits(cx).reshape(-1), want[c.rank].x)
+    np.testing.assert_allclose(cw.cpu().numpy().reshape(-1), want[c.rank].topk_weights, rtol=1e-6)
+
+
+@check
+def plain_dispatch_after_direct_matches_oracle(c):
+    buf = direct_buffer(c)
+    x, idx, w = c.mine(c.ht)
+    outs = ht_oracle(*zip(*c.ht))
+    exp = outs[c.rank]
+    ys = [oracle_expert_rows(o, d) for d, o in enumerate(outs)]
+    # A direct round trip, then a plain one (direct=False) on the same Buffer, then a direct one again.
+    rx, ri, _, handle, _ = buf.dispatch(x, idx, w, E)
+    region = buf.get_direct_combine_buffer(handle)
+    region.copy_(expert_rows(rx, ri, c.rank))
+    buf.combine(region, handle)
+    px, pi, pw, phandle, _ = buf.dispatch(x, idx, w, E, direct=False)
+    assert not phandle.direct and px.data_ptr() != region.data_ptr()
+    np.testing.assert_array_equal(bits(px), oracle_rows(exp))
+    np.testing.assert_array_equal(pi.cpu().numpy().reshape(-1), exp.topk_idx)
+    np.testing.assert_array_equal(pw.cpu().numpy().reshape(-1), exp.topk_weights)
+    cx, cw, _ = buf.combine(expert_rows(px, pi, c.rank), phandle, topk_weights=pw)
+    want = ht_combine_oracle(outs, ys, with_weights=True)
+    np.testing.assert_array_equal(bits(cx).reshape(-1), want[c.rank].x)
+    np.testing.assert_allclose(cw.cpu().numpy().reshape(-1), want[c.rank].topk_weights, rtol=1e-6)
+    rx2, ri2, _, handle2, _ = buf.dispatch(x, idx, w, E)
+    assert handle2.direct
+    np.testing.assert_array_equal(bits(rx2), oracle_rows(exp))
+    region = buf.get_direct_combine_buffer(handle2)
+    region.copy_(expert_rows(rx2, ri2, c.rank))
+    cx, _, _ = buf.combine(region, handle2)
+    np.testing.assert_array_equal(bits(cx).reshape(-1), ht_combine_oracle(outs, ys)[c.rank].x)
+
+
+@check
+def deep_ep_direct_fixed_size(c):
+    cfg = deep_ep.Buffer.get_dispatch_config(R)
+    recv_bytes = expertlink.Buffer.ht_recv_size_hint(R, T_HT, H)
+    buf = deep_ep.Buffer(c.group, cfg.get_nvl_buffer_size_hint(H * 2, R), 0, direct_recv=True,
+                         num_recv_bytes=recv_bytes)
+    try:
+        x, idx, w = c.mine(c.ht)
+        rx, ri, rw, counts, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, **deep_layout(buf, idx))
+        outs = ht_oracle(*zip(*c.ht))
+        exp = outs[c.rank]
+        region = buf.get_direct_combine_buffer(handle)
+        assert rx.data_ptr() == region.data_ptr() and counts == list(exp.num_recv_tokens_per_expert)
+        np.testing.assert_array_equal(bits(rx), oracle_rows(exp))
+        region.copy_(expert_rows(rx, ri, c.rank))
+        cx, _, _ = buf.combine(region, handle)
+        want = ht_combine_oracle(outs, [oracle_expert_rows(o, d) for d, o in enumerate(outs)])
+        np.testing.assert_array_equal(bits(cx).reshape(-1), want[c.rank].x)
+        # Fixed size: more rows than the region holds fail before launching, giving the bytes needed.
+        try:
+            buf.dispatch(x, topk_idx=idx, topk_weights=w, num_worst_tokens=4 * R * T_HT, **deep_layout(buf, idx))
+            raise AssertionError("a num_worst_tokens dispatch beyond the receive region did not fail")
+        except expertlink.Error as e:
+            assert "num_recv_bytes >=" in str(e), str(e)
+    finally:
+        buf.destroy()
+
+
 @check
 def destroy_buffers(c):
+    if c.direct is not None:
+        c.direct.destroy()
     deep(c).destroy()
     for ns in (getattr(c, "snippet1", None), getattr(c, "snippet2", None)):
         if ns is not None and ns["_buffer"] is not None:
