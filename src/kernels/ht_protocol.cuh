@@ -239,28 +239,19 @@ __device__ __forceinline__ int warp_step_chunk(SendSteps& s, int k, const HtStat
 }
 // The calling warp's rows of step k are written; true for the last of the block's `warps` sending warps,
 // which then publishes the chunk: every lane of it is ordered after every sending warp's stores (each warp's
-// fence and counter increment, the last one's acquire, then __syncwarp), so its system fence covers them.
-// EXPERTLINK_HT_STEP_FENCES=1 (a build option): a CTA fence (MEMBAR.SC.CTA) on either side of a relaxed
-// increment, as at 05a0df0; 0 (default): one acquire-release increment.
-#ifndef EXPERTLINK_HT_STEP_FENCES
-#define EXPERTLINK_HT_STEP_FENCES 0
-#endif
+// __syncwarp and acquire-release increment, the last one's acquiring every earlier release, then
+// __syncwarp), so the release store that publishes the chunk covers them. (CTA fences on either side of a
+// relaxed increment, as at 05a0df0, measured the same on 2x H200, 2026-11-28.)
 __device__ __forceinline__ bool warp_step_done(SendSteps& s, int k, int warps, int lane) {
   __syncwarp();
   int last = 0;
   if (lane == 0) {
-#if EXPERTLINK_HT_STEP_FENCES
-    __threadfence_block();
-    last = atomicAdd_block(s.done + k, 1) == warps - 1;
-    if (last) __threadfence_block();
-#else
     unsigned old;
     asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;"
                  : "=r"(old)
                  : "r"(static_cast<unsigned>(__cvta_generic_to_shared(s.done + k)))
                  : "memory");
     last = old == static_cast<unsigned>(warps - 1);
-#endif
   }
   last = __shfl_sync(~0u, last, 0);
   __syncwarp();
