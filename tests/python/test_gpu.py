@@ -142,6 +142,15 @@ def ht_combine_oracle(outs, ys, with_weights=False, biases=None):
     return ref.ht_combine([o.handle for o in outs], cin, H)
 
 
+def assert_combined(c, outs, combined, combined_w=None):
+    """combined (and combined_w, when given) as the oracle combines every rank's oracle expert rows."""
+    want = ht_combine_oracle(outs, [oracle_expert_rows(o, d) for d, o in enumerate(outs)],
+                             with_weights=combined_w is not None)
+    np.testing.assert_array_equal(bits(combined).reshape(-1), want[c.rank].x)
+    if combined_w is not None:
+        np.testing.assert_allclose(combined_w.cpu().numpy().reshape(-1), want[c.rank].topk_weights, rtol=1e-6)
+
+
 def ll_oracle(xs, idxs, use_fp8, round_scale=False, use_ue8m0=False):
     params = ref.LlDispatchParams()
     params.num_experts, params.hidden, params.topk = E, H, K
@@ -262,9 +271,7 @@ def snippet1_dispatch_combine_as_written(c):
     # The small MoE step: experts, then combine (with the weights) back to the tokens.
     y = expert_rows(recv_x, recv_idx, c.rank)
     combined, combined_w, event = buf.combine(y, handle, topk_weights=recv_w)
-    want = ht_combine_oracle(outs, [oracle_expert_rows(o, d) for d, o in enumerate(outs)], with_weights=True)
-    np.testing.assert_array_equal(bits(combined).reshape(-1), want[c.rank].x)
-    np.testing.assert_allclose(combined_w.cpu().numpy().reshape(-1), want[c.rank].topk_weights, rtol=1e-6)
+    assert_combined(c, outs, combined, combined_w)
     c.snippet1 = ns
 
 
@@ -508,9 +515,7 @@ def deep_ep_num_worst_tokens_and_set_num_sms(c):
     y = expert_rows(rx, ri, c.rank)
     y[n:] = 0
     cx, _, _ = buf.combine(y, handle)
-    outs = ht_oracle(*zip(*c.ht))
-    want = ht_combine_oracle(outs, [oracle_expert_rows(o, d) for d, o in enumerate(outs)])
-    np.testing.assert_array_equal(bits(cx).reshape(-1), want[c.rank].x)
+    assert_combined(c, ht_oracle(*zip(*c.ht)), cx)
 
 
 @check
@@ -688,8 +693,7 @@ def direct_bf16_dispatch_and_combine(c):
     region.copy_(y)
     combined, combined_w, _ = buf.combine(region, handle)
     assert combined_w is None
-    want = ht_combine_oracle(outs, [oracle_expert_rows(o, d) for d, o in enumerate(outs)])
-    np.testing.assert_array_equal(bits(combined).reshape(-1), want[c.rank].x)
+    assert_combined(c, outs, combined)
 
 
 @check
@@ -745,8 +749,7 @@ def direct_dispatch_num_worst_tokens(c):
     y[n:] = 0
     region.copy_(y)
     cx, _, _ = buf.combine(region, handle)
-    want = ht_combine_oracle(outs, [oracle_expert_rows(o, d) for d, o in enumerate(outs)])
-    np.testing.assert_array_equal(bits(cx).reshape(-1), want[c.rank].x)
+    assert_combined(c, outs, cx)
 
 
 @check
@@ -779,15 +782,12 @@ def direct_combine_with_topk_weights(c):
     region.copy_(expert_rows(rx, ri, c.rank))
     y = region.clone()
     outs = ht_oracle(*zip(*c.ht))
-    want = ht_combine_oracle(outs, [oracle_expert_rows(o, d) for d, o in enumerate(outs)], with_weights=True)
     # Direct, weights summed from the holders' staged copies.
     cx, cw, _ = buf.combine(region, handle, topk_weights=rw)
-    np.testing.assert_array_equal(bits(cx).reshape(-1), want[c.rank].x)
-    np.testing.assert_allclose(cw.cpu().numpy().reshape(-1), want[c.rank].topk_weights, rtol=1e-6)
+    assert_combined(c, outs, cx, cw)
     # The same rows from outside the region right after it (no dispatch between): an ordinary combine.
     cx, cw, _ = buf.combine(y, handle, topk_weights=rw)
-    np.testing.assert_array_equal(bits(cx).reshape(-1), want[c.rank].x)
-    np.testing.assert_allclose(cw.cpu().numpy().reshape(-1), want[c.rank].topk_weights, rtol=1e-6)
+    assert_combined(c, outs, cx, cw)
 
 
 @check
@@ -836,8 +836,7 @@ def deep_ep_direct_fixed_size(c):
         np.testing.assert_array_equal(bits(rx), oracle_rows(exp))
         region.copy_(expert_rows(rx, ri, c.rank))
         cx, _, _ = buf.combine(region, handle)
-        want = ht_combine_oracle(outs, [oracle_expert_rows(o, d) for d, o in enumerate(outs)])
-        np.testing.assert_array_equal(bits(cx).reshape(-1), want[c.rank].x)
+        assert_combined(c, outs, cx)
         # Fixed size: more rows than the region holds fail before launching, giving the bytes needed.
         try:
             buf.dispatch(x, topk_idx=idx, topk_weights=w, num_worst_tokens=4 * R * T_HT, **deep_layout(buf, idx))
