@@ -2,7 +2,8 @@
 # One round of work on the GPU machine: configure, build (all cores), run every GPU test, run the bench,
 # print a short summary last. Usage (from the repo root): scripts/gpu_check.sh [extra el_bench args]
 # Env: BUILD_DIR (default build-gpu), EL_COMMIT (recorded in the bench JSON), OUT (results are copied there),
-#      EL_PYTHON=0 (skip the Python package's tests), EL_SANITIZE=1 (also scripts/sanitize.sh).
+#      EL_PYTHON=0 (skip the Python package's tests), EL_SANITIZE=1 (also scripts/sanitize.sh), EL_CTEST=0 and
+#      EL_BENCH=0 (skip the GPU cases or the bench: e.g. after scripts/gpu_ab.sh ran them, BUILD_DIR=build-ab-tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
@@ -29,13 +30,17 @@ else
   exit 1
 fi
 
-(cd "$BUILD_DIR" && ctest -L gpu -V --timeout 300 2>&1) >"$LOG_DIR/gpu_tests.log"
-grep -E '^ *[0-9]+/[0-9]+ Test|FAIL|expected|error' "$LOG_DIR/gpu_tests.log" | grep -v '^[0-9]*: RUN' | head -60
-note "gpu tests: $(grep -E 'tests passed|tests failed' "$LOG_DIR/gpu_tests.log" | tail -1)"
-# Figures the tests print (detection times, barrier cost, ...), lines tagged "FIGURE".
-while read -r line; do note "  $line"; done < <(grep -o 'FIGURE.*' "$LOG_DIR/gpu_tests.log")
-grep -E '^\s*[0-9]+ - .*\((Failed|Timeout|Skipped|Not Run)\)' "$LOG_DIR/gpu_tests.log" | sed 's/^/  /' >"$LOG_DIR/bad.txt"
-while read -r line; do note "$line"; done <"$LOG_DIR/bad.txt"
+if [ "${EL_CTEST:-1}" = 1 ]; then
+  (cd "$BUILD_DIR" && ctest -L gpu -V --timeout 300 2>&1) >"$LOG_DIR/gpu_tests.log"
+  grep -E '^ *[0-9]+/[0-9]+ Test|FAIL|expected|error' "$LOG_DIR/gpu_tests.log" | grep -v '^[0-9]*: RUN' | head -60
+  note "gpu tests: $(grep -E 'tests passed|tests failed' "$LOG_DIR/gpu_tests.log" | tail -1)"
+  # Figures the tests print (detection times, barrier cost, ...), lines tagged "FIGURE".
+  while read -r line; do note "  $line"; done < <(grep -o 'FIGURE.*' "$LOG_DIR/gpu_tests.log")
+  grep -E '^\s*[0-9]+ - .*\((Failed|Timeout|Skipped|Not Run)\)' "$LOG_DIR/gpu_tests.log" | sed 's/^/  /' >"$LOG_DIR/bad.txt"
+  while read -r line; do note "$line"; done <"$LOG_DIR/bad.txt"
+else
+  note "gpu tests: not run (EL_CTEST=0)"
+fi
 
 if [ ${#py[@]} -gt 0 ]; then
   stage="$BUILD_DIR/pystage"
@@ -49,7 +54,9 @@ else
   note "python tests: not run (EL_PYTHON=0, or torch, nanobind or pytest missing)"
 fi
 
-if [ -x "$BUILD_DIR/bench/el_bench" ]; then
+if [ "${EL_BENCH:-1}" != 1 ]; then
+  note "bench: not run (EL_BENCH=0)"
+elif [ -x "$BUILD_DIR/bench/el_bench" ]; then
   mkdir -p bench/results
   if "$BUILD_DIR/bench/el_bench" --out bench/results --commit "${EL_COMMIT:-unknown}" "$@" 2>&1 | tee "$LOG_DIR/bench.log"; then
     note "bench: ok"
