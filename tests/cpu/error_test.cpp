@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include "check.hpp"
+#include "comm/wait_record.hpp"
 #include "expertlink/version.hpp"
 
 namespace expertlink {
@@ -41,6 +42,42 @@ TEST(ErrorModel, NcclCheckNamesTheCallAndError) {
     EXPECT_EQ(e.code(), ErrorCode::kNccl);
     EXPECT_NE(std::string(e.what()).find("ncclInvalidArgument"), std::string::npos) << e.what();
   }
+}
+
+TEST(WaitRecord, EverySiteHasAName) {
+  for (WaitSite site :
+       {WaitSite::kBarrier, WaitSite::kHtNotify, WaitSite::kHtDispatchReady, WaitSite::kHtDispatchChunk,
+        WaitSite::kHtCombineReady, WaitSite::kHtCombineChunk, WaitSite::kHtCombineDone,
+        WaitSite::kLlDispatchFree, WaitSite::kLlDispatchData, WaitSite::kLlCombineFree,
+        WaitSite::kLlCombineWeights, WaitSite::kLlCombineData, WaitSite::kBulkCopy, WaitSite::kMismatch})
+    EXPECT_STRNE(wait_site_name(site), "unknown site") << static_cast<int>(site);
+}
+
+TEST(WaitRecord, TimeoutNamesBothRanksTheSiteAndTheCounter) {
+  WaitRecord r{};
+  r.flag = 2;
+  r.site = static_cast<int32_t>(WaitSite::kHtDispatchChunk);
+  r.rank = 0;
+  r.peer = 1;
+  r.counter = 7;
+  r.expected = 3;
+  r.seen = 2;
+  r.waited_ns = 1500000000;
+  EXPECT_EQ(describe(r),
+            "rank 0 timed out after 1.500 s in HT dispatch (chunk arrival) waiting for rank 1: counter 7 "
+            "expected >= 3, saw 2");
+}
+
+TEST(WaitRecord, MismatchNamesTheArgument) {
+  WaitRecord r{};
+  r.flag = 2;
+  r.site = static_cast<int32_t>(WaitSite::kMismatch);
+  r.rank = 1;
+  r.peer = 0;
+  r.counter = 1;  // topk
+  r.expected = 8;
+  r.seen = 6;
+  EXPECT_EQ(describe(r), "rank 1 and rank 0 called with different topk: 8 here, 6 there");
 }
 
 TEST(Version, LoadedNcclMatchesCompiledMajorMinor) {
