@@ -53,31 +53,28 @@ TEST(WaitRecord, EverySiteHasAName) {
     EXPECT_STRNE(wait_site_name(site), "unknown site") << static_cast<int>(site);
 }
 
+WaitRecord complete_record(WaitSite site, int rank, int peer, int counter, uint64_t expected, uint64_t seen,
+                           uint64_t waited_ns) {
+  return WaitRecord{/*flag: complete*/ 2,
+                    static_cast<int32_t>(site),
+                    rank,
+                    peer,
+                    counter,
+                    /*reserved*/ 0,
+                    expected,
+                    seen,
+                    waited_ns};
+}
+
 TEST(WaitRecord, TimeoutNamesBothRanksTheSiteAndTheCounter) {
-  WaitRecord r{};
-  r.flag = 2;
-  r.site = static_cast<int32_t>(WaitSite::kHtDispatchChunk);
-  r.rank = 0;
-  r.peer = 1;
-  r.counter = 7;
-  r.expected = 3;
-  r.seen = 2;
-  r.waited_ns = 1500000000;
-  EXPECT_EQ(describe(r),
+  EXPECT_EQ(describe(complete_record(WaitSite::kHtDispatchChunk, 0, 1, 7, 3, 2, 1500000000)),
             "rank 0 timed out after 1.500 s in HT dispatch (chunk arrival) waiting for rank 1: counter 7 "
             "expected >= 3, saw 2");
 }
 
 TEST(WaitRecord, MismatchNamesTheArgument) {
-  WaitRecord r{};
-  r.flag = 2;
-  r.site = static_cast<int32_t>(WaitSite::kMismatch);
-  r.rank = 1;
-  r.peer = 0;
-  r.counter = 1;  // topk
-  r.expected = 8;
-  r.seen = 6;
-  EXPECT_EQ(describe(r), "rank 1 and rank 0 called with different topk: 8 here, 6 there");
+  EXPECT_EQ(describe(complete_record(WaitSite::kMismatch, 1, 0, /*topk*/ 1, 8, 6, 0)),
+            "rank 1 and rank 0 called with different topk: 8 here, 6 there");
 }
 
 TEST(Version, LoadedNcclMatchesCompiledMajorMinor) {

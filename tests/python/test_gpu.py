@@ -125,6 +125,17 @@ def oracle_expert_rows(out, rank):
     return expert_rows(x, idx, rank)
 
 
+def oracle_dequantized_rows(outs):
+    """Every rank's received FP8 rows (the oracle's), dequantized with their per-128 scales, as BF16."""
+    ys = []
+    for o in outs:
+        n = o.handle.num_recv()
+        deq = torch.from_numpy(np.asarray(o.x.fp8).reshape(n, H)).view(torch.float8_e4m3fn).float()
+        ys.append((deq * torch.from_numpy(np.asarray(o.x.scales).reshape(n, -1)).repeat_interleave(128, dim=1))
+                  .to(torch.bfloat16))
+    return ys
+
+
 def ht_combine_oracle(outs, ys, with_weights=False, biases=None):
     cin = []
     for d, (o, y) in enumerate(zip(outs, ys)):
@@ -323,13 +334,7 @@ def simple_buffer_fp8_input_and_bias(c):
     y = (recv_q.float() * recv_s.repeat_interleave(128, dim=1)).to(torch.bfloat16)
     bias = torch.full((T_HT, H), 0.5, dtype=torch.bfloat16)
     combined, _, _ = buf.combine(y, handle, bias=bias.to(c.dev))
-    ys = []
-    for o in outs:
-        n = o.handle.num_recv()
-        deq = torch.from_numpy(np.asarray(o.x.fp8).reshape(n, H)).view(torch.float8_e4m3fn).float()
-        ys.append((deq * torch.from_numpy(np.asarray(o.x.scales).reshape(n, -1)).repeat_interleave(128, dim=1))
-                  .to(torch.bfloat16))
-    want = ht_combine_oracle(outs, ys, biases=[(bias, None)] * R)
+    want = ht_combine_oracle(outs, oracle_dequantized_rows(outs), biases=[(bias, None)] * R)
     assert_close_bf16(combined, bf16_from_bits(want[c.rank].x, (T_HT, H)))
 
 
@@ -717,13 +722,7 @@ def direct_fp8_dispatch_and_combine(c):
     y = (rq.float() * rs.repeat_interleave(128, dim=1)).to(torch.bfloat16)
     region.copy_(y)
     combined, _, _ = buf.combine(region, handle)
-    ys = []
-    for o in outs:
-        m = o.handle.num_recv()
-        deq = torch.from_numpy(np.asarray(o.x.fp8).reshape(m, H)).view(torch.float8_e4m3fn).float()
-        ys.append((deq * torch.from_numpy(np.asarray(o.x.scales).reshape(m, -1)).repeat_interleave(128, dim=1))
-                  .to(torch.bfloat16))
-    want = ht_combine_oracle(outs, ys)
+    want = ht_combine_oracle(outs, oracle_dequantized_rows(outs))
     np.testing.assert_array_equal(bits(combined).reshape(-1), want[c.rank].x)
 
 
