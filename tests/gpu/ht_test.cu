@@ -53,6 +53,26 @@ GPU_CASE(ht_bf16_exact_uniform_7168, 2, 240) {
   return run_cases(ctx, {{"bf16 T=512 H=7168 top-8/256 i64", 512, 7168, 8, 256}});
 }
 
+// One rank ("1 rank must also work"): rank 0 alone, with a communicator of its own, however many GPUs
+// there are (the other ranks return at once). Both sizing modes, both dtypes, empty slots, few SMs, direct
+// dispatch and combine; every row to and from itself.
+GPU_CASE(ht_single_rank_matches_oracle, 1, 240) {
+  if (ctx.rank != 0) return 0;
+  RankContext one = ctx;
+  one.num_ranks = 1;
+  one.id = Communicator::make_unique_id();
+  HtCase a{"1 rank: bf16 T=256 H=7168 top-8/64", 256, 7168, 8, 64};
+  HtCase b{"1 rank: fp8 T=100 H=2048 top-4/16 i32 capacity", 100, 2048, 4, 16, Fmt::kFp8, true};
+  b.sizing = Sizing::kCapacity;
+  HtCase c{"1 rank: direct, direct combine, half the slots -1", 128, 1024, 6, 32};
+  c.direct = c.direct_combine = true;
+  c.masked_slots = 128 * 3;
+  HtCase d{"1 rank: 8 SMs, T=1, alignment 4", 1, 512, 3, 16};
+  d.num_sms = 8;
+  d.expert_alignment = 4;
+  return run_cases(one, {a, b, c, d}, 2);
+}
+
 GPU_CASE(ht_fp8_scales_capacity_skewed, 2, 240) {
   HtCase a{
       "fp8 T=300 H=2048 top-6/64 i32 skewed capacity", 300, 2048, 6, 64, Fmt::kFp8, true, Routing::kSkewed};
