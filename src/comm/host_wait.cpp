@@ -50,6 +50,8 @@ const char* wait_site_name(WaitSite site) {
       return "LL combine (data arrival)";
     case WaitSite::kBulkCopy:
       return "bulk copy (local, TMA)";
+    case WaitSite::kHtSendSteps:
+      return "HT dispatch (the block's sending warps, local)";
     case WaitSite::kMismatch:
       return "argument mismatch";
   }

@@ -28,6 +28,7 @@ enum class WaitSite : int32_t {
   kLlCombineWeights = 23,  // the peer's combine weights of this use have not arrived
   kLlCombineData = 24,     // the peer's combine partial sums of this use have not arrived
   kBulkCopy = 30,          // a local bulk (TMA) copy did not complete; peer = this rank
+  kHtSendSteps = 31,       // a block's sending warps did not finish a step (publisher warp); peer = this rank
   // Not waits: errors found on the device, reported through the same record.
   // counter = which argument (0 hidden, 1 topk, 2 num_experts, 3 direct dispatch, 4 direct combine);
   // expected = ours, seen = peer's

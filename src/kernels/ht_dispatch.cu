@@ -49,6 +49,13 @@ constexpr int kScaleRegs = 2;
 // experiments (0: never free-running).
 constexpr int kFreeSendMaxSms = 16;
 
+// Free-running blocks with a publisher warp (publisher_step): the last of the sending warps publishes the
+// chunks and sends no rows. A build option (EXPERTLINK_HT_PUBLISHER=1) for experiments: the flag's fence
+// then waits off the senders' path (docs/ht_performance.md, "Next").
+#ifndef EXPERTLINK_HT_PUBLISHER
+#define EXPERTLINK_HT_PUBLISHER 0
+#endif
+
 // kDirect: direct dispatch (HtDispatchParams::direct_offset >= 0), compiled apart so that the default
 // path keeps its registers. kFree: free-running sending warps (not with bulk sending).
 template <bool kBulk, bool kDirect, bool kFree>
@@ -66,6 +73,8 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   constexpr int S = kBulk     ? kBulkSendWarps
                     : kDirect ? EXPERTLINK_HT_DIRECT_SENDERS
                               : EXPERTLINK_HT_DISPATCH_SENDERS;  // warps [0, S) send
+  constexpr bool kPublisher = kFree && EXPERTLINK_HT_PUBLISHER;
+  constexpr int kRowWarps = kPublisher ? S - 1 : S;  // sending warps that write rows
   const uint64_t round = p.state.rounds[1] + 1;
   const WaitContext ctx{w.record, w.timeout_ns, me};
   const int experts_per_rank = p.num_experts > 0 ? p.num_experts / R : 1;
@@ -102,7 +111,20 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   __syncthreads();
   if (abort_flag) return;
 
-  if (warp < S) {
+  if (kPublisher && warp == kRowWarps) {
+    // ---- publisher (the last sending warp): every chunk once the row warps are done with it ----
+    const int num_chunks = ht_num_chunks(T);
+    for (int k = 0;; ++k) {
+      const int c = publisher_step(steps, k, kRowWarps, num_chunks, lane, ctx);
+      if (c < 0 || c >= num_chunks) break;
+      if (lane == 0) ht_stamp(p.trace, k, kHtSendIssued);
+      for (int d = lane; d < R; d += 32)
+        if (d != me && rank_live(w, d))
+          publish_chunk<false>(control_u64(w.peer_base[d], control::kDispatchChunk, me * kMaxChunks + c),
+                               round);
+      if (lane == 0) ht_stamp(p.trace, k, kHtSendPublished);
+    }
+  } else if (warp < S) {
     // ---- send (warps [0, S)): chunk c of this rank's tokens, each row to every destination ----
     const int chunk_tokens = ht_chunk_tokens(T), num_chunks = ht_num_chunks(T);
     const int64_t local_row0 = p.handle.rank_prefix[me];
@@ -119,8 +141,10 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       if (kFree ? lane == 0 && warp == 0 : threadIdx.x == 0) ht_stamp(p.trace, k, kHtSendStart);
       const int t0 = c * chunk_tokens, t_end = min(T, t0 + chunk_tokens);
       // Warp w takes the chunk's tokens w, w + S, ...; free-running, the tokens t with t % S == w, so
-      // that the chunks' surplus rows (chunk_tokens % S) fall to different warps from chunk to chunk.
-      for (int t = kFree ? t0 + (warp - t0 % S + S) % S : t0 + warp; t < t_end; t += S) {
+      // that the chunks' surplus rows (chunk_tokens % S) fall to different warps from chunk to chunk
+      // (S: the warps that write rows, kRowWarps).
+      for (int t = kFree ? t0 + (warp - t0 % kRowWarps + kRowWarps) % kRowWarps : t0 + warp; t < t_end;
+           t += kRowWarps) {
         int pos_lo, pos_hi;
         // A handle made before a rank was masked still names it: it gets nothing.
         uint64_t mask =
@@ -238,7 +262,10 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       // Publish chunk c to every other rank (also when it sent them nothing): every sender thread's rows
       // (bulk stores complete first), then (barrier) the release stores of the round (publish_chunk).
       // Free-running, the last warp done with the chunk publishes it, and the others go on.
-      if constexpr (kFree) {
+      if constexpr (kPublisher) {
+        (void)warp_step_done(steps, k, kRowWarps, lane);  // the publisher warp takes it from here
+        continue;
+      } else if constexpr (kFree) {
         if (warp_step_done(steps, k, S, lane)) {
           if (lane == 0) ht_stamp(p.trace, k, kHtSendIssued);
           for (int d = lane; d < R; d += 32)

@@ -258,6 +258,45 @@ __device__ __forceinline__ bool warp_step_done(SendSteps& s, int k, int warps, i
   return last != 0;
 }
 
+// Publisher warp (EXPERTLINK_HT_PUBLISHER=1, a build option for free-running blocks): the chunk the block's
+// sending warps drew for step k, returned once all `warps` of them are done with it (>= num_chunks: the
+// steps are over; -1: timed out, recorded). Its lanes then publish the chunk, so no sending warp waits for
+// a flag's fence. Lane 0's acquire of the count, then __syncwarp, orders every lane after the senders' rows
+// (each sender's acquire-release increment releases them). Bounded like every wait, although the senders
+// wait for nothing between steps: a timeout here is recorded as kHtSendSteps (peer = this rank).
+__device__ __forceinline__ int publisher_step(SendSteps& s, int k, int warps, int num_chunks, int lane,
+                                              const WaitContext& ctx) {
+  int c = -1;
+  if (lane == 0) {
+    const uint64_t start = global_timer_ns();
+    const volatile int* slot = s.chunk + k;
+    uint32_t done = 0;
+    for (uint32_t polls = 1;; ++polls) {
+      if (c < 0) c = *slot;  // -1 not drawn yet, -2 being drawn
+      if (c >= num_chunks) break;
+      if (c >= 0) {
+        asm volatile("ld.acquire.cta.shared::cta.u32 %0, [%1];"
+                     : "=r"(done)
+                     : "r"(static_cast<unsigned>(__cvta_generic_to_shared(s.done + k)))
+                     : "memory");
+        if (done == static_cast<uint32_t>(warps)) break;
+      }
+      if ((polls & 255u) == 0) {
+        const uint64_t waited = global_timer_ns() - start;
+        if (waited > ctx.timeout_ns) {
+          record_timeout(ctx, WaitSite::kHtSendSteps, ctx.rank, k, static_cast<uint64_t>(warps), done,
+                         waited);
+          c = -1;
+          break;
+        }
+      }
+    }
+  }
+  c = __shfl_sync(~0u, c, 0);
+  __syncwarp();
+  return c;
+}
+
 // Dispatch and combine each start a round by telling every peer d (block 0, the thread of d) that this rank
 // has started it, so its area may be written (push) or its rows read (direct): the mode word (2 x round,
 // + 1 when direct) first, then the release of the ready signal. A peer then waits for the signal and checks
