@@ -45,11 +45,11 @@ TEST(ErrorModel, NcclCheckNamesTheCallAndError) {
 }
 
 TEST(WaitRecord, EverySiteHasAName) {
-  for (WaitSite site :
-       {WaitSite::kBarrier, WaitSite::kHtNotify, WaitSite::kHtDispatchReady, WaitSite::kHtDispatchChunk,
-        WaitSite::kHtCombineReady, WaitSite::kHtCombineChunk, WaitSite::kHtCombineDone,
-        WaitSite::kLlDispatchFree, WaitSite::kLlDispatchData, WaitSite::kLlCombineFree,
-        WaitSite::kLlCombineWeights, WaitSite::kLlCombineData, WaitSite::kBulkCopy, WaitSite::kMismatch})
+  for (WaitSite site : {WaitSite::kBarrier, WaitSite::kHtNotify, WaitSite::kHtDispatchReady,
+                        WaitSite::kHtDispatchChunk, WaitSite::kHtCombineReady, WaitSite::kHtCombineChunk,
+                        WaitSite::kHtCombineDone, WaitSite::kLlDispatchFree, WaitSite::kLlDispatchData,
+                        WaitSite::kLlCombineFree, WaitSite::kLlCombineWeights, WaitSite::kLlCombineData,
+                        WaitSite::kBulkCopy, WaitSite::kHtSendSteps, WaitSite::kMismatch})
     EXPECT_STRNE(wait_site_name(site), "unknown site") << static_cast<int>(site);
 }
 
