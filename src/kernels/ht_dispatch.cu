@@ -50,10 +50,13 @@ constexpr int kScaleRegs = 2;
 constexpr int kFreeSendMaxSms = 16;
 
 // Free-running blocks with a publisher warp (publisher_step): the last of the sending warps publishes the
-// chunks and sends no rows. A build option (EXPERTLINK_HT_PUBLISHER=1) for experiments: the flag's fence
-// then waits off the senders' path (docs/ht_performance.md, "Next").
+// chunks and sends no rows, so no row warp waits for a flag's fence. 2x H200, 2026-11-28, one call against
+// the last warp done publishing (us at 24 / 8 SMs, free-running at both): direct FP8 dispatch 165.2 /
+// 248.8 -> 164.7 / 235.9, FP8 175.2 / 301.8 -> 175.9 / 300.6, exact 185.6 / 321.1 -> 191.0 / 318.3; at
+// 24 SMs free-running then no longer loses to the barrier (it did by 12-14 us), but does not win either.
+// EXPERTLINK_HT_PUBLISHER=0 (a build option) restores the last warp publishing.
 #ifndef EXPERTLINK_HT_PUBLISHER
-#define EXPERTLINK_HT_PUBLISHER 0
+#define EXPERTLINK_HT_PUBLISHER 1
 #endif
 
 // kDirect: direct dispatch (HtDispatchParams::direct_offset >= 0), compiled apart so that the default

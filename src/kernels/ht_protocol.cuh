@@ -258,7 +258,7 @@ __device__ __forceinline__ bool warp_step_done(SendSteps& s, int k, int warps, i
   return last != 0;
 }
 
-// Publisher warp (EXPERTLINK_HT_PUBLISHER=1, a build option for free-running blocks): the chunk the block's
+// Publisher warp (free-running blocks; EXPERTLINK_HT_PUBLISHER=0 turns it off): the chunk the block's
 // sending warps drew for step k, returned once all `warps` of them are done with it (>= num_chunks: the
 // steps are over; -1: timed out, recorded). Its lanes then publish the chunk, so no sending warp waits for
 // a flag's fence. Lane 0's acquire of the count, then __syncwarp, orders every lane after the senders' rows
