@@ -114,18 +114,23 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
   __syncthreads();
   if (abort_flag) return;
 
+  // Free-running: the calling warp publishes chunk c (the block's step k) to every other live rank.
+  auto warp_publish = [&](int k, int c) {
+    if (lane == 0) ht_stamp(p.trace, k, kHtSendIssued);
+    for (int d = lane; d < R; d += 32)
+      if (d != me && rank_live(w, d))
+        publish_chunk<false>(control_u64(w.peer_base[d], control::kDispatchChunk, me * kMaxChunks + c),
+                             round);
+    if (lane == 0) ht_stamp(p.trace, k, kHtSendPublished);
+  };
+
   if (kPublisher && warp == kRowWarps) {
     // ---- publisher (the last sending warp): every chunk once the row warps are done with it ----
     const int num_chunks = ht_num_chunks(T);
     for (int k = 0;; ++k) {
       const int c = publisher_step(steps, k, kRowWarps, num_chunks, lane, ctx);
       if (c < 0 || c >= num_chunks) break;
-      if (lane == 0) ht_stamp(p.trace, k, kHtSendIssued);
-      for (int d = lane; d < R; d += 32)
-        if (d != me && rank_live(w, d))
-          publish_chunk<false>(control_u64(w.peer_base[d], control::kDispatchChunk, me * kMaxChunks + c),
-                               round);
-      if (lane == 0) ht_stamp(p.trace, k, kHtSendPublished);
+      warp_publish(k, c);
     }
   } else if (warp < S) {
     // ---- send (warps [0, S)): chunk c of this rank's tokens, each row to every destination ----
@@ -264,19 +269,13 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_kernel(HtDispatchPa
       }
       // Publish chunk c to every other rank (also when it sent them nothing): every sender thread's rows
       // (bulk stores complete first), then (barrier) the release stores of the round (publish_chunk).
-      // Free-running, the last warp done with the chunk publishes it, and the others go on.
+      // Free-running, the publisher warp (or without it the last warp done with the chunk) publishes it,
+      // and the others go on.
       if constexpr (kPublisher) {
         (void)warp_step_done(steps, k, kRowWarps, lane);  // the publisher warp takes it from here
         continue;
       } else if constexpr (kFree) {
-        if (warp_step_done(steps, k, S, lane)) {
-          if (lane == 0) ht_stamp(p.trace, k, kHtSendIssued);
-          for (int d = lane; d < R; d += 32)
-            if (d != me && rank_live(w, d))
-              publish_chunk<false>(control_u64(w.peer_base[d], control::kDispatchChunk, me * kMaxChunks + c),
-                                   round);
-          if (lane == 0) ht_stamp(p.trace, k, kHtSendPublished);
-        }
+        if (warp_step_done(steps, k, S, lane)) warp_publish(k, c);
         continue;
       }
       if (kBulk && lane == 0) bulk_wait_all();

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "expertlink/communicator.hpp"
 #include "expertlink/error.hpp"
 #include "multiproc.hpp"
 
@@ -48,6 +49,15 @@ struct Registrar {
   } while (0)
 
 namespace expertlink::test {
+
+// Rank 0 of a run alone: a one-rank context with an id of its own (so its own communicator), for the cases
+// that check one rank whatever the number of GPUs (the other ranks return at once).
+inline RankContext alone(const RankContext& ctx) {
+  RankContext one = ctx;
+  one.num_ranks = 1;
+  one.id = Communicator::make_unique_id();
+  return one;
+}
 
 // Runs `call` and expects an invalid-argument Error whose message contains `needle` (the argument or the
 // value it must name); 0 if so, else 1 with what came instead. Rank 0 prints the message.

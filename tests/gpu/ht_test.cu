@@ -58,9 +58,6 @@ GPU_CASE(ht_bf16_exact_uniform_7168, 2, 240) {
 // dispatch and combine; every row to and from itself.
 GPU_CASE(ht_single_rank_matches_oracle, 1, 240) {
   if (ctx.rank != 0) return 0;
-  RankContext one = ctx;
-  one.num_ranks = 1;
-  one.id = Communicator::make_unique_id();
   HtCase a{"1 rank: bf16 T=256 H=7168 top-8/64", 256, 7168, 8, 64};
   HtCase b{"1 rank: fp8 T=100 H=2048 top-4/16 i32 capacity", 100, 2048, 4, 16, Fmt::kFp8, true};
   b.sizing = Sizing::kCapacity;
@@ -70,7 +67,7 @@ GPU_CASE(ht_single_rank_matches_oracle, 1, 240) {
   HtCase d{"1 rank: 8 SMs, T=1, alignment 4", 1, 512, 3, 16};
   d.num_sms = 8;
   d.expert_alignment = 4;
-  return run_cases(one, {a, b, c, d}, 2);
+  return run_cases(alone(ctx), {a, b, c, d}, 2);
 }
 
 GPU_CASE(ht_fp8_scales_capacity_skewed, 2, 240) {

@@ -60,12 +60,9 @@ GPU_CASE(ll_fp8_ll_shape_matches_oracle, 2, 300) {
 // One rank, as ht_single_rank_matches_oracle: rank 0 alone, every message to itself.
 GPU_CASE(ll_single_rank_matches_oracle, 1, 240) {
   if (ctx.rank != 0) return 0;
-  RankContext one = ctx;
-  one.num_ranks = 1;
-  one.id = Communicator::make_unique_id();
   LlCase fp8{"1 rank: fp8 N=T=64 H=7168 top-8/32", 64, 7168, 8, 32};
   LlCase bf16{"1 rank: bf16 N=32 H=2880 top-4/16", 32, 2880, 4, 16, false};
-  return run_cases(one, {fp8, bf16}, 2);
+  return run_cases(alone(ctx), {fp8, bf16}, 2);
 }
 
 GPU_CASE(ll_fp8_scale_formats_and_hidden_sizes, 2, 300) {
