@@ -94,6 +94,11 @@ Area plan_area(size_t ht_bytes, int num_ranks, int64_t record, bool combine, int
   return a;
 }
 
+// Rows of `row_bytes` each that the receive region holds (0 without one).
+int64_t receive_region_rows(const Buffer::State& s, int64_t row_bytes) {
+  return static_cast<int64_t>(s.ht_recv_bytes / static_cast<size_t>(row_bytes));
+}
+
 // Whether `t` ([rows, H] of its dtype) is the receive region's view (Buffer::ht_window_recv_x: the same
 // start, rows back to back, within the region): direct dispatch (recv_x) or direct combine (x). Any other
 // view into the window is refused, naming `name`.
@@ -112,7 +117,7 @@ bool is_receive_region(const Buffer::State& s, size_t recv_offset, const TensorV
   EL_CHECK(t.stride[0] == H,
            "%s: a view of the receive region keeps ht_window_recv_x's row stride %lld, got %s", name,
            static_cast<long long>(H), t.describe().c_str());
-  EL_CHECK(static_cast<size_t>(t.shape[0]) * H * dtype_size(t.dtype) <= s.ht_recv_bytes,
+  EL_CHECK(t.shape[0] <= receive_region_rows(s, H * dtype_size(t.dtype)),
            "%s: %s does not fit the receive region (%zu bytes)", name, t.describe().c_str(), s.ht_recv_bytes);
   return true;
 }
@@ -160,7 +165,7 @@ TensorView Buffer::ht_window_recv_x(DType dtype, int64_t hidden) const {
   EL_CHECK(s_->window != nullptr && s_->ht_recv_bytes > 0,
            "ht_window_recv_x: this Buffer has no receive region (construct it with ht_recv_bytes > 0, "
            "see ht_recv_size_hint; intranode only)");
-  const int64_t rows = static_cast<int64_t>(s_->ht_recv_bytes / (hidden * dtype_size(dtype)));
+  const int64_t rows = receive_region_rows(*s_, hidden * dtype_size(dtype));
   return TensorView(s_->window->data() + ht_recv_offset(), dtype, {rows, hidden});
 }
 
@@ -358,7 +363,7 @@ void Buffer::ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtD
   if (s_->internode) return internode::ht_dispatch(*s_, args, h, out, stream);
   kernels::HtDispatchParams p{};
   p.direct_offset = direct ? static_cast<int64_t>(ht_recv_offset()) : -1;
-  p.direct_rows = direct ? static_cast<int64_t>(s_->ht_recv_bytes / (H * dtype_size(args.x.dtype))) : 0;
+  p.direct_rows = direct ? receive_region_rows(*s_, H * dtype_size(args.x.dtype)) : 0;
   p.kind = kind;
   p.row_bytes = H * dtype_size(args.x.dtype);
   p.scale_cols = scale_cols;
@@ -448,7 +453,7 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
   if (s_->internode) return internode::ht_combine(*s_, args, h, out, stream);
   kernels::HtCombineParams p{};
   p.direct_offset = direct ? static_cast<int64_t>(ht_recv_offset()) : -1;
-  p.direct_rows = direct ? static_cast<int64_t>(s_->ht_recv_bytes / (2 * H)) : 0;
+  p.direct_rows = direct ? receive_region_rows(*s_, H * dtype_size(args.x.dtype)) : 0;  // BF16 rows
   p.record_bytes = kernels::combine_record_bytes(static_cast<int>(H), h.topk);
   const Area area = plan_area(s_->ht_bytes, R, p.record_bytes, /*combine=*/true, T);
   p.area_rows = area.rows;
