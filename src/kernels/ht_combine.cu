@@ -58,6 +58,19 @@ static_assert(kCombineSendWarps >= 1 && kCombineSendWarps <= kBulkSendWarps &&
                   kCombineSendWarps < kCombineThreadsFew / 32 && kCombineSendWarps < kCombineThreadsMany / 32,
               "EXPERTLINK_HT_COMBINE_SENDERS: 1..16 (bulk sending has stages for 16 warps)");
 
+// Direct combine: where a rank's staged top-k weights are in its window (`base`): its combine area (unused
+// by direct combine), float [N_recv, K], row r = the receive region's row r. ht_stage_weights_kernel writes
+// them there; the sources read them (sum_pulled_weights).
+__device__ __forceinline__ float* staged_weights(char* base, const HtCombineParams& p) {
+  return reinterpret_cast<float*>(base + kControlBytes + p.area_offset);
+}
+// Direct combine: the row of a holder's receive region that holds this rank's `pos`-th row there (row0: the
+// holder's dest_row0 of this rank). A row past the region, which only an over-capacity round at the holder
+// can ask for, is clamped to the last (the holder has raised that round's error).
+__device__ __forceinline__ int64_t direct_row(const HtCombineParams& p, int row0, int pos) {
+  return min(int64_t(row0) + pos, p.direct_rows - 1);
+}
+
 // kPull: direct combine (HtCombineParams::direct_offset >= 0): no sending half; every warp reduces, reading
 // each row from its holder's receive region over NVLink.
 template <bool kBulk, int kThreads, bool kPull>
@@ -166,11 +179,8 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
       // Rows of token t, rank ascending: the local one in place, the others from the combine area.
       auto row_of = [&](int d, int pos) -> const char* {
         if (d == me) return static_cast<const char*>(p.x.data) + (local_row0 + pos) * p.x.row_stride * 2;
-        if constexpr (kPull) {
-          // d's row of this token in d's receive region (a row past the region, which only an over-capacity
-          // round at d can ask for, reads the region's last row instead: d has raised that round's error).
-          const int64_t row =
-              min(int64_t(__shfl_sync(~0u, d < 32 ? row0_lo : row0_hi, d & 31)) + pos, p.direct_rows - 1);
+        if constexpr (kPull) {  // d's row of this token in d's receive region
+          const int64_t row = direct_row(p, __shfl_sync(~0u, d < 32 ? row0_lo : row0_hi, d & 31), pos);
           const char* base = reinterpret_cast<const char*>(
               __shfl_sync(~0u, reinterpret_cast<uintptr_t>(d < 32 ? peer_lo : peer_hi), d & 31));
           return base + kControlBytes + p.direct_offset + row * 2ll * H;
@@ -299,9 +309,9 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
             v[b] = static_cast<const float*>(
                 p.topk_weights
                     .data)[(local_row0 + pos[b]) * p.topk_weights.row_stride + k * p.topk_weights.col_stride];
-          else  // d's row in its receive region, clamped as in row_of
-            v[b] = __ldcg(reinterpret_cast<const float*>(w.peer_base[d] + kControlBytes + p.area_offset) +
-                          min(int64_t(p.handle.dest_row0[d]) + pos[b], p.direct_rows - 1) * K + k);
+          else  // d's row in its receive region
+            v[b] = __ldcg(staged_weights(w.peer_base[d], p) +
+                          direct_row(p, p.handle.dest_row0[d], pos[b]) * K + k);
         }
 #pragma unroll
         for (int b = 0; b < kBatch; ++b)
@@ -380,10 +390,9 @@ __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams
 }
 
 // Direct combine with top-k weights: the peers read this rank's weights of the rows it holds from its
-// window, so they are copied there first, into the combine area (unused by direct combine), as float
-// [N_recv, K] (row r = the receive region's row r). The previous direct combine's readers must be done with
-// them (their "done reading" words, as direct dispatch waits for them); the combine kernel, launched after
-// this one, announces "ready" only when it starts, so no peer reads before the copy is complete.
+// window, so they are copied there first (staged_weights). The previous direct combine's readers must be done
+// with them (their "done reading" words, as direct dispatch waits for them); the combine kernel, launched
+// after this one, announces "ready" only when it starts, so no peer reads before the copy is complete.
 __global__ void ht_stage_weights_kernel(HtCombineParams p, int64_t rows) {
   __shared__ int abort_flag;
   const SymmetricView& w = p.win;
@@ -395,7 +404,7 @@ __global__ void ht_stage_weights_kernel(HtCombineParams p, int64_t rows) {
     abort_flag = 1;  // recorded: the combine kernel (wait_aborted) and the host report it
   __syncthreads();
   if (abort_flag) return;
-  float* staged = reinterpret_cast<float*>(w.local_base + kControlBytes + p.area_offset);
+  float* staged = staged_weights(w.local_base, p);
   const float* src = static_cast<const float*>(p.topk_weights.data);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < rows * K;
        i += gridDim.x * int64_t(blockDim.x)) {
