@@ -153,10 +153,12 @@ def ht_combine_oracle(outs, ys, with_weights=False, biases=None):
     return ref.ht_combine([o.handle for o in outs], cin, H)
 
 
-def assert_combined(c, outs, combined, combined_w=None):
-    """combined (and combined_w, when given) as the oracle combines every rank's oracle expert rows."""
-    want = ht_combine_oracle(outs, [oracle_expert_rows(o, d) for d, o in enumerate(outs)],
-                             with_weights=combined_w is not None)
+def assert_combined(c, outs, combined, combined_w=None, ys=None):
+    """combined (and combined_w, when given) bitwise as the oracle combines every rank's rows `ys` (default:
+    the oracle's expert rows)."""
+    if ys is None:
+        ys = [oracle_expert_rows(o, d) for d, o in enumerate(outs)]
+    want = ht_combine_oracle(outs, ys, with_weights=combined_w is not None)
     np.testing.assert_array_equal(bits(combined).reshape(-1), want[c.rank].x)
     if combined_w is not None:
         np.testing.assert_allclose(combined_w.cpu().numpy().reshape(-1), want[c.rank].topk_weights, rtol=1e-6)
@@ -722,8 +724,7 @@ def direct_fp8_dispatch_and_combine(c):
     y = (rq.float() * rs.repeat_interleave(128, dim=1)).to(torch.bfloat16)
     region.copy_(y)
     combined, _, _ = buf.combine(region, handle)
-    want = ht_combine_oracle(outs, oracle_dequantized_rows(outs))
-    np.testing.assert_array_equal(bits(combined).reshape(-1), want[c.rank].x)
+    assert_combined(c, outs, combined, ys=oracle_dequantized_rows(outs))
 
 
 @check
