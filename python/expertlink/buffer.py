@@ -25,7 +25,7 @@ size goes up. The old window is kept so handles made on it still combine (``num_
 that does not fit fails before launching with an ``expertlink.Error`` giving the bytes needed), and size with
 ``Buffer.ht_size_hint`` / ``Buffer.ll_size_hint`` to never rebuild.
 
-Direct dispatch (``direct_recv=True``, an ExpertLink extension, opt-in; NOT YET RUN ON A GPU from Python): the
+Direct dispatch (``direct_recv=True``, an ExpertLink extension, opt-in): the
 window also holds a receive region (``num_recv_bytes``, grown like the HT region to
 ``Buffer.ht_recv_size_hint(R, T', H)``, enough for every row that may arrive) and dispatch returns recv_x as a
 view of it, written in place by the senders; ``get_direct_combine_buffer(handle)`` is the BF16 view a direct
