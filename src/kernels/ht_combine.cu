@@ -12,12 +12,18 @@ namespace {
 // 274.9 / 482.5 us, 896: 234.2 / 273.0 / 471.8, 768: 232.8 / 268.1 / 464.2, 640: 238.3 / 259.3 / 446.4
 // (docs/ht_performance.md), so 640 up to kFewSms SMs and 768 above. EXPERTLINK_HT_COMBINE_THREADS (a
 // build option) sets one count for every budget, for experiments.
+// Direct (pull) combine up to kFewSms SMs: 512 threads, so 128 registers for 14 vectors per lane per row in
+// flight (two passes over a 7168-wide row pair instead of four): 2x H200, 2026-11-28, at 8 SMs 288.1 ->
+// 273.6 us (with 512 threads for every combine, the push combine lost 426.5 -> 485.1 and direct combine at
+// 24 SMs 222.4 -> 230.1, so only the pull kernel, only at few SMs; 12 and 16 SMs not measured).
 #ifdef EXPERTLINK_HT_COMBINE_THREADS
 inline constexpr int kCombineThreadsFew = EXPERTLINK_HT_COMBINE_THREADS;
 inline constexpr int kCombineThreadsMany = EXPERTLINK_HT_COMBINE_THREADS;
+inline constexpr int kPullThreadsFew = EXPERTLINK_HT_COMBINE_THREADS;
 #else
 inline constexpr int kCombineThreadsFew = 640;
 inline constexpr int kCombineThreadsMany = 768;
+inline constexpr int kPullThreadsFew = 512;
 #endif
 inline constexpr int kFewSms = 16;
 // A block's warps [0, kCombineSendWarps) send this rank's expert outputs back to their sources, then join
@@ -54,6 +60,9 @@ inline constexpr int kCombineSendWarps = EXPERTLINK_HT_COMBINE_SENDERS;
 #ifndef EXPERTLINK_HT_PULL_PAIR_UNROLL
 #define EXPERTLINK_HT_PULL_PAIR_UNROLL 8
 #endif
+#ifndef EXPERTLINK_HT_PULL_PAIR_UNROLL_FEW  // the pull kernel with kPullThreadsFew threads
+#define EXPERTLINK_HT_PULL_PAIR_UNROLL_FEW 14
+#endif
 static_assert(kCombineSendWarps >= 1 && kCombineSendWarps <= kBulkSendWarps &&
                   kCombineSendWarps < kCombineThreadsFew / 32 && kCombineSendWarps < kCombineThreadsMany / 32,
               "EXPERTLINK_HT_COMBINE_SENDERS: 1..16 (bulk sending has stages for 16 warps)");
@@ -75,7 +84,9 @@ __device__ __forceinline__ int64_t direct_row(const HtCombineParams& p, int row0
 // each row from its holder's receive region over NVLink.
 template <bool kBulk, int kThreads, bool kPull>
 __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams p) {
-  constexpr int kPairUnroll = kPull ? EXPERTLINK_HT_PULL_PAIR_UNROLL : EXPERTLINK_HT_PAIR_UNROLL;
+  constexpr int kPairUnroll = !kPull                        ? EXPERTLINK_HT_PAIR_UNROLL
+                              : kThreads == kPullThreadsFew ? EXPERTLINK_HT_PULL_PAIR_UNROLL_FEW
+                                                            : EXPERTLINK_HT_PULL_PAIR_UNROLL;
   __shared__ int abort_flag, send_abort, copy_abort;
   __shared__ int ticket[2];  // [parity]: the sending half's current and next item (draw_ticket)
   __shared__ uint32_t chunk_seen[kMaxChunks / 32];  // chunks whose rows have all arrived (reduce_tokens)
@@ -415,13 +426,14 @@ __global__ void ht_stage_weights_kernel(HtCombineParams p, int64_t rows) {
 
 // Pull has no sending half, so no bulk instance: the warp-copy kernel serves both.
 template <int kThreads>
-void launch_combine(const HtCombineParams& q, int num_sms, cudaStream_t stream) {
-  if (q.direct_offset >= 0)
-    launch_ht_kernel(ht_combine_kernel<false, kThreads, true>, ht_combine_kernel<false, kThreads, true>, q,
-                     num_sms, stream, kThreads);
-  else
-    launch_ht_kernel(ht_combine_kernel<true, kThreads, false>, ht_combine_kernel<false, kThreads, false>, q,
-                     num_sms, stream, kThreads);
+void launch_pull(const HtCombineParams& q, int num_sms, cudaStream_t stream) {
+  launch_ht_kernel(ht_combine_kernel<false, kThreads, true>, ht_combine_kernel<false, kThreads, true>, q,
+                   num_sms, stream, kThreads);
+}
+template <int kThreads>
+void launch_push(const HtCombineParams& q, int num_sms, cudaStream_t stream) {
+  launch_ht_kernel(ht_combine_kernel<true, kThreads, false>, ht_combine_kernel<false, kThreads, false>, q,
+                   num_sms, stream, kThreads);
 }
 
 }  // namespace
@@ -438,10 +450,13 @@ void launch_ht_stage_weights(const HtCombineParams& p, int64_t rows, cudaStream_
 void launch_ht_combine(const HtCombineParams& p, int num_sms, cudaStream_t stream) {
   HtCombineParams q = p;
   q.trace = ht_trace_arm(HtTraceKind::kCombine, num_sms, stream);
-  if (num_sms <= kFewSms)
-    launch_combine<kCombineThreadsFew>(q, num_sms, stream);
+  const bool few = num_sms <= kFewSms;
+  if (q.direct_offset >= 0)
+    few ? launch_pull<kPullThreadsFew>(q, num_sms, stream)
+        : launch_pull<kCombineThreadsMany>(q, num_sms, stream);
   else
-    launch_combine<kCombineThreadsMany>(q, num_sms, stream);
+    few ? launch_push<kCombineThreadsFew>(q, num_sms, stream)
+        : launch_push<kCombineThreadsMany>(q, num_sms, stream);
 }
 
 }  // namespace expertlink::kernels
