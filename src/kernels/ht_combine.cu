@@ -84,9 +84,10 @@ __device__ __forceinline__ int64_t direct_row(const HtCombineParams& p, int row0
 // each row from its holder's receive region over NVLink.
 template <bool kBulk, int kThreads, bool kPull>
 __global__ void __launch_bounds__(kThreads, 1) ht_combine_kernel(HtCombineParams p) {
-  constexpr int kPairUnroll = !kPull                        ? EXPERTLINK_HT_PAIR_UNROLL
-                              : kThreads == kPullThreadsFew ? EXPERTLINK_HT_PULL_PAIR_UNROLL_FEW
-                                                            : EXPERTLINK_HT_PULL_PAIR_UNROLL;
+  // (14 vectors need 512 threads' 128 registers; with more threads per block the pull kernel keeps 8.)
+  constexpr int kPairUnroll = !kPull            ? EXPERTLINK_HT_PAIR_UNROLL
+                              : kThreads <= 512 ? EXPERTLINK_HT_PULL_PAIR_UNROLL_FEW
+                                                : EXPERTLINK_HT_PULL_PAIR_UNROLL;
   __shared__ int abort_flag, send_abort, copy_abort;
   __shared__ int ticket[2];  // [parity]: the sending half's current and next item (draw_ticket)
   __shared__ uint32_t chunk_seen[kMaxChunks / 32];  // chunks whose rows have all arrived (reduce_tokens)
