@@ -44,12 +44,14 @@ __device__ __forceinline__ bool warp_wait_free(const LlCombineParams& p, uint64_
   return __all_sync(~0u, ok);
 }
 
-// Fence once for every partial row this warp wrote, then each pending lane releases its flag.
+// Fence once for every partial row this warp wrote (each lane its own stores), then each pending lane
+// stores its flag: the fence and the warp barrier make the plain stores releases (a release store would
+// put a second system fence in front of each, ~1 us apiece in HT's publishing: docs/ht_performance.md).
 __device__ __forceinline__ void flush_flags(WarpSendState& ws, uint64_t n) {
   if (ws.pending == 0) return;
   __threadfence_system();
   __syncwarp();
-  if (static_cast<int>(threadIdx.x & 31) < ws.pending) st_release_sys(ws.flag, n);
+  if (static_cast<int>(threadIdx.x & 31) < ws.pending) ll_st_relaxed_sys(ws.flag, n);
   ws.pending = 0;
 }
 

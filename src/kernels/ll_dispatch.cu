@@ -246,14 +246,16 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
     __syncthreads();  // sh is rewritten by the next header
   }
   ll_stamp(p.trace, kDispSendStored);
-  // Publish: every thread's stores before the flags of this range, one per (receiver, token).
-  __threadfence_system();
-  __syncthreads();
-  ll_stamp(p.trace, kDispSendFenced);
+  // Publish, one flag per (receiver, token) of the range. The loop's last barrier ordered every thread's
+  // stores before this point, and a system fence is cumulative over what its thread has observed, so only
+  // the releasing threads fence (the fence waits for the block's NVLink stores); the other warps go on
+  // to the receive half meanwhile. (Every thread fenced before a barrier here until the ninth session.)
   if (fd >= 0 && rank_live(w, fd)) {
+    __threadfence_system();
     char* area = ll_area(w.peer_base[fd], g, p.parity);
-    for (int t = t0; t < t1; ++t) st_release_sys(ll_dflag(area, g, me, t), n);
+    for (int t = t0; t < t1; ++t) ll_st_relaxed_sys(ll_dflag(area, g, me, t), n);
   }
+  ll_stamp(p.trace, kDispSendFenced);  // the releasing warp: fenced and flagged; the others: at once
   ll_stamp(p.trace, kDispSendFlagged);
   return true;
 }
