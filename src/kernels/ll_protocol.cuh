@@ -11,8 +11,10 @@
 // to finish advances them.
 //
 // Two ways a value is published to a peer:
-//  - flag: payload stores, __threadfence_system in every writing thread, a barrier (block or warp), then
-//    one thread stores n into a u64 flag (st.release.sys / st.relaxed.sys after the fence). The reader
+//  - flag: payload stores, then either a system fence in every writing thread and a warp barrier (combine),
+//    or a block barrier and a system fence in the releasing thread alone, cumulative over what the barrier
+//    ordered before it (dispatch: the block's other warps need not wait for it); then a thread stores n
+//    into a u64 flag (st.relaxed.sys after the fence: a release store would fence a second time). The reader
 //    polls the flag with ld.acquire.sys (bounded), then reads the payload with ld.global.cg (L2, where
 //    NVLink writes land).
 //  - tagged word: the value and the use count in one aligned 8-byte store (high 32 bits: tag, low 32
