@@ -14,8 +14,9 @@ namespace {
 // build option) sets one count for every budget, for experiments.
 // Direct (pull) combine up to kFewSms SMs: 512 threads, so 128 registers for 14 vectors per lane per row in
 // flight (two passes over a 7168-wide row pair instead of four): 2x H200, 2026-11-28, at 8 SMs 288.1 ->
-// 273.6 us (with 512 threads for every combine, the push combine lost 426.5 -> 485.1 and direct combine at
-// 24 SMs 222.4 -> 230.1, so only the pull kernel, only at few SMs; 12 and 16 SMs not measured).
+// 273.6 us, and 291.6 -> 271.9 in the call that merged it (with 512 threads for every combine, the push
+// combine lost 426.5 -> 485.1 and direct combine at 24 SMs 222.4 -> 230.1, so only the pull kernel, only
+// at few SMs; 12 and 16 SMs not measured). 12 vectors (no spills) took 311.2 us at 8 SMs.
 #ifdef EXPERTLINK_HT_COMBINE_THREADS
 inline constexpr int kCombineThreadsFew = EXPERTLINK_HT_COMBINE_THREADS;
 inline constexpr int kCombineThreadsMany = EXPERTLINK_HT_COMBINE_THREADS;

@@ -249,7 +249,8 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
   // Publish, one flag per (receiver, token) of the range. The loop's last barrier ordered every thread's
   // stores before this point, and a system fence is cumulative over what its thread has observed, so only
   // the releasing threads fence (the fence waits for the block's NVLink stores); the other warps go on
-  // to the receive half meanwhile. (Every thread fenced before a barrier here until the ninth session.)
+  // to the receive half meanwhile. Every thread fencing before a barrier, then release stores (a second
+  // fence each), took LL dispatch 22.2 us against 20.1 with this (2x H200, 2026-11-28).
   if (fd >= 0 && rank_live(w, fd)) {
     __threadfence_system();
     char* area = ll_area(w.peer_base[fd], g, p.parity);
