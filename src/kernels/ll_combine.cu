@@ -44,13 +44,15 @@ __device__ __forceinline__ bool warp_wait_free(const LlCombineParams& p, uint64_
   return __all_sync(~0u, ok);
 }
 
-// Fence once for every partial row this warp wrote (each lane its own stores), then each pending lane
-// stores its flag: the fence and the warp barrier make the plain stores releases. A release store puts a
-// second system fence in front of each: LL combine 26.3 us with it, 23.7 without (2x H200, 2026-11-28).
+// One fence for every partial row this warp wrote, then each pending lane stores its flag. The warp barrier
+// orders every lane's row stores before the fence, which is cumulative over them, so fence + plain store is
+// a release of all the warp's rows (a lane's fence before the barrier covers only its own stores). A
+// release store puts a second system fence in front of each flag: LL combine 26.3 us with it, 23.7 with
+// one fence (2x H200, 2026-11-28).
 __device__ __forceinline__ void flush_flags(WarpSendState& ws, uint64_t n) {
   if (ws.pending == 0) return;
-  __threadfence_system();
   __syncwarp();
+  __threadfence_system();
   if (static_cast<int>(threadIdx.x & 31) < ws.pending) ll_st_relaxed_sys(ws.flag, n);
   ws.pending = 0;
 }
