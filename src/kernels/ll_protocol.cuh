@@ -11,9 +11,9 @@
 // to finish advances them.
 //
 // Two ways a value is published to a peer:
-//  - flag: payload stores, then either a system fence in every writing thread and a warp barrier (combine),
-//    or a block barrier and a system fence in the releasing thread alone, cumulative over what the barrier
-//    ordered before it (dispatch: the block's other warps need not wait for it); then a thread stores n
+//  - flag: payload stores, then a barrier (warp: combine; block: dispatch) and a system fence in the
+//    releasing thread, cumulative over the stores the barrier ordered before it (in dispatch only the
+//    releasing warp fences, so the block's other warps need not wait for it); then that thread stores n
 //    into a u64 flag (st.relaxed.sys after the fence: a release store would fence a second time). The reader
 //    polls the flag with ld.acquire.sys (bounded), then reads the payload with ld.global.cg (L2, where
 //    NVLink writes land).
