@@ -137,6 +137,7 @@ __device__ bool holder_unit(const LlCombineParams& p, uint64_t n, int s, int t, 
                          static_cast<uint32_t>(n) << 1, ~1u, WaitContext{w.record, w.timeout_ns, w.rank},
                          WaitSite::kLlCombineWeights, s, p.parity, word);
       if (!__all_sync(~0u, ok)) return false;
+      ll_stamp(p.trace, kCombSendWeightsIn);
       wt = __uint_as_float(static_cast<uint32_t>(word));
       use = __ballot_sync(~0u, ((cmask >> lane) & 1) && ((word >> 32) & 1));
     }
@@ -204,6 +205,7 @@ __device__ bool combine_recv(const LlCombineParams& p, uint64_t n, int64_t gw, i
         ok = ok && wait_geq(ll_pflag(area, g, d, t, q), n, ctx, WaitSite::kLlCombineData, d, p.parity);
     __syncwarp();
     if (!__all_sync(~0u, ok)) return false;
+    ll_stamp(p.trace, kCombRecvFlag);
     const int64_t first = static_cast<int64_t>(q) * kLlSegmentVecs + lane;
     float acc[kLlUnroll][8] = {};
     uint64_t todo = mask;

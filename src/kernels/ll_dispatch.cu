@@ -232,6 +232,7 @@ __device__ bool dispatch_send(const LlDispatchParams& p, uint64_t n, SendShared&
       send_row_fp8(p, sh, t, mask, xr);
     else
       send_row_bf16(p, sh, t, mask, xr);
+    ll_stamp(p.trace, kDispSendCast);
     for (int i = threadIdx.x; i < R * K; i += kLlThreads) {  // every rank gets the header
       const int d = i / K, k = i - d * K, ek = sh.expert[k];
       if (!rank_live(w, d)) continue;
@@ -332,6 +333,7 @@ __device__ bool dispatch_recv(const LlDispatchParams& p, uint64_t n, RecvShared&
       if (lane == 0) *failed = 1;
       break;
     }
+    ll_stamp(p.trace, kDispRecvFlag);
     const char* msg = area + g.msg_offset + (static_cast<int64_t>(s) * N + t) * g.msg_bytes;
     ll_expand_unit<true>(p.out, p.handle.tok_slots, msg, {g.row_bytes, g.scale_cols, g.header_offset},
                          sh.begin, s, t, q, K, EL, R, N, lane);

@@ -166,18 +166,20 @@ struct LlCombineParams {
 // clock at the phases below; the launch of the next call of the same kind reads the previous call's stamps
 // and, every N calls, prints per phase the earliest, median and latest warp (us after the earliest stamp).
 // Points a warp does not reach stay 0 and are left out. Not while a stream captures a graph.
-inline constexpr int kLlTracePoints = 10;
+inline constexpr int kLlTracePoints = 12;
 enum LlDispatchPoint : int {
   kDispSendBegin = 0,
   kDispSendLoaded = 1,   // x row, picks, counts, free signals: the send loop may start
   kDispSendStored = 2,   // rows, scales and headers of the block's tokens stored
-  kDispSendFenced = 3,   // system fence (every thread) and barrier passed
+  kDispSendFenced = 3,   // the releasing warp: its fence done and flags stored; the other warps: at once
   kDispSendFlagged = 4,  // message flags released
   kDispRecvBegin = 5,
   kDispRecvMeta = 6,      // every source's meta words in, prefixes built
   kDispRecvExpanded = 7,  // this warp's work units expanded
   kDispRecvEnd = 8,       // the block's barrier after the expansion
-  kDispEnd = 9            // finished-block counter, free signal, use counts
+  kDispEnd = 9,           // finished-block counter, free signal, use counts
+  kDispSendCast = 10,     // this warp's share of the last token's row cast and stored (the per-warp skew)
+  kDispRecvFlag = 11      // the flag of this warp's last work unit acquired (expanded - flag: its expansion)
 };
 enum LlCombinePoint : int {
   kCombSendBegin = 0,
@@ -186,7 +188,9 @@ enum LlCombinePoint : int {
   kCombSendFlushed = 3,  // its last flags released
   kCombRecvBegin = 4,
   kCombRecvSummed = 5,  // this warp's output segments written
-  kCombEnd = 6
+  kCombEnd = 6,
+  kCombSendWeightsIn = 7,  // the weights of this warp's last holder unit arrived
+  kCombRecvFlag = 8        // the flags of this warp's last receive unit acquired (summed - flag: its sum)
 };
 enum class LlTraceKind { kDispatch, kCombine };
 // Host: the trace array for a launch of `kind` with `phases` (LlPhase bits) on `grid` blocks, or null

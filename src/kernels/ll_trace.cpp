@@ -15,12 +15,13 @@ namespace {
 constexpr int kWarps = kLlThreads / 32;
 
 const char* const kDispatchNames[kLlTracePoints] = {
-    "send begin", "send loaded", "send stored",   "send fenced", "send flagged",
-    "recv begin", "recv meta",   "recv expanded", "recv end",    "end"};
+    "send begin", "send loaded",   "send stored", "send fenced", "send flagged", "recv begin",
+    "recv meta",  "recv expanded", "recv end",    "end",         "send cast",    "recv flag"};
 const char* const kCombineNames[kLlTracePoints] = {"send begin", "send weights",
                                                    "send units", "send flushed",
                                                    "recv begin", "recv summed",
-                                                   "end",        "",
+                                                   "end",        "send weights in",
+                                                   "recv flag",  "",
                                                    "",           ""};
 
 // Every `every`-th call: per point, the earliest, median and latest warp, in us after the call's first stamp.
