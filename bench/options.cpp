@@ -57,6 +57,12 @@ int parse_options(int argc, const char* const* argv, const char* commit_env, Opt
                  "(clean lines left) or off; read and off are for diagnosis")
       ->check(CLI::IsMember({"write", "read", "off"}))
       ->capture_default_str();
+  app.add_option("--kernel-time", o.kernel_time,
+                 "also time every operation in kernel time (CUPTI: how long the GPU ran what it enqueued, as "
+                 "DeepEP's kineto figures), in runs of its own after the event-timed ones: auto (when built "
+                 "with CUPTI), on or off")
+      ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->capture_default_str();
   app.add_option("--timeout", o.timeout_s, "seconds the whole run may take before every rank is killed")
       ->check(CLI::Range(10.0, 86400.0));
 

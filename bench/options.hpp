@@ -31,6 +31,8 @@ struct Options {
   // How the L2 is emptied before each timed run: "write" (WORKLOADS.md, the only recorded way), "read"
   // (the same 256 MiB read, so the L2 holds clean lines) or "off"; the other two are for diagnosis.
   std::string l2_flush = "write";
+  // Kernel time (kernel_clock.hpp) beside the event time: "auto" (when el_bench has CUPTI), "on" or "off".
+  std::string kernel_time = "auto";
 
   // Derived from the above by parse_options.
   std::vector<Op> ops;

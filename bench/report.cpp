@@ -33,6 +33,8 @@ nlohmann::json record_to_json(const Record& r) {
                         {"bytes", r.bytes},
                         {"remote_bytes", r.remote_bytes},
                         {"rank_us", r.rank_us},
+                        {"kernel_us", or_null(r.kernel_us)},
+                        {"rank_kernel_us", r.rank_kernel_us},
                         {"verified", r.verified}};
 }
 
@@ -50,6 +52,8 @@ Record record_from_json(const nlohmann::json& j) {
   r.bytes = j.value("bytes", int64_t{0});
   r.remote_bytes = j.value("remote_bytes", int64_t{0});
   r.rank_us = j.value("rank_us", std::vector<double>{});
+  r.kernel_us = opt<double>(j, "kernel_us");
+  r.rank_kernel_us = j.value("rank_kernel_us", std::vector<double>{});
   r.verified = j.value("verified", false);
   return r;
 }
@@ -124,9 +128,9 @@ std::string fmt(const char* f, double v) {
 
 std::string table_header() {
   char buf[256];
-  std::snprintf(buf, sizeof buf, "%-17s %-10s %-7s %6s %10s %8s %9s %7s %4s %8s %10s %8s %s", "workload",
+  std::snprintf(buf, sizeof buf, "%-17s %-10s %-7s %6s %10s %8s %9s %7s %4s %8s %10s %8s %9s %s", "workload",
                 "library", "routing", "tokens", "us", "GB/s", "floor_us", "/floor", "SMs", "buf_MB",
-                "nccl_us", "speedup", "check");
+                "nccl_us", "speedup", "kernel_us", "check");
   return buf;
 }
 
@@ -138,11 +142,12 @@ std::string format_row(const std::vector<Record>& records, const Record& r) {
   std::string buf_mb = r.buffer_bytes ? fmt("%.1f", static_cast<double>(*r.buffer_bytes) / 1e6) : "-";
   std::string base_s = base ? fmt("%.1f", *base) : "-";
   std::string speedup = base && r.us > 0 ? fmt("%.2f", *base / r.us) : "-";
+  std::string kernel = r.kernel_us ? fmt("%.1f", *r.kernel_us) : "-";
   char buf[512];
-  std::snprintf(buf, sizeof buf, "%-17s %-10s %-7s %6lld %10.1f %8.1f %9s %7s %4s %8s %10s %8s %s",
+  std::snprintf(buf, sizeof buf, "%-17s %-10s %-7s %6lld %10.1f %8.1f %9s %7s %4s %8s %10s %8s %9s %s",
                 r.workload.c_str(), r.library.c_str(), r.routing.c_str(), static_cast<long long>(r.tokens),
                 r.us, r.gbps, floor.c_str(), ratio.c_str(), sms.c_str(), buf_mb.c_str(), base_s.c_str(),
-                speedup.c_str(), r.verified ? "ok" : "FAILED");
+                speedup.c_str(), kernel.c_str(), r.verified ? "ok" : "FAILED");
   return buf;
 }
 

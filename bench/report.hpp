@@ -25,7 +25,10 @@ struct Record {
   int64_t bytes = 0;                    // logical bytes of the busiest rank (workloads.hpp: OpBytes)
   int64_t remote_bytes = 0;             // what floor_us divides
   std::vector<double> rank_us;          // every rank's median
-  bool verified = false;                // the output was checked against the expected rows and sums
+  std::optional<double>
+      kernel_us;  // kernel time (kernel_clock.hpp), slowest rank's median; null if not timed
+  std::vector<double> rank_kernel_us;  // every rank's kernel-time median
+  bool verified = false;               // the output was checked against the expected rows and sums
 };
 
 struct RunInfo {
@@ -61,7 +64,7 @@ std::string result_filename(const RunInfo& info);
 std::optional<double> baseline_us(const std::vector<Record>& records, const Record& r);
 
 // One line per record: workload, library, routing, tokens, us, GB/s, floor us, us/floor, SMs, buffer MB,
-// NCCL us, speed-up over NCCL, check.
+// NCCL us, speed-up over NCCL, kernel us, check.
 std::string format_table(const std::vector<Record>& records);
 std::string format_row(const std::vector<Record>& records, const Record& r);
 std::string table_header();

@@ -9,6 +9,7 @@
 #include "expertlink/communicator.hpp"
 #include "expertlink_impl.hpp"
 #include "expertlink_ll_impl.hpp"
+#include "kernel_clock.hpp"
 #include "nccl_baseline.hpp"
 #include "timing.hpp"
 #include "verify.hpp"
@@ -80,6 +81,8 @@ Record measure(Impl& impl, Op op, const Variant& variant, const CaseData& data, 
   r.bytes = ob.bytes;
   r.remote_bytes = ob.remote_bytes;
   r.rank_us = t.rank_us;
+  r.kernel_us = t.kernel_us;
+  r.rank_kernel_us = t.rank_kernel_us;
   r.verified = bad == 0;
   return r;
 }
@@ -121,7 +124,8 @@ RankOutput run_rank(const Options& options, std::optional<double> peer_gbps,
   EL_NCCL_CHECK(ncclGetVersion(&out.nccl_version));
 
   Stream stream;
-  Timer timer(comm.nccl(), stream.s, options.warmup, options.iters, kWaitTimeoutS, options.l2_flush);
+  Timer timer(comm.nccl(), stream.s, options.warmup, options.iters, kWaitTimeoutS, options.l2_flush,
+              options.kernel_time == "on" || (options.kernel_time == "auto" && KernelClock::available()));
   std::vector<std::unique_ptr<Impl>> impls = make_impls(options.libraries, kWaitTimeoutS, options.sms);
   const bool lead = ctx.rank == 0;
   if (lead) {

@@ -1,9 +1,11 @@
 #include "timing.hpp"
 
+#include <algorithm>
 #include <chrono>
 
 #include "bench_kernels.hpp"
 #include "check.hpp"
+#include "kernel_clock.hpp"
 #include "workloads.hpp"
 
 namespace expertlink::bench {
@@ -39,7 +41,7 @@ void wait_stream(cudaStream_t stream, double timeout_s, const char* what) {
 }
 
 Timer::Timer(ncclComm_t comm, cudaStream_t stream, int warmup, int iters, double wait_timeout_s,
-             const std::string& l2_flush)
+             const std::string& l2_flush, bool kernel_time)
     : comm_(comm),
       stream_(stream),
       warmup_(warmup),
@@ -48,9 +50,11 @@ Timer::Timer(ncclComm_t comm, cudaStream_t stream, int warmup, int iters, double
       l2_flush_(l2_flush),
       flush_(kFlushBytes),
       scratch_(sizeof(double) * (kMaxRanks + 2)),
-      host_(sizeof(double) * (kMaxRanks + 2)) {
+      host_(sizeof(double) * (kMaxRanks + 2)),
+      kernel_time_(kernel_time) {
   EL_NCCL_CHECK(ncclCommCount(comm_, &num_ranks_));
   EL_CHECK(num_ranks_ <= kMaxRanks, "num_ranks = %d: the bench supports at most %d", num_ranks_, kMaxRanks);
+  EL_CHECK(!kernel_time_ || KernelClock::available(), "kernel time needs el_bench built with CUPTI");
 }
 
 void Timer::flush_l2() {
@@ -124,7 +128,29 @@ Timed Timer::time(const std::function<void()>& run, const std::function<void()>&
   Timed t;
   t.rank_us = allgather(median(us));
   for (double v : t.rank_us) t.us = std::max(t.us, v);
+  if (kernel_time_) time_kernels(t, run, before, after);
   return t;
+}
+
+void Timer::time_kernels(Timed& t, const std::function<void()>& run, const std::function<void()>& before,
+                         const std::function<void()>& after) {
+  std::vector<double> us;
+  {
+    KernelClock clock;
+    for (int i = 0; i < iters_; ++i) {
+      if (before) before();
+      flush_l2();
+      barrier();
+      clock.begin_run(i);
+      run();
+      clock.end_run();
+      if (after) after();
+    }
+    wait_stream(stream_, wait_timeout_s_, "the runs timed in kernel time");
+    us = clock.run_us(iters_);
+  }
+  t.rank_kernel_us = allgather(median(us));
+  t.kernel_us = *std::max_element(t.rank_kernel_us.begin(), t.rank_kernel_us.end());
 }
 
 }  // namespace expertlink::bench

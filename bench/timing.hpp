@@ -5,6 +5,7 @@
 #pragma once
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,13 +26,18 @@ void wait_stream(cudaStream_t stream, cudaEvent_t event, double timeout_s, const
 struct Timed {
   double us = 0;                // slowest rank's median
   std::vector<double> rank_us;  // every rank's median, by rank
+  // Kernel time (kernel_clock.hpp), timed in runs of their own after the event-timed ones: the slowest
+  // rank's median, and every rank's. Empty unless the Timer was made with kernel_time.
+  std::optional<double> kernel_us;
+  std::vector<double> rank_kernel_us;
 };
 
 class Timer {
  public:
-  // l2_flush: "write", "read" or "off" (Options::l2_flush).
+  // l2_flush: "write", "read" or "off" (Options::l2_flush). kernel_time: also time every operation in
+  // kernel time (needs KernelClock::available()).
   Timer(ncclComm_t comm, cudaStream_t stream, int warmup, int iters, double wait_timeout_s,
-        const std::string& l2_flush = "write");
+        const std::string& l2_flush = "write", bool kernel_time = false);
 
   // Collective: every rank calls it for the same operation. `run` enqueues one operation on the stream.
   // `before` (before the L2 flush and the line-up) and `after` (after the end event) enqueue untimed work
@@ -46,6 +52,9 @@ class Timer {
 
  private:
   void flush_l2();
+  // iters_ more runs, each in kernel time; Timed::kernel_us and rank_kernel_us.
+  void time_kernels(Timed& t, const std::function<void()>& run, const std::function<void()>& before,
+                    const std::function<void()>& after);
 
   ncclComm_t comm_;
   cudaStream_t stream_;
@@ -57,6 +66,7 @@ class Timer {
   DeviceBuffer scratch_;  // barrier word and the gathered doubles
   PinnedBuffer host_;
   unsigned flush_value_ = 0;
+  bool kernel_time_ = false;
 };
 
 }  // namespace expertlink::bench

@@ -90,19 +90,23 @@ run() {
     first=0
     env "${envs[@]}" timeout 300 "build-ab-$tree/bench/el_bench" "${args[@]}" "${libs[@]}" --no-plot \
       --out "$out/$name" --commit "ab-$name" >"$out/$name.log" 2>&1 || echo "$name: el_bench failed (see $out/$name.log)"
-    grep -E '^(ht|ll)_' "$out/$name.log" | sort -u | awk -v n="$name" '{print n, $1, $2, $9, $5, $NF}' >>"$out/rows.txt"
+    grep -E '^(ht|ll)_' "$out/$name.log" | sort -u | awk -v n="$name" '{print n, $1, $2, $9, $5, $13, $NF}' >>"$out/rows.txt"
   done
   python3 - "$out/rows.txt" "${variants[@]%%=*}" <<'EOF'
 import sys
 rows, names = sys.argv[1], sys.argv[2:]
 table = {}
 for line in open(rows):
-    name, workload, lib, sms, us, check = line.split()
+    name, workload, lib, sms, us, kernel_us, check = line.split()
     key = (workload, lib, sms)
-    table.setdefault(key, {})[name] = us + ("" if check == "ok" else " " + check)
-print(f"{'workload':<26}{'lib':<11}{'SMs':>4}" + "".join(f"{n:>14}" for n in names))
+    if kernel_us == check:  # a tree from before the kernel_us column
+        kernel_us = "-"
+    cell = us + ("" if kernel_us == "-" else "/" + kernel_us)  # event time / kernel time
+    table.setdefault(key, {})[name] = cell + ("" if check == "ok" else " " + check)
+print("us: event time / kernel time (bench/kernel_clock.hpp)")
+print(f"{'workload':<26}{'lib':<11}{'SMs':>4}" + "".join(f"{n:>16}" for n in names))
 for (workload, lib, sms), by in sorted(table.items()):
-    print(f"{workload:<26}{lib:<11}{sms:>4}" + "".join(f"{by.get(n, '-'):>14}" for n in names))
+    print(f"{workload:<26}{lib:<11}{sms:>4}" + "".join(f"{by.get(n, '-'):>16}" for n in names))
 EOF
   if [ "${AB_TESTS:-0}" = 1 ]; then
     (cd build-ab-tests && timeout 330 ctest -L gpu --timeout 120 ${AB_TESTS_REGEX:+-R "$AB_TESTS_REGEX"}) \

@@ -327,6 +327,24 @@ TEST(BenchReport, TableShowsBaselineAndSpeedup) {
   EXPECT_NE(nccl_row.find(" - "), std::string::npos) << nccl_row;  // no SMs for NCCL
 }
 
+TEST(BenchReport, KernelTimeInTheJsonAndTheTable) {
+  std::vector<eb::Record> recs = {sample_record("nccl", 260.0), sample_record("expertlink", 130.0)};
+  recs[1].kernel_us = 121.4;
+  recs[1].rank_kernel_us = {121.4, 119.9};
+  const nlohmann::json j = eb::record_to_json(recs[1]);
+  EXPECT_DOUBLE_EQ(j["kernel_us"].get<double>(), 121.4);
+  EXPECT_TRUE(eb::record_to_json(recs[0])["kernel_us"].is_null());  // not timed that way
+  const eb::Record back = eb::record_from_json(j);
+  EXPECT_EQ(back.kernel_us, 121.4);
+  EXPECT_EQ(back.rank_kernel_us, recs[1].rank_kernel_us);
+  EXPECT_FALSE(eb::record_from_json(eb::record_to_json(recs[0])).kernel_us.has_value());
+  EXPECT_NE(eb::table_header().find("kernel_us"), std::string::npos);
+  const std::string row = eb::format_row(recs, recs[1]);
+  EXPECT_NE(row.find(" 121.4 ok"), std::string::npos) << row;
+  // The check stays the last column (scripts/gpu_ab.sh reads it as such).
+  EXPECT_NE(eb::format_row(recs, recs[0]).find(" - ok"), std::string::npos);
+}
+
 TEST(BenchReport, VariantsCompareWithTheirWorkloadsBaseline) {
   std::vector<eb::Record> recs = {sample_record("nccl", 260.0), sample_record("expertlink", 130.0),
                                   sample_record("expertlink", 104.0)};
