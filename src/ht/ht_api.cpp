@@ -130,6 +130,7 @@ bool is_receive_region(const Buffer::State& s, size_t recv_offset, const TensorV
 // Rows of `topk` f32 weights the view Buffer::ht_window_recv_topk_weights holds: the HT region's combine
 // half, where a direct combine's peers read this rank's weights (also where they are staged otherwise).
 int64_t window_weights_rows(const Buffer::State& s, int64_t topk) {
+  if (topk <= 0) return 0;  // a malformed view: refused by the caller's check
   return static_cast<int64_t>((s.ht_bytes - combine_half_offset(s.ht_bytes)) /
                               (static_cast<size_t>(topk) * 4));
 }
