@@ -110,13 +110,18 @@ void* ExpertLinkImpl::recv_x_rows(bool fp8) const {
   return buffer_->ht_window_recv_x(fp8 ? DType::kFP8E4M3 : DType::kBF16, data_->inputs().hidden).data;
 }
 
+float* ExpertLinkImpl::recv_weights() const {
+  if (!direct_) return recv_topk_weights_.as<float>();
+  return static_cast<float*>(buffer_->ht_window_recv_topk_weights(data_->inputs().topk).data);
+}
+
 HtDispatchOutputs ExpertLinkImpl::dispatch_outputs(bool fp8) const {
   const Inputs& in = data_->inputs();
   HtDispatchOutputs o;
   o.recv_x = TensorView(recv_x_rows(fp8), fp8 ? DType::kFP8E4M3 : DType::kBF16, {capacity_, in.hidden});
   if (fp8) o.recv_x_scales = TensorView(recv_scales_.as(), DType::kF32, {capacity_, in.hidden / 128});
   o.recv_topk_idx = TensorView(recv_topk_idx_.as(), DType::kI64, {capacity_, in.topk});
-  o.recv_topk_weights = TensorView(recv_topk_weights_.as(), DType::kF32, {capacity_, in.topk});
+  o.recv_topk_weights = TensorView(recv_weights(), DType::kF32, {capacity_, in.topk});
   o.num_recv_tokens_per_expert =
       TensorView(recv_expert_count_.as(), DType::kI32, {in.num_experts / in.num_ranks});
   return o;
@@ -132,7 +137,7 @@ void ExpertLinkImpl::combine(cudaStream_t stream) {
   const Inputs& in = data_->inputs();
   HtCombineArgs a;
   a.x = TensorView(recv_x_rows(false), DType::kBF16, {combine_rows_, in.hidden});
-  a.topk_weights = TensorView(recv_topk_weights_.as(), DType::kF32, {combine_rows_, in.topk});
+  a.topk_weights = TensorView(recv_weights(), DType::kF32, {combine_rows_, in.topk});
   a.num_sms = sms_;
   HtCombineOutputs o;
   o.combined_x = TensorView(combined_x_.as(), DType::kBF16, {in.tokens, in.hidden});
@@ -145,9 +150,11 @@ ExpertOutputs ExpertLinkImpl::prepare(Op op, cudaStream_t stream) {
   for (const DeviceBuffer* b : {&recv_x_, &recv_scales_, &recv_topk_idx_, &recv_topk_weights_,
                                 &recv_expert_count_, &combined_x_, &combined_weights_})
     poison(*b, stream);
-  if (direct_) {  // the rows land in the window: poison them there (before this rank's dispatch starts)
+  if (direct_) {  // rows and weights land in the window: poison them there (before this rank's dispatch)
     const int64_t bytes = capacity_ * data_->inputs().hidden * 2;
     EL_CUDA_CHECK(cudaMemsetAsync(recv_x_rows(false), 0xff, static_cast<size_t>(bytes), stream));
+    const int64_t weight_bytes = capacity_ * data_->inputs().topk * static_cast<int64_t>(sizeof(float));
+    EL_CUDA_CHECK(cudaMemsetAsync(recv_weights(), 0xff, static_cast<size_t>(weight_bytes), stream));
   }
   if (!op_has_combine(op)) return {};
   // The combine returns the rows of a BF16 dispatch (exact sizing: x is then [N_recv, H]); the harness
@@ -227,7 +234,7 @@ std::string ExpertLinkImpl::check_dispatch_meta(bool fp8) {
   std::vector<std::vector<float>> weights(static_cast<size_t>(R));
   for (int s = 0; s < R; ++s) weights[s] = workload::make_topk_weights(rt.topk_all[s], K, data_->seed(), s);
   const std::vector<int64_t> idx = download<int64_t>(recv_topk_idx_.as(), n * K);
-  const std::vector<float> w = download<float>(recv_topk_weights_.as(), n * K);
+  const std::vector<float> w = download<float>(recv_weights(), n * K);
   std::vector<int> want_count(static_cast<size_t>(per_rank), 0);
   for (int64_t j = 0; j < n; ++j) {
     const size_t src = static_cast<size_t>(ids[j].token) * K;

@@ -54,6 +54,9 @@ class ExpertLinkImpl final : public Impl {
   void combine(cudaStream_t stream);
   // Where the dispatch's rows go: recv_x_, or with direct dispatch the Buffer's receive region.
   void* recv_x_rows(bool fp8) const;
+  // The received top-k weights: in the window for the direct variants (ht_window_recv_topk_weights), so
+  // direct combine reads them in place.
+  float* recv_weights() const;
   std::string check_dispatch_meta(bool fp8);
   std::string check_combined_weights();
 

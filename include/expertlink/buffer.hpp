@@ -189,13 +189,22 @@ class Buffer {
   // expert outputs written over the received rows), the combine is direct too: every source reads its
   // rows from the holders' regions and sums them, nothing is sent (top-k weights for
   // combined_topk_weights are first copied into this rank's window, where the sources read them: that
-  // needs the HT region's combine half to hold N_recv x topk floats).
+  // needs the HT region's combine half to hold N_recv x topk floats; ht_window_recv_topk_weights avoids
+  // the copy).
   // Every rank must do the same in each call (a rank that does not makes the call fail on all ranks,
   // naming the disagreement). The rows stay valid until the next ht_dispatch on this Buffer; read and
   // write them on the calls' stream (or order that before the next dispatch); after a direct combine,
   // peers may read them until the next dispatch, so do not write them before it. Refused without a
   // receive region (ht_recv_bytes = 0) or across nodes.
   TensorView ht_window_recv_x(DType dtype, int64_t hidden) const;
+  // Direct combine's top-k weights in place: a contiguous f32 [rows, topk] view of this rank's window
+  // (the HT region's combine half), where a direct combine's peers read this rank's weights. Given as
+  // ht_dispatch's recv_topk_weights, the received weights land there; given (sliced to x's rows) as a
+  // direct ht_combine's topk_weights, they are read in place instead of being copied there first (one
+  // kernel less per combine). Valid until the next HT call on this Buffer other than that combine; a
+  // combine that sends rows (x not the receive region's view) refuses it as topk_weights, since it
+  // writes its rows over it. Refused without a receive region or across nodes.
+  TensorView ht_window_recv_topk_weights(int topk) const;
 
   int rank() const;
   int num_ranks() const;

@@ -80,8 +80,13 @@ struct Area {
   int64_t offset;  // within the data region
 };
 
+// Where the HT region's combine half starts (on a 128-byte line), within the data region.
+size_t combine_half_offset(size_t ht_bytes) {
+  return ht_bytes / 2 / 128 * 128;
+}
+
 Area plan_area(size_t ht_bytes, int num_ranks, int64_t record, bool combine, int64_t tokens) {
-  const size_t half = ht_bytes / 2 / 128 * 128;  // the combine area starts on a 128-byte line
+  const size_t half = combine_half_offset(ht_bytes);
   Area a;
   a.rows = num_ranks <= 1 ? INT_MAX : static_cast<int64_t>(half / (size_t(num_ranks - 1) * record));
   a.offset = combine ? static_cast<int64_t>(half) : 0;
@@ -119,6 +124,36 @@ bool is_receive_region(const Buffer::State& s, size_t recv_offset, const TensorV
            static_cast<long long>(H), t.describe().c_str());
   EL_CHECK(t.shape[0] <= receive_region_rows(s, H * dtype_size(t.dtype)),
            "%s: %s does not fit the receive region (%zu bytes)", name, t.describe().c_str(), s.ht_recv_bytes);
+  return true;
+}
+
+// Rows of `topk` f32 weights the view Buffer::ht_window_recv_topk_weights holds: the HT region's combine
+// half, where a direct combine's peers read this rank's weights (also where they are staged otherwise).
+int64_t window_weights_rows(const Buffer::State& s, int64_t topk) {
+  if (topk <= 0) return 0;  // a malformed view: refused by the caller's check
+  return static_cast<int64_t>((s.ht_bytes - combine_half_offset(s.ht_bytes)) /
+                              (static_cast<size_t>(topk) * 4));
+}
+
+// Whether `t` is that view (the same start, contiguous f32 [rows, topk] within it): the weights are in
+// place for a direct combine. Any other view into the window is refused, naming `name`.
+bool is_window_weights(const Buffer::State& s, const TensorView& t, const char* name) {
+  if (!s.window || !t.defined()) return false;
+  const char* data = s.window->data();
+  const char* t0 = static_cast<const char*>(t.data);
+  const bool in_place = s.ht_recv_bytes > 0 && t0 == data + combine_half_offset(s.ht_bytes);
+  EL_CHECK(
+      in_place || t0 < data || t0 >= data + s.window->data_bytes(),
+      "%s lies in this Buffer's window but is not the view ht_window_recv_topk_weights returned (it must "
+      "start where that view starts)",
+      name);
+  if (!in_place) return false;
+  EL_CHECK(
+      t.dtype == DType::kF32 && t.ndim == 2 && t.is_contiguous() &&
+          t.shape[0] <= window_weights_rows(s, t.shape[1]),
+      "%s: a view of ht_window_recv_topk_weights is contiguous f32 within it (%lld rows of %lld), got %s",
+      name, static_cast<long long>(t.ndim == 2 ? window_weights_rows(s, t.shape[1]) : 0),
+      static_cast<long long>(t.ndim == 2 ? t.shape[1] : 0), t.describe().c_str());
   return true;
 }
 
@@ -167,6 +202,17 @@ TensorView Buffer::ht_window_recv_x(DType dtype, int64_t hidden) const {
            "see ht_recv_size_hint; intranode only)");
   const int64_t rows = receive_region_rows(*s_, hidden * dtype_size(dtype));
   return TensorView(s_->window->data() + ht_recv_offset(), dtype, {rows, hidden});
+}
+
+TensorView Buffer::ht_window_recv_topk_weights(int topk) const {
+  EL_CHECK(topk >= 1 && topk <= kHtMaxTopk, "ht_window_recv_topk_weights: topk = %d is outside [1, %d]", topk,
+           kHtMaxTopk);
+  EL_CHECK(
+      s_->window != nullptr && s_->ht_recv_bytes > 0,
+      "ht_window_recv_topk_weights: this Buffer has no receive region (construct it with ht_recv_bytes > 0, "
+      "see ht_recv_size_hint; intranode only)");
+  return TensorView(s_->window->data() + combine_half_offset(s_->ht_bytes), DType::kF32,
+                    {window_weights_rows(*s_, topk), topk});
 }
 
 void Buffer::get_dispatch_layout(const TensorView& topk_idx, int num_experts,
@@ -349,6 +395,8 @@ void Buffer::ht_dispatch(const HtDispatchArgs& args, HtHandle& handle, const HtD
              "recv_topk_weights must be contiguous f32 [>= %lld, %d], got %s", static_cast<long long>(rows),
              r.topk, out.recv_topk_weights.describe().c_str());
     check_output_rows(out.recv_topk_weights, rows, "recv_topk_weights");
+    (void)is_window_weights(*s_, out.recv_topk_weights,
+                            "recv_topk_weights");  // in place, or outside the window
   }
   if (out.num_recv_tokens_per_expert.defined()) {
     EL_CHECK(h.num_experts > 0, "num_recv_tokens_per_expert needs a handle made with topk_idx");
@@ -450,6 +498,13 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
 
   // Direct combine: x is the receive region's view, every source reads its rows from the holders' regions.
   const bool direct = is_receive_region(*s_, ht_recv_offset(), args.x, H, "x");
+  // Weights in place (the dispatch wrote them into ht_window_recv_topk_weights): a direct combine's peers
+  // read them there, no copy. A combine that sends rows would write them over the view while reading it.
+  const bool weights_in_place = is_window_weights(*s_, args.topk_weights, "topk_weights");
+  EL_CHECK(
+      !weights_in_place || direct,
+      "topk_weights is the view ht_window_recv_topk_weights returned, which only a direct combine (x = the "
+      "view ht_window_recv_x returned) reads in place: this combine sends rows over it; pass a copy");
   if (s_->internode) return internode::ht_combine(*s_, args, h, out, stream);
   kernels::HtCombineParams p{};
   p.direct_offset = direct ? static_cast<int64_t>(ht_recv_offset()) : -1;
@@ -473,9 +528,10 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
   p.out = out.combined_x.data;
   p.out_row_stride = out.combined_x.stride[0];
   p.out_topk_weights = out.combined_topk_weights.defined() ? out.combined_topk_weights.ptr<float>() : nullptr;
-  if (direct && p.out_topk_weights != nullptr) {
+  if (direct && p.out_topk_weights != nullptr && !weights_in_place) {
     // The peers read this rank's weights from its window: staged into the combine area (unused by direct
-    // combine) before the combine kernel announces that its rows are readable.
+    // combine; ht_window_recv_topk_weights is the same place) before the combine kernel announces that its
+    // rows are readable.
     const size_t staged = size_t(args.x.shape[0]) * size_t(h.topk) * sizeof(float);
     EL_CHECK(staged <= s_->ht_bytes - size_t(area.offset),
              "topk_weights: direct combine stages this rank's %lld x %d weights (%zu bytes) in the HT "

@@ -124,11 +124,19 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   DeviceArray<int32_t> rs(rows * scale_cols);
   DeviceArray<int64_t> ridx64(rows * K);
   DeviceArray<int32_t> ridx32(rows * K);
-  DeviceArray<float> rw(rows * K);
+  // The received top-k weights, in the window when c.window_weights (Buffer::ht_window_recv_topk_weights):
+  // poisoned and read back there, like a direct recv_x.
+  DeviceArray<float> rw(c.window_weights ? 0 : rows * K);
+  float* const rw_ptr =
+      c.window_weights ? static_cast<float*>(buffer.ht_window_recv_topk_weights(K).data) : rw.get();
   const int E_local = c.experts / R;
   DeviceArray<int32_t> rcount(E_local);
   poison_rx();
-  rs.poison(), ridx64.poison(), ridx32.poison(), rw.poison(), rcount.poison();
+  if (c.window_weights)
+    cudaMemsetAsync(rw_ptr, 0xFF, size_t(rows) * K * sizeof(float), stream);
+  else
+    rw.poison();
+  rs.poison(), ridx64.poison(), ridx32.poison(), rcount.poison();
 
   HtDispatchOutputs out;
   out.recv_x = TensorView(rx_ptr, x_dtype(c.fmt), {rows, H});
@@ -137,7 +145,7 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
         TensorView(rs.get(), c.fmt == Fmt::kFp8 ? DType::kF32 : DType::kI32, {rows, scale_cols});
   out.recv_topk_idx = c.idx_i32 ? TensorView(ridx32.get(), DType::kI32, {rows, K})
                                 : TensorView(ridx64.get(), DType::kI64, {rows, K});
-  out.recv_topk_weights = TensorView(rw.get(), DType::kF32, {rows, K});
+  out.recv_topk_weights = TensorView(rw_ptr, DType::kF32, {rows, K});
   out.num_recv_tokens_per_expert = TensorView(rcount.get(), DType::kI32, {E_local});
   buffer.ht_dispatch(args, handle, out, stream);
   buffer.synchronize(stream);
@@ -173,7 +181,9 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
     } else {
       got_idx = ridx64.download(N * K);
     }
-    auto got_w = rw.download(N * K);
+    std::vector<float> got_w(N * K);
+    if (N) cudaMemcpyAsync(got_w.data(), rw_ptr, N * K * sizeof(float), cudaMemcpyDeviceToHost, stream);
+    cudaStreamSynchronize(stream);
     for (int64_t i = 0; i < N * K; ++i) {
       GPU_EXPECT(got_idx[i] == mine_ref.topk_idx[i],
                  "[%s] recv_topk_idx[%lld][%lld]: expected %lld, got %lld", c.name, (long long)(i / K),
@@ -263,7 +273,7 @@ int run_round(const RankContext& ctx, const HtCase& c, Buffer& buffer, HtHandle&
   HtCombineArgs ca;
   const int64_t y_rows = c.sizing == Sizing::kExact ? N : rows;
   ca.x = TensorView(y_ptr, DType::kBF16, {y_rows, H});
-  if (c.combine_weights) ca.topk_weights = TensorView(rw.get(), DType::kF32, {y_rows, K});
+  if (c.combine_weights) ca.topk_weights = TensorView(rw_ptr, DType::kF32, {y_rows, K});
   if (c.with_bias) {
     ca.bias0 = TensorView(b0.get(), DType::kBF16, {T, H});
     ca.bias1 = TensorView(b1.get(), DType::kBF16, {T, H});

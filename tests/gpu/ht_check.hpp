@@ -50,6 +50,9 @@ struct HtCase {
   bool direct_combine = false;
   // combine gets the received top-k weights and returns their sums per token (combined_topk_weights).
   bool combine_weights = true;
+  // The dispatch receives the top-k weights into the window (Buffer::ht_window_recv_topk_weights) and
+  // the combine, direct, reads them there (no staging copy). Needs direct_combine.
+  bool window_weights = false;
 };
 
 // What a checked round saw, for the caller's log.

@@ -255,10 +255,15 @@ GPU_CASE(ht_direct_recv_x_matches_oracle, 2, 300) {
   b.direct = b.direct_combine = true;
   b.sizing = Sizing::kCapacity;
   // Up to 16 SMs the senders run free and the direct combine has its own instance: c and e.
-  HtCase c{
-      "direct fp8-ue8m0 T=257 H=7168 top-8/256 8 SMs, direct combine", 257, 7168, 8, 256, Fmt::kFp8Ue8m0};
+  HtCase c{"direct fp8-ue8m0 T=257 H=7168 top-8/256 8 SMs, direct combine, weights in the window",
+           257,
+           7168,
+           8,
+           256,
+           Fmt::kFp8Ue8m0};
   c.direct = c.direct_combine = true;
   c.num_sms = 8;
+  c.window_weights = true;  // and the weights in place (ht_window_recv_topk_weights)
   HtCase d{"not direct, same Buffer", 200, 2048, 4, 64};
   HtCase e{"direct, rank 1 has no tokens, direct combine without weights, 1 SM", 64, 1024, 4, 64};
   e.direct = e.direct_combine = true;
@@ -269,8 +274,9 @@ GPU_CASE(ht_direct_recv_x_matches_oracle, 2, 300) {
 }
 
 // What direct dispatch refuses, before any kernel: a recv_x inside the window that is not the receive
-// region's view, a Buffer without a receive region; and ranks that disagree (one direct, one not) fail on
-// the device, naming the disagreement, instead of writing rows where the other does not look.
+// region's view, a Buffer without a receive region, top-k weights in the window anywhere but at
+// ht_window_recv_topk_weights or for a combine that sends rows; and ranks that disagree (one direct, one not)
+// fail on the device, naming the disagreement, instead of writing rows where the other does not look.
 GPU_CASE(ht_direct_refusals_and_disagreement, 2, 240) {
   Communicator comm(ctx.id, ctx.rank, ctx.num_ranks, ctx.device);
   const HtCase c{"bf16 T=128 H=2048 top-4/64", 128, 2048, 4, 64};
@@ -315,6 +321,28 @@ GPU_CASE(ht_direct_refusals_and_disagreement, 2, 240) {
     o.recv_x = TensorView(rx.get(), DType::kBF16, {ctx.num_ranks * c.tokens, c.hidden});
     buffer.ht_dispatch(a, handle, o, stream);
     buffer.synchronize(stream);
+    // Top-k weights in the window: only where ht_window_recv_topk_weights starts, and only for a direct
+    // combine (a combine that sends rows writes them over that view). Refused on the host, on every rank.
+    const int64_t rows = int64_t(ctx.num_ranks) * c.tokens;
+    const TensorView wv = buffer.ht_window_recv_topk_weights(c.topk);
+    GPU_EXPECT(wv.dtype == DType::kF32 && wv.shape[1] == c.topk && wv.shape[0] >= rows,
+               "ht_window_recv_topk_weights: %s", wv.describe().c_str());
+    DeviceArray<uint16_t> y(size_t(rows) * c.hidden), comb(size_t(c.tokens) * c.hidden);
+    HtCombineArgs ca;
+    ca.x = TensorView(y.get(), DType::kBF16, {rows, c.hidden});
+    ca.topk_weights = TensorView(wv.data, DType::kF32, {rows, c.topk});
+    HtCombineOutputs co;
+    co.combined_x = TensorView(comb.get(), DType::kBF16, {c.tokens, c.hidden});
+    if (expect_invalid(
+            ctx, [&] { buffer.ht_combine(ca, handle, co, stream); }, "only a direct combine",
+            "a combine that sends rows, its topk_weights in the window") != 0)
+      return 1;
+    ca.topk_weights = TensorView(static_cast<float*>(wv.data) + c.topk, DType::kF32, {rows, c.topk});
+    if (expect_invalid(
+            ctx, [&] { buffer.ht_combine(ca, handle, co, stream); },
+            "is not the view ht_window_recv_topk_weights returned",
+            "topk_weights one row into that view") != 0)
+      return 1;
   }
   // Rank 0 direct, rank 1 not: both ranks' kernels see the other's placement and stop (the Buffer stays
   // broken after that, so the combine's disagreement gets a Buffer of its own).
