@@ -1,6 +1,7 @@
 #include "kernel_clock.hpp"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -100,8 +101,13 @@ void CUPTIAPI buffer_completed(CUcontext context, uint32_t stream_id, uint8_t* b
   std::free(buffer);
 }
 
-constexpr CUpti_ActivityKind kKinds[] = {CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL, CUPTI_ACTIVITY_KIND_MEMSET,
+// The API kinds are on because CUPTI emits the external correlation records with the API records (without
+// them no work was tied to its run: every kernel time read 0, 2x H200, 2026-11-28).
+constexpr CUpti_ActivityKind kKinds[] = {CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL,
+                                         CUPTI_ACTIVITY_KIND_MEMSET,
                                          CUPTI_ACTIVITY_KIND_MEMCPY,
+                                         CUPTI_ACTIVITY_KIND_RUNTIME,
+                                         CUPTI_ACTIVITY_KIND_DRIVER,
                                          CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION};
 
 }  // namespace
@@ -146,6 +152,15 @@ std::vector<double> KernelClock::run_us(int runs) {
     if (it == collected.run_of.end() || it->second >= static_cast<uint64_t>(runs)) continue;
     auto& mine = per_run[it->second];
     mine.insert(mine.end(), intervals.begin(), intervals.end());
+  }
+  size_t tied = 0;
+  for (const auto& intervals : per_run) tied += intervals.size();
+  if (tied == 0) {  // a diagnosis, not a failure of the run: the event times stand
+    std::fprintf(stderr,
+                 "kernel time: none of the %zu GPU activity records (%zu API calls tagged) belongs to a run; "
+                 "no kernel time recorded\n",
+                 collected.work.size(), collected.run_of.size());
+    return {};
   }
   std::vector<double> us;
   for (auto& intervals : per_run) {

@@ -25,7 +25,8 @@ class KernelClock {
   void end_run();
 
   // After the stream has finished: per run, the time at least one of its records was running (the union
-  // of their intervals: dependent launches overlap), in us; a run that enqueued nothing gives 0.
+  // of their intervals: dependent launches overlap), in us; a run that enqueued nothing gives 0. Empty
+  // (with a note on stderr) when no record could be tied to any run.
   std::vector<double> run_us(int runs);
 };
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "bench_kernels.hpp"
 #include "check.hpp"
@@ -149,8 +150,12 @@ void Timer::time_kernels(Timed& t, const std::function<void()>& run, const std::
     wait_stream(stream_, wait_timeout_s_, "the runs timed in kernel time");
     us = clock.run_us(iters_);
   }
-  t.rank_kernel_us = allgather(median(us));
-  t.kernel_us = *std::max_element(t.rank_kernel_us.begin(), t.rank_kernel_us.end());
+  // Collective: a rank without kernel times sends NaN, and then no figure is made.
+  t.rank_kernel_us = allgather(us.empty() ? std::nan("") : median(us));
+  if (std::none_of(t.rank_kernel_us.begin(), t.rank_kernel_us.end(), [](double v) { return std::isnan(v); }))
+    t.kernel_us = *std::max_element(t.rank_kernel_us.begin(), t.rank_kernel_us.end());
+  else
+    t.rank_kernel_us.clear();
 }
 
 }  // namespace expertlink::bench
