@@ -62,30 +62,29 @@ void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_recor
   *max_records = 0;
 }
 
+// A kernel, memset or copy record (the three layouts share these fields' names): its interval, by
+// correlation id.
+template <class Record>
+void add_work(const CUpti_Activity* activity) {
+  const auto* r = reinterpret_cast<const Record*>(activity);
+  collected.work[r->correlationId].emplace_back(r->start, r->end);
+}
+
 void CUPTIAPI buffer_completed(CUcontext context, uint32_t stream_id, uint8_t* buffer, size_t, size_t valid) {
   std::lock_guard<std::mutex> lock(collected.mutex);
   CUpti_Activity* record = nullptr;
   while (cuptiActivityGetNextRecord(buffer, valid, &record) == CUPTI_SUCCESS) {
-    auto add = [&](uint32_t correlation, uint64_t start, uint64_t end) {
-      collected.work[correlation].emplace_back(start, end);
-    };
     switch (record->kind) {
       case CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL:
-      case CUPTI_ACTIVITY_KIND_KERNEL: {
-        auto* k = reinterpret_cast<CUpti_ActivityKernel10*>(record);
-        add(k->correlationId, k->start, k->end);
+      case CUPTI_ACTIVITY_KIND_KERNEL:
+        add_work<CUpti_ActivityKernel10>(record);
         break;
-      }
-      case CUPTI_ACTIVITY_KIND_MEMSET: {
-        auto* m = reinterpret_cast<CUpti_ActivityMemset4*>(record);
-        add(m->correlationId, m->start, m->end);
+      case CUPTI_ACTIVITY_KIND_MEMSET:
+        add_work<CUpti_ActivityMemset4>(record);
         break;
-      }
-      case CUPTI_ACTIVITY_KIND_MEMCPY: {
-        auto* m = reinterpret_cast<CUpti_ActivityMemcpy6*>(record);
-        add(m->correlationId, m->start, m->end);
+      case CUPTI_ACTIVITY_KIND_MEMCPY:
+        add_work<CUpti_ActivityMemcpy6>(record);
         break;
-      }
       case CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION: {
         auto* e = reinterpret_cast<CUpti_ActivityExternalCorrelation*>(record);
         if (e->externalKind == kRunKind) collected.run_of[e->correlationId] = e->externalId;

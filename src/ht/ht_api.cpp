@@ -104,21 +104,26 @@ int64_t receive_region_rows(const Buffer::State& s, int64_t row_bytes) {
   return static_cast<int64_t>(s.ht_recv_bytes / static_cast<size_t>(row_bytes));
 }
 
+// Whether `t` starts where the window view `view` starts (`offset` into the window, with a receive region);
+// any other start inside the window is refused, naming `name`.
+bool starts_at_window_view(const Buffer::State& s, const TensorView& t, size_t offset, const char* view,
+                           const char* name) {
+  const char* data = s.window->data();
+  const char* t0 = static_cast<const char*>(t.data);
+  const bool at = s.ht_recv_bytes > 0 && t0 == data + offset;
+  EL_CHECK(at || t0 < data || t0 >= data + s.window->data_bytes(),
+           "%s lies in this Buffer's window but is not the view %s returned (it must start where that view "
+           "starts)",
+           name, view);
+  return at;
+}
+
 // Whether `t` ([rows, H] of its dtype) is the receive region's view (Buffer::ht_window_recv_x: the same
 // start, rows back to back, within the region): direct dispatch (recv_x) or direct combine (x). Any other
 // view into the window is refused, naming `name`.
 bool is_receive_region(const Buffer::State& s, size_t recv_offset, const TensorView& t, int64_t H,
                        const char* name) {
-  if (!s.window) return false;
-  const char* data = s.window->data();
-  const char* t0 = static_cast<const char*>(t.data);
-  const bool direct = s.ht_recv_bytes > 0 && t0 == data + recv_offset;
-  EL_CHECK(
-      direct || t0 < data || t0 >= data + s.window->data_bytes(),
-      "%s lies in this Buffer's window but is not the view ht_window_recv_x returned (it must start where "
-      "that view starts)",
-      name);
-  if (!direct) return false;
+  if (!s.window || !starts_at_window_view(s, t, recv_offset, "ht_window_recv_x", name)) return false;
   EL_CHECK(t.stride[0] == H,
            "%s: a view of the receive region keeps ht_window_recv_x's row stride %lld, got %s", name,
            static_cast<long long>(H), t.describe().c_str());
@@ -138,16 +143,9 @@ int64_t window_weights_rows(const Buffer::State& s, int64_t topk) {
 // Whether `t` is that view (the same start, contiguous f32 [rows, topk] within it): the weights are in
 // place for a direct combine. Any other view into the window is refused, naming `name`.
 bool is_window_weights(const Buffer::State& s, const TensorView& t, const char* name) {
-  if (!s.window || !t.defined()) return false;
-  const char* data = s.window->data();
-  const char* t0 = static_cast<const char*>(t.data);
-  const bool in_place = s.ht_recv_bytes > 0 && t0 == data + combine_half_offset(s.ht_bytes);
-  EL_CHECK(
-      in_place || t0 < data || t0 >= data + s.window->data_bytes(),
-      "%s lies in this Buffer's window but is not the view ht_window_recv_topk_weights returned (it must "
-      "start where that view starts)",
-      name);
-  if (!in_place) return false;
+  if (!s.window || !t.defined() ||
+      !starts_at_window_view(s, t, combine_half_offset(s.ht_bytes), "ht_window_recv_topk_weights", name))
+    return false;
   EL_CHECK(
       t.dtype == DType::kF32 && t.ndim == 2 && t.is_contiguous() &&
           t.shape[0] <= window_weights_rows(s, t.shape[1]),
