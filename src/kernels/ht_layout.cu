@@ -107,10 +107,11 @@ __global__ void __launch_bounds__(kScanThreads) ht_scan_kernel(HtNotifyParams p)
 constexpr int kNotifyThreads = 1024;
 constexpr int kMaskRegs = 8;  // destination masks a notify thread keeps in registers
 // Destinations whose positions one block-wide scan computes together, their counts packed into the two
-// 16-bit halves of one int (T < 2^16: no carry crosses; larger T takes one destination per scan). Each
-// destination's own scan, place pass and barriers were a chain of ~4 us per destination (the notify
-// trace: 8.9 us for 2). Scanning 4 counts as a struct spilled 624 bytes, 2 in a 64-bit value 196 (1024
-// threads, 64 registers).
+// 16-bit halves of one int (T < 2^16: no carry crosses; larger T takes one destination per scan): one
+// scan, place pass and set of barriers for two destinations. 2x H200, 2026-11-28 (notify trace, R = 2):
+// the records phase 8.7-8.8 -> 7.9-8.0 us, notify 18.0-18.8 -> 17.7-18.0 (so most of that phase is not
+// the per-destination passes). Scanning 4 counts as a struct spilled 624 bytes, 2 in a 64-bit value 196
+// (1024 threads, 64 registers); this spills 16 (8 before).
 constexpr int kFold = 2;
 
 __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyParams p) {
