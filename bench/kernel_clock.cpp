@@ -1,12 +1,12 @@
 #include "kernel_clock.hpp"
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
 #include <utility>
 
+#include "busy_time.hpp"
 #include "check.hpp"
 
 #ifdef EL_BENCH_CUPTI
@@ -162,23 +162,7 @@ std::vector<double> KernelClock::run_us(int runs) {
     return {};
   }
   std::vector<double> us;
-  for (auto& intervals : per_run) {
-    std::sort(intervals.begin(), intervals.end());
-    uint64_t total = 0, open = 0, close = 0;
-    bool any = false;
-    for (const auto& [start, end] : intervals) {
-      if (any && start <= close) {
-        close = std::max(close, end);
-        continue;
-      }
-      total += close - open;  // a gap (or the first interval): the open one is complete
-      open = start;
-      close = end;
-      any = true;
-    }
-    total += close - open;
-    us.push_back(static_cast<double>(total) / 1e3);
-  }
+  for (auto& intervals : per_run) us.push_back(static_cast<double>(busy_ns(intervals)) / 1e3);
   return us;
 }
 

@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "busy_time.hpp"
 #include "expertlink/reference.hpp"
 #include "expertlink/workload.hpp"
 #include "options.hpp"
@@ -325,6 +326,20 @@ TEST(BenchReport, TableShowsBaselineAndSpeedup) {
   EXPECT_NE(row.find(" 24 "), std::string::npos) << row;  // SMs
   std::string nccl_row = eb::format_row(recs, recs[0]);
   EXPECT_NE(nccl_row.find(" - "), std::string::npos) << nccl_row;  // no SMs for NCCL
+}
+
+TEST(BenchKernelTime, BusyTimeIsTheUnionOfTheIntervals) {
+  using Intervals = std::vector<std::pair<uint64_t, uint64_t>>;
+  Intervals none;
+  EXPECT_EQ(eb::busy_ns(none), 0u);
+  Intervals one = {{100, 250}};
+  EXPECT_EQ(eb::busy_ns(one), 150u);
+  // Out of order, one nested, two overlapping (a dependent launch resident early), one apart, one
+  // touching the previous end, one empty.
+  Intervals many = {{500, 600}, {100, 200}, {120, 180}, {150, 300}, {600, 650}, {1000, 1000}};
+  EXPECT_EQ(eb::busy_ns(many), 200u + 150u + 0u);
+  Intervals apart = {{0, 10}, {20, 30}, {40, 50}};
+  EXPECT_EQ(eb::busy_ns(apart), 30u);
 }
 
 TEST(BenchReport, KernelTimeInTheJsonAndTheTable) {
