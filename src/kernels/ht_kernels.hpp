@@ -73,7 +73,7 @@ struct HtNotifyParams {
   uint64_t*
       trace;  // null, or [kNotifyTracePoints] GPU clock stamps of the phases (EXPERTLINK_HT_NOTIFY_TRACE)
 };
-inline constexpr int kNotifyTracePoints = 7;
+inline constexpr int kNotifyTracePoints = 10;
 
 struct HtDispatchParams {
   SymmetricView win;

@@ -135,8 +135,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   const int per_thread = (T + kNotifyThreads - 1) / kNotifyThreads;
   const int t_begin = min(T, tid * per_thread), t_end = min(T, t_begin + per_thread);
 
-  // Phase stamps (tracing only): start, ids scanned, records written, published, peers' records in,
-  // layout derived, end.
+  // Phase stamps (tracing only): start, ids scanned, masks loaded, first pass scanned, first pass placed,
+  // records written, published, peers' records in, layout derived, end.
   auto stamp = [&](int i) {
     if (p.trace != nullptr && tid == 0) p.trace[i] = global_timer_ns();
   };
@@ -181,6 +181,12 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   uint64_t masks[kMaskRegs];
 #pragma unroll
   for (int i = 0; i < kMaskRegs; ++i) masks[i] = t_begin + i < t_end ? p.handle.token_mask[t_begin + i] : 0;
+  if (p.trace != nullptr) {  // tracing only: the masks have arrived (thread 0's) before the stamp
+    uint64_t all = 0;
+#pragma unroll
+    for (int i = 0; i < kMaskRegs; ++i) all |= masks[i];
+    if (tid == 0 && all != ~0ull) stamp(2);
+  }
 
   // kFold destinations at a time: positions in token order, per-chunk counts, then the meta records into
   // their windows.
@@ -201,6 +207,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     int offsets = 0, totals = 0;
     BlockScan(scan_storage).ExclusiveSum(mine, offsets, totals);
     __syncthreads();
+    if (d0 == 0) stamp(3);
     int offset[kFold] = {F > 1 ? offsets & 0xffff : offsets, offsets >> 16};
     // Thread f < F: destination d0 + f's total (a select, not an array indexed by the thread).
     const int total = F == 1 ? totals : tid == 0 ? totals & 0xffff : totals >> 16;
@@ -222,6 +229,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
       if (t_begin + i < t_end) place(t_begin + i, masks[i]);
     for (int t = t_begin + kMaskRegs; t < t_end; ++t) place(t, p.handle.token_mask[t]);
     __syncthreads();
+    if (d0 == 0) stamp(4);
     if (tid < F) dest_total[d0 + tid] = total;
     if (tid < F && rank_live(w, d0 + tid)) {
       int32_t* meta = meta_record(w.peer_base[d0 + tid], round, me);
@@ -254,13 +262,13 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
   // Publish: every thread's meta writes (block barrier), then per destination one system fence and a
   // release store. A fence in every thread would wait for the block's host-mapped writes 1024 times.
   __syncthreads();
-  stamp(2);
+  stamp(5);
   if (tid < R && rank_live(w, tid)) {
     __threadfence_system();
     st_release_sys(control_u64(w.peer_base[tid], control::kNotifyTag, me), round);
   }
 
-  stamp(3);
+  stamp(6);
   const WaitContext ctx{w.record, w.timeout_ns, me};
   if (tid < R && rank_live(w, tid) &&
       !wait_geq(control_u64(w.local_base, control::kNotifyTag, tid), round, ctx, WaitSite::kHtNotify, tid,
@@ -268,7 +276,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     failed = 1;
   __syncthreads();
   if (failed) return;
-  stamp(4);
+  stamp(7);
 
   // Every live source's record has arrived: derive the receiving layout (a masked source sends nothing).
   // Chunk prefixes of every source: one block-wide scan per source (thread c holds chunk c's count).
@@ -295,7 +303,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     }
     __syncthreads();  // scan_storage is reused
   }
-  stamp(5);
+  stamp(8);
   if (tid == 0) {
     int acc = 0;
     for (int s = 0; s < R; ++s) {
@@ -331,7 +339,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) ht_notify_kernel(HtNotifyPa
     __threadfence_system();
     p.state.rounds[0] = round;
   }
-  stamp(6);
+  stamp(9);
 }
 
 }  // namespace
@@ -362,13 +370,13 @@ uint64_t* notify_trace() {
   }
   uint64_t t[kNotifyTracePoints];
   EL_CUDA_CHECK(cudaMemcpy(t, trace, sizeof(t), cudaMemcpyDeviceToHost));
-  if (t[0] != 0 && t[6] >= t[0])
-    std::fprintf(
-        stderr,
-        "notify trace (us): scan %.1f, records %.1f, publish %.1f, wait %.1f, derive %.1f, counts %.1f, "
-        "total %.1f\n",
-        (t[1] - t[0]) / 1e3, (t[2] - t[1]) / 1e3, (t[3] - t[2]) / 1e3, (t[4] - t[3]) / 1e3,
-        (t[5] - t[4]) / 1e3, (t[6] - t[5]) / 1e3, (t[6] - t[0]) / 1e3);
+  auto us = [&](int a, int b) { return (t[b] - t[a]) / 1e3; };
+  if (t[0] != 0 && t[9] >= t[0])
+    std::fprintf(stderr,
+                 "notify trace (us): scan %.1f, records %.1f (masks %.1f, block scan %.1f, place %.1f, meta "
+                 "%.1f), publish %.1f, wait %.1f, derive %.1f, counts %.1f, total %.1f\n",
+                 us(0, 1), us(1, 5), us(1, 2), us(2, 3), us(3, 4), us(4, 5), us(5, 6), us(6, 7), us(7, 8),
+                 us(8, 9), us(0, 9));
   return trace;
 }
 
