@@ -531,7 +531,7 @@ void Buffer::ht_combine(const HtCombineArgs& args, const HtHandle& handle, const
     // combine; ht_window_recv_topk_weights is the same place) before the combine kernel announces that its
     // rows are readable.
     const size_t staged = size_t(args.x.shape[0]) * size_t(h.topk) * sizeof(float);
-    EL_CHECK(staged <= s_->ht_bytes - size_t(area.offset),
+    EL_CHECK(args.x.shape[0] <= window_weights_rows(*s_, h.topk),  // the same place and rows as that view
              "topk_weights: direct combine stages this rank's %lld x %d weights (%zu bytes) in the HT "
              "region's combine half (%zu bytes); it needs ht_bytes >= %zu",
              static_cast<long long>(args.x.shape[0]), h.topk, staged, s_->ht_bytes - size_t(area.offset),
