@@ -10,8 +10,11 @@
 
 namespace expertlink::bench {
 
-// Sorts `intervals` ([start, end) in ns, end >= start) and returns the length of their union; 0 if empty.
-inline uint64_t busy_ns(std::vector<std::pair<uint64_t, uint64_t>>& intervals) {
+// [start, end) in ns, end >= start.
+using Intervals = std::vector<std::pair<uint64_t, uint64_t>>;
+
+// Sorts `intervals` and returns the length of their union; 0 if empty.
+inline uint64_t busy_ns(Intervals& intervals) {
   std::sort(intervals.begin(), intervals.end());
   uint64_t total = 0, open = 0, close = 0;
   bool any = false;

@@ -4,7 +4,6 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <utility>
 
 #include "busy_time.hpp"
 #include "check.hpp"
@@ -50,8 +49,8 @@ constexpr size_t kBufferBytes = size_t{8} << 20;
 // What the callbacks collect (CUPTI calls them from its own thread).
 struct Collected {
   std::mutex mutex;
-  std::map<uint32_t, uint64_t> run_of;                                    // API correlation id -> run
-  std::map<uint32_t, std::vector<std::pair<uint64_t, uint64_t> > > work;  // correlation id -> [start, end) ns
+  std::map<uint32_t, uint64_t> run_of;  // API correlation id -> run
+  std::map<uint32_t, Intervals> work;   // correlation id -> [start, end) ns
   uint64_t dropped = 0;
 };
 Collected collected;
@@ -145,7 +144,7 @@ std::vector<double> KernelClock::run_us(int runs) {
   std::lock_guard<std::mutex> lock(collected.mutex);
   EL_CHECK(collected.dropped == 0, "CUPTI dropped %llu activity records",
            static_cast<unsigned long long>(collected.dropped));
-  std::vector<std::vector<std::pair<uint64_t, uint64_t> > > per_run(static_cast<size_t>(runs));
+  std::vector<Intervals> per_run(static_cast<size_t>(runs));
   for (const auto& [correlation, intervals] : collected.work) {
     auto it = collected.run_of.find(correlation);
     if (it == collected.run_of.end() || it->second >= static_cast<uint64_t>(runs)) continue;

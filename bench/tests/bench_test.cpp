@@ -329,7 +329,7 @@ TEST(BenchReport, TableShowsBaselineAndSpeedup) {
 }
 
 TEST(BenchKernelTime, BusyTimeIsTheUnionOfTheIntervals) {
-  using Intervals = std::vector<std::pair<uint64_t, uint64_t>>;
+  using eb::Intervals;
   Intervals none;
   EXPECT_EQ(eb::busy_ns(none), 0u);
   Intervals one = {{100, 250}};
